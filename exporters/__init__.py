@@ -1,0 +1,1 @@
+"""Exporters: ONNX export, parity checks, bundle writing."""

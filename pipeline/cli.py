@@ -1,0 +1,197 @@
+"""edgekiln's command line. Each command parses options, calls one library
+function from pipeline.stages, and turns domain errors into one-line messages.
+
+    edgekiln demo                      # the whole pipeline on the built-in digits data
+    edgekiln run pipeline.yaml         # the whole pipeline on your data
+    edgekiln predict runs/demo/bundle img1.png img2.png
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from runtime.errors import EdgekilnError
+
+log = logging.getLogger("edgekiln")
+
+
+def _fail(msg: str, code: int) -> None:
+    click.echo(f"error: {msg}" if "\n" not in msg else "error:\n" + msg, err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Domain errors -> one line on stderr and their exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgekilnError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except MemoryError:
+            _fail("out of memory: lower data.batch_size or model.input_size", 1)
+
+    return wrapper
+
+
+def config_argument(fn):
+    return click.argument("config", type=click.Path(dir_okay=False, path_type=Path))(fn)
+
+
+def _load(config: Path):
+    from pipeline.config import load_config
+
+    return load_config(config)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgekiln")
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+def cli(verbose: bool) -> None:
+    """edgekiln: from a pretrained vision model and a folder of labeled images
+    to a verified ONNX deployment bundle, in one command.
+
+    Start with `edgekiln demo`, then `edgekiln run CONFIG.yaml` on your data.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
+              help="Where run directories are written.")
+@click.option("--name", default="demo", show_default=True, help="Run name (runs/<name>/).")
+@click.option("--student-epochs", type=click.IntRange(1), default=None, help="Distillation epochs (default: 15).")
+@handle_errors
+def demo(runs_dir: Path, name: str, student_epochs: int | None) -> None:
+    """Run the whole pipeline on the built-in digits data set.
+
+    EfficientNet-Lite0 (ImageNet weights) is adapted by feature extraction,
+    distilled into MobileNetV3-Small, exported to ONNX and parity-checked.
+    Works offline. Example: edgekiln demo --runs-dir /tmp/runs
+    """
+    from pipeline.config import demo_config
+
+    cfg = demo_config(runs_dir=runs_dir, name=name)
+    if student_epochs:
+        cfg.distill.epochs = student_epochs
+    _run(cfg)
+
+
+@cli.command()
+@config_argument
+@handle_errors
+def run(config: Path) -> None:
+    """Run every stage (adapt, distill, export, validate) from a YAML config.
+
+    Example: edgekiln run configs/example.yaml
+    """
+    _run(_load(config))
+
+
+def _run(cfg) -> None:
+    from pipeline.report import print_summary
+    from pipeline.stages import run_pipeline
+
+    click.echo(f"edgekiln: run '{cfg.name}' -> {cfg.run_dir}", err=True)
+    out = run_pipeline(cfg)
+    print_summary(out["metrics"], cfg.run_dir)
+    report = out["parity"]
+    if not report.passed:
+        _fail("parity check failed: " + "; ".join(report.failures), 1)
+
+
+@cli.command()
+@config_argument
+@handle_errors
+def adapt(config: Path) -> None:
+    """Adapt the pretrained model to your data (writes checkpoints/teacher.safetensors)."""
+    from pipeline.stages import run_adapt
+
+    m = run_adapt(_load(config))
+    click.echo(f"teacher {m['model']}: test accuracy {m['test_accuracy']:.4f}")
+
+
+@cli.command()
+@config_argument
+@handle_errors
+def distill(config: Path) -> None:
+    """Distill the adapted teacher into the smaller student (writes checkpoints/student.safetensors)."""
+    from pipeline.stages import run_distill
+
+    m = run_distill(_load(config))
+    click.echo(
+        f"student {m['model']}: test accuracy {m['test_accuracy']:.4f} "
+        f"(teacher {m['teacher_test_accuracy']:.4f}, retained {m['accuracy_retained']:.1%})"
+    )
+
+
+@cli.command()
+@config_argument
+@click.option("--model", "role", type=click.Choice(["teacher", "student"]), default=None,
+              help="Which checkpoint to export (default: student when distillation is enabled).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle directory (default: runs/<name>/bundle).")
+@handle_errors
+def export(config: Path, role: str | None, out: Path | None) -> None:
+    """Export a checkpoint to an ONNX bundle (model.onnx + bundle.json)."""
+    from pipeline.stages import run_export
+
+    m = run_export(_load(config), role=role, out=out)
+    click.echo(f"bundle {m['bundle']}: {m['size_mb']:.2f} MB, agreement {m['agreement']:.2%}, "
+               f"max |Δlogit| {m['max_abs_logit_diff']:.2e}")
+
+
+@cli.command()
+@config_argument
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle to check (default: runs/<name>/bundle).")
+@handle_errors
+def validate(config: Path, bundle_dir: Path | None) -> None:
+    """Check a bundle against its PyTorch checkpoint on the test split.
+
+    Exits 1 when a threshold of the config's `validate` section is violated.
+    """
+    from pipeline.stages import run_validate
+
+    r = run_validate(_load(config), bundle_dir)
+    click.echo(
+        f"pytorch accuracy {r.reference_accuracy:.4f} | onnx accuracy {r.artifact_accuracy:.4f} | "
+        f"agreement {r.agreement:.2%} | max |Δlogit| {r.max_abs_logit_diff:.2e} | {r.n_images} images"
+    )
+    if not r.passed:
+        _fail("parity check failed: " + "; ".join(r.failures), 1)
+    click.echo("parity: OK")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", default=1, show_default=True, type=click.IntRange(1, 100), help="Classes to show per image.")
+@handle_errors
+def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int) -> None:
+    """Classify image files with a bundle (torch-free runtime).
+
+    Example: edgekiln predict runs/demo/bundle photo1.jpg photo2.png --top-k 3
+    """
+    import runtime
+
+    clf = runtime.load(bundle_dir)
+    for path, p in zip(images, clf.predict(list(images), top_k=top_k)):
+        alts = "  ".join(f"{label}:{prob:.3f}" for label, prob in p.top_k)
+        click.echo(f"{path}\t{p.label}\t{p.probability:.4f}" + (f"\t{alts}" if top_k > 1 else ""))
+
+
+def main() -> None:
+    cli(prog_name="edgekiln")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Pydantic configuration for every stage, and for the whole pipeline.
+
+The CLI, YAML files and the Python API all build these same objects. Validation
+happens once, here, at the edge; stages receive the narrow piece they need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the images are and how they are split."""
+
+    root: Path | None = Field(
+        None, description="ImageFolder directory (one sub-folder per class). None with demo=true."
+    )
+    demo: bool = Field(False, description="Use the built-in digits data set instead of `root`.")
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _root_or_demo(self) -> "DataConfig":
+        if self.root is None and not self.demo:
+            raise ValueError("set `root` to an ImageFolder directory, or `demo: true`")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The pretrained model to adapt (the teacher)."""
+
+    name: str = Field("efficientnet_lite0", description="Registry name, e.g. torchvision/resnet18.")
+    weights: str = Field("default", description="'none', 'default' or a path to a weights file.")
+    input_size: int | None = Field(
+        None, ge=16, le=1024, description="Square input side; None keeps the model's own default."
+    )
+    crop_pct: float | None = Field(
+        None, gt=0, le=1, description="Center-crop fraction (resize = input_size / crop_pct); None keeps the model's."
+    )
+
+
+class AdaptConfig(_Strict):
+    strategy: Literal["feature_extraction"] = "feature_extraction"
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class DistillConfig(_Strict):
+    enabled: bool = True
+    student: str = Field("torchvision/mobilenet_v3_small", description="Registry name of the student.")
+    weights: str = Field("none", description="Student init: 'none', 'default' or a weights file.")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KD term; 1-alpha goes to cross-entropy.")
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(18, ge=17, le=23)
+    dynamic_batch: bool = True
+
+
+class ValidateConfig(_Strict):
+    """Parity thresholds between PyTorch and the exported artifact."""
+
+    min_agreement: float = Field(1.0, ge=0, le=1, description="Top-1 agreement required (1.0 = 100%).")
+    max_abs_logit_diff: float = Field(1e-3, gt=0)
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="Optional floor on artifact accuracy.")
+
+
+class PipelineConfig(_Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    runs_dir: Path = Path("runs")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    distill: DistillConfig = DistillConfig()
+    export: ExportConfig = ExportConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.name
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """One short line per problem, naming the field path."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict, source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a pipeline YAML file; raise ConfigError with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
+    cfg = build_config(raw, source=str(path))
+    # Relative data paths are relative to the config file, like most tools do.
+    if cfg.data.root is not None and not cfg.data.root.is_absolute():
+        cfg.data.root = (path.parent / cfg.data.root).resolve()
+    return cfg
+
+
+def demo_config(runs_dir: Path = Path("runs"), name: str = "demo") -> PipelineConfig:
+    """The built-in demo: digits, EfficientNet-Lite0 teacher, MobileNetV3-Small student."""
+    return PipelineConfig(name=name, runs_dir=runs_dir, data=DataConfig(demo=True), model=ModelConfig(input_size=96, crop_pct=1.0))
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

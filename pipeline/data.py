@@ -1,0 +1,177 @@
+"""Data: ImageFolder scanning, a seeded stratified split, the built-in demo set,
+and the evaluation transform whose numpy twin lives in runtime.preprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from pipeline.errors import DataError
+from runtime.bundle import atomic_write_text
+from runtime.preprocess import PreprocessSpec, open_image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEKILN_CACHE", Path.home() / ".cache" / "edgekiln"))
+
+
+def demo_data_dir() -> Path:
+    """scikit-learn's digits as an ImageFolder of PNGs, written once (atomically) to the cache."""
+    dest = cache_dir() / "digits-v1"
+    if dest.is_dir():
+        return dest
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=dest.parent))
+    try:
+        for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+            d = tmp / str(label)
+            d.mkdir(exist_ok=True)
+            pixels = np.round(img * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+            Image.fromarray(pixels, mode="L").save(d / f"{i:04d}.png")
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process won the race; theirs is complete too
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+@dataclass(frozen=True)
+class Split:
+    """A deterministic train/val/test split of an ImageFolder, saved as split.json."""
+
+    root: Path
+    class_names: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+    def paths(self, part: str) -> list[Path]:
+        return [self.root / p for p, _ in getattr(self, part)]
+
+    def labels(self, part: str) -> list[int]:
+        return [y for _, y in getattr(self, part)]
+
+    def save(self, path: Path) -> None:
+        data = {
+            "root": str(self.root),
+            "class_names": self.class_names,
+            **{part: getattr(self, part) for part in ("train", "val", "test")},
+        }
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Split":
+        if not path.is_file():
+            raise DataError(f"{path}: no split file; run the adapt stage first")
+        d = json.loads(path.read_text())
+        return cls(
+            root=Path(d["root"]),
+            class_names=d["class_names"],
+            **{part: [(p, int(y)) for p, y in d[part]] for part in ("train", "val", "test")},
+        )
+
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes are the sub-folders of `root` (sorted); images are files with known extensions."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data.root: directory not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"data.root: not a directory: {root}")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DataError(f"data.root: {root} needs at least 2 class sub-folders, found {len(class_dirs)}")
+    items: list[tuple[str, int]] = []
+    for label, d in enumerate(class_dirs):
+        files = sorted(
+            p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        if not files:
+            raise DataError(
+                f"data.root: class folder '{d.name}' ({d}) has no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        items.extend((p.relative_to(root).as_posix(), label) for p in files)
+    return [d.name for d in class_dirs], items
+
+
+def make_split(root: Path, val_fraction: float, test_fraction: float, seed: int) -> Split:
+    """Stratified, seeded split: the same inputs always give the same files in each part."""
+    from sklearn.model_selection import train_test_split
+
+    class_names, items = scan_image_folder(root)
+    labels = np.array([y for _, y in items])
+    counts = np.bincount(labels, minlength=len(class_names))
+    if counts.min() < 3:
+        few = class_names[int(counts.argmin())]
+        raise DataError(f"data.root: class '{few}' has {counts.min()} image(s); every class needs at least 3 to split")
+    idx = np.arange(len(items))
+    try:
+        rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+        train, val = train_test_split(
+            rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest], random_state=seed
+        )
+    except ValueError as e:
+        raise DataError(f"data: cannot make a stratified split ({e}); add images or change the fractions") from None
+    pick = lambda ids: [items[i] for i in sorted(ids)]  # noqa: E731
+    return Split(root=Path(root).resolve(), class_names=class_names, train=pick(train), val=pick(val), test=pick(test))
+
+
+def eval_transform(spec: PreprocessSpec) -> v2.Compose:
+    """The evaluation transform. runtime.preprocess reproduces it without torch."""
+    interp = {
+        "nearest": v2.InterpolationMode.NEAREST,
+        "bilinear": v2.InterpolationMode.BILINEAR,
+        "bicubic": v2.InterpolationMode.BICUBIC,
+    }[spec.interpolation]
+    return v2.Compose(
+        [
+            v2.Resize(spec.resize, interpolation=interp),
+            v2.CenterCrop(spec.crop),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(spec.mean), list(spec.std)),
+        ]
+    )
+
+
+class ImageListDataset(Dataset):
+    def __init__(self, paths: list[Path], labels: list[int], transform):
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(open_image(self.paths[i])), self.labels[i]
+
+
+def load_tensors(paths: list[Path], labels: list[int], spec: PreprocessSpec, desc: str = "loading images"):
+    """Decode and preprocess every image once into (X, y) tensors.
+
+    Small data sets (the use case: a few thousand labeled images) fit in memory,
+    and a deterministic eval transform then needs to run once, not every epoch.
+    """
+    tf = eval_transform(spec)
+    x = torch.empty((len(paths), 3, spec.crop, spec.crop), dtype=torch.float32)
+    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False, disable=None)):
+        x[i] = tf(open_image(p))
+    return x, torch.tensor(labels, dtype=torch.long)

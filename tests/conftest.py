@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny ImageFolder made from real digits, and one tiny
+pipeline run (compact CNNs, 32x32) that the stage tests inspect."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+
+def write_tiny_folder(root: Path, classes=(0, 1, 2), per_class: int = 15) -> Path:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in classes:
+        (root / f"digit{c}").mkdir(parents=True, exist_ok=True)
+        idx = np.nonzero(d.target == c)[0][:per_class]
+        for i in idx:
+            px = np.round(d.images[i] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(px, mode="L").save(root / f"digit{c}" / f"{i:04d}.png")
+    return root
+
+
+def tiny_config_dict(data_root: Path, runs_dir: Path, name: str = "tiny") -> dict:
+    return {
+        "name": name,
+        "seed": 0,
+        "runs_dir": str(runs_dir),
+        "data": {"root": str(data_root), "batch_size": 16},
+        "model": {"name": "efficientnet_lite0", "weights": "default", "input_size": 32, "crop_pct": 1.0},
+        "adapt": {"epochs": 40, "lr": 0.01},
+        "distill": {"student": "compact_cnn_w0.5", "epochs": 6, "lr": 0.01},
+    }
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # The demo data set is written once per test session into a private cache.
+    monkeypatch.setenv("EDGEKILN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_tiny_folder(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data):
+    """A whole pipeline run on tiny data; returns (config path, run dir)."""
+    from pipeline.config import load_config
+    from pipeline.stages import run_pipeline
+
+    base = tmp_path_factory.mktemp("tinyrun")
+    cfg_path = base / "pipeline.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, base / "runs")))
+    cfg = load_config(cfg_path)
+    out = run_pipeline(cfg)
+    return cfg_path, cfg.run_dir, out
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A private copy of the tiny run (config + run dir) that a test may damage."""
+    cfg_path, run_dir, _ = tiny_run
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / run_dir.name)
+    d = yaml.safe_load(cfg_path.read_text())
+    d["runs_dir"] = str(runs)
+    new_cfg = tmp_path / "pipeline.yaml"
+    new_cfg.write_text(yaml.safe_dump(d))
+    return new_cfg, runs / run_dir.name
