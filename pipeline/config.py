@@ -62,13 +62,23 @@ class AdaptConfig(_Strict):
 
 class DistillConfig(_Strict):
     enabled: bool = True
-    student: str = Field("torchvision/mobilenet_v3_small", description="Registry name of the student.")
+    student: str = Field(
+        "torchvision/mobilenet_v3_small", description="Registry name of the student, or 'auto' to pick one."
+    )
     weights: str = Field("none", description="Student init: 'none', 'default' or a weights file.")
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KD term; 1-alpha goes to cross-entropy.")
+    hint_weight: float = Field(0.0, ge=0, description="Weight of the feature (hint) loss; 0 turns it off.")
     epochs: int = Field(15, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    cache_teacher: bool = Field(True, description="Compute teacher outputs once (inputs are deterministic).")
+    compare_without_kd: bool = Field(False, description="Also train the student without KD, same budget.")
+    measure_cost: bool = Field(True, description="Export teacher and student to ONNX here and time them.")
+    max_latency_ms: float | None = Field(None, gt=0, description="With student 'auto': ONNX Runtime CPU batch-1 budget.")
+    max_size_mb: float | None = Field(None, gt=0, description="With student 'auto': ONNX file size budget.")
+    candidates: list[str] | None = Field(None, description="With student 'auto': names to consider (default: all).")
+    auto_max_trained: int = Field(2, ge=1, description="With student 'auto': how many fitting candidates to train.")
 
 
 class ExportConfig(_Strict):

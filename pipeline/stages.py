@@ -29,7 +29,7 @@ from pipeline.config import DistillConfig, PipelineConfig, dump_config
 from pipeline.data import Split, demo_data_dir, load_tensors, make_split
 from pipeline.errors import EdgekilnError
 from pipeline.models import create_model
-from pipeline.train import accuracy, fit, kd_loss, predict_logits, set_seed, tensor_loader
+from pipeline.train import accuracy, fit, predict_logits, set_seed, tensor_loader
 from runtime.bundle import atomic_write_text, read_bundle, write_bundle_json
 
 log = logging.getLogger("edgekiln")
@@ -144,72 +144,98 @@ def run_adapt(cfg: PipelineConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- distill
 
 
-def _reset_bn_momentum(model: nn.Module, momentum: float = 0.1) -> None:
-    # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for long ImageNet
-    # schedules; in a few hundred steps from scratch its running statistics do
-    # not converge and eval-mode accuracy collapses to chance. 0.1 is PyTorch's default.
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = momentum
-
-
 def run_distill(cfg: PipelineConfig) -> dict[str, Any]:
-    """Train a smaller student with Hinton KD against the adapted teacher."""
+    """Train a smaller student with Hinton KD (+ optional hint loss) against the adapted teacher,
+    and justify it: accuracy retained, parameters, ONNX size and latency relative to the teacher,
+    and (optionally) the same student trained without KD."""
+    from pipeline.distill import KDSettings, build_student, choose_student, onnx_cost, STUDENTS, train_student
+
     dcfg: DistillConfig = cfg.distill
     set_seed(cfg.seed)
     split = _split(cfg, create=False)
     teacher, tmeta = load_checkpoint(checkpoint_path(cfg, "teacher"))
     spec = tmeta.preprocess
-    student = create_model(dcfg.student, len(split.class_names), dcfg.weights)
-    if dcfg.weights == "none":
-        _reset_bn_momentum(student)
+    n_classes = len(split.class_names)
 
     x, y = load_tensors(split.paths("train"), split.labels("train"), spec, desc="loading train images")
     vx, vy = load_tensors(split.paths("val"), split.labels("val"), spec, desc="loading val images")
     tx, ty = load_tensors(split.paths("test"), split.labels("test"), spec, desc="loading test images")
-    # No augmentation: the teacher's logits are a fixed function of each image, so compute them once.
-    teacher_logits = predict_logits(teacher, x, desc="teacher logits")
     teacher_test_acc = accuracy(predict_logits(teacher, tx), ty)
+    kd = KDSettings(dcfg.temperature, dcfg.alpha, dcfg.hint_weight)
+    common = dict(
+        epochs=dcfg.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=cfg.data.batch_size, seed=cfg.seed
+    )
+
+    auto_table = None
+    names = [dcfg.student]
+    if dcfg.student == "auto":
+        auto_table, fits = choose_student(
+            list(dcfg.candidates or STUDENTS), n_classes, spec.crop, dcfg.max_latency_ms, dcfg.max_size_mb
+        )
+        if not fits:
+            raise EdgekilnError(
+                "distill: no candidate student fits max_latency_ms/max_size_mb on this machine; "
+                + ", ".join(f"{r['student']}: {r['latency_b1_ms']:.1f} ms, {r['size_mb']:.1f} MB" for r in auto_table)
+            )
+        names = fits[: dcfg.auto_max_trained]
+
+    best = None
+    t0 = time.perf_counter()
+    for name in names:
+        student = build_student(name, n_classes, dcfg.weights)
+        result = train_student(
+            student, x, y, vx, vy, kd=kd, teacher=teacher, cache_teacher=dcfg.cache_teacher,
+            desc=f"distill ({name})", **common,
+        )
+        if best is None or result.best_val_accuracy > best[2].best_val_accuracy:
+            best = (name, student, result)
+    name, student, result = best
+    train_seconds = time.perf_counter() - t0
+    test_acc = accuracy(predict_logits(student, tx), ty)
+
+    metrics: dict[str, Any] = {
+        "model": name,
+        "val_accuracy": result.best_val_accuracy,
+        "test_accuracy": test_acc,
+        "teacher_model": tmeta.arch,
+        "teacher_test_accuracy": teacher_test_acc,
+        "accuracy_retained": test_acc / teacher_test_acc if teacher_test_acc else None,
+        "best_epoch": result.best_epoch,
+        "params": _count_params(student),
+        "teacher_params": _count_params(teacher),
+        "params_ratio": _count_params(student) / _count_params(teacher),
+        "kd": {"temperature": dcfg.temperature, "alpha": dcfg.alpha, "hint_weight": dcfg.hint_weight},
+        "train_seconds": train_seconds,
+        "history": result.history,
+    }
+    if auto_table is not None:
+        metrics["auto"] = {"candidates": auto_table, "trained": names}
+    if dcfg.compare_without_kd:
+        control = build_student(name, n_classes, dcfg.weights)
+        c_res = train_student(control, x, y, vx, vy, kd=None, desc=f"control, no KD ({name})", **common)
+        metrics["without_kd"] = {
+            "test_accuracy": accuracy(predict_logits(control, tx), ty),
+            "val_accuracy": c_res.best_val_accuracy,
+        }
+        metrics["kd_gain"] = metrics["test_accuracy"] - metrics["without_kd"]["test_accuracy"]
+    if dcfg.measure_cost:
+        s_cost, t_cost = onnx_cost(student, spec.crop), onnx_cost(teacher, spec.crop)
+        metrics["onnx_cost"] = {"student": s_cost.__dict__, "teacher": t_cost.__dict__}
+        metrics["onnx_size_ratio"] = s_cost.size_mb / t_cost.size_mb
+        metrics["latency_b1_ratio"] = s_cost.latency_b1_ms / t_cost.latency_b1_ms
+        metrics["latency_b32_ratio"] = s_cost.latency_b32_ms / t_cost.latency_b32_ms
     del teacher
 
-    def loss_fn(out, labels, t_logits):
-        return kd_loss(out, t_logits, labels, dcfg.temperature, dcfg.alpha)
-
-    t0 = time.perf_counter()
-    result = fit(
-        student,
-        tensor_loader(x, y, teacher_logits, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.seed),
-        vx,
-        vy,
-        loss_fn=loss_fn,
-        epochs=dcfg.epochs,
-        lr=dcfg.lr,
-        weight_decay=dcfg.weight_decay,
-        desc="distill (student)",
-        warmup_epochs=1.0,
-    )
-    test_acc = accuracy(predict_logits(student, tx), ty)
     path = checkpoint_path(cfg, "student")
     meta = CheckpointMeta(
-        arch=dcfg.student,
+        arch=name,
         class_names=split.class_names,
         preprocess=spec,
         role="student",
         extra={"teacher": tmeta.arch, "temperature": dcfg.temperature, "alpha": dcfg.alpha},
     )
     save_checkpoint(student, meta, path)
-    metrics = {
-        "model": dcfg.student,
-        "val_accuracy": result.best_val_accuracy,
-        "test_accuracy": test_acc,
-        "teacher_test_accuracy": teacher_test_acc,
-        "accuracy_retained": test_acc / teacher_test_acc if teacher_test_acc else None,
-        "best_epoch": result.best_epoch,
-        "params": _count_params(student),
-        "size_mb": _size_mb(path),
-        "train_seconds": time.perf_counter() - t0,
-        "history": result.history,
-    }
+    metrics["size_mb"] = _size_mb(path)
     update_metrics(cfg.run_dir, "student", metrics)
     return metrics
 

@@ -109,8 +109,13 @@ def fit(
     weight_decay: float,
     desc: str,
     warmup_epochs: float = 0.0,
+    eval_model: nn.Module | None = None,
 ) -> FitResult:
-    """Train with AdamW + cosine schedule; keep (and restore) the weights of the best validation epoch."""
+    """Train with AdamW + cosine schedule; keep (and restore) the weights of the best validation epoch.
+
+    eval_model: what validation runs (default `model`), e.g. the student inside a training wrapper.
+    """
+    eval_model = eval_model or model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = cosine_schedule(optimizer, epochs, len(train_loader), warmup_epochs)
@@ -118,7 +123,7 @@ def fit(
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=None)
     for epoch in bar:
         loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler)
-        val_acc = accuracy(predict_logits(model, val_x), val_y)
+        val_acc = accuracy(predict_logits(eval_model, val_x), val_y)
         history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val_acc})
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch

@@ -1,0 +1,218 @@
+"""Distillation: Hinton KD with an optional feature (hint) loss, teacher-logit
+caching, a no-KD control run, on-machine ONNX cost measurement and automatic
+student choice under latency/size budgets."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.errors import EdgekilnError
+from pipeline.models import EdgeClassifier, create_model
+from pipeline.train import FitResult, fit, kd_loss, set_seed, tensor_loader
+
+# Candidate students for `--student auto`, smallest first.
+STUDENTS = (
+    "compact_cnn_w0.5",
+    "compact_cnn_w1.0",
+    "torchvision/shufflenet_v2_x0_5",
+    "torchvision/mobilenet_v3_small",
+    "torchvision/resnet18",
+    "efficientnet_lite0",
+    "torchvision/mobilenet_v3_large",
+)
+
+
+def reset_bn_momentum(model: nn.Module, momentum: float = 0.1) -> None:
+    # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for long ImageNet
+    # schedules; in a few hundred steps from scratch its running statistics do
+    # not converge and eval-mode accuracy collapses to chance. 0.1 is PyTorch's default.
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+
+
+def build_student(name: str, num_classes: int, weights: str) -> EdgeClassifier:
+    student = create_model(name, num_classes, weights)
+    if weights == "none":
+        reset_bn_momentum(student)
+    return student
+
+
+class HintedStudent(nn.Module):
+    """Student plus a learned projection of its penultimate features onto the teacher's
+    (FitNets-style hint). Only used during training; the projection is not exported."""
+
+    def __init__(self, student: EdgeClassifier, teacher_features: int):
+        super().__init__()
+        self.student = student
+        self.proj = nn.Linear(student.num_features, teacher_features)
+
+    def forward(self, x):
+        f = self.student.forward_features(x)
+        return self.student.head(f), self.proj(f)
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    temperature: float
+    alpha: float
+    hint_weight: float = 0.0
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: EdgeClassifier, x: torch.Tensor, batch_size: int = 128, features: bool = False):
+    """Teacher logits (and penultimate features) in inference mode; autocast on CUDA."""
+    teacher.eval()
+    dev = next(teacher.parameters()).device
+    amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else contextlib.nullcontext()
+    logits, feats = [], []
+    with torch.inference_mode(), amp:
+        for i in range(0, len(x), batch_size):
+            f = teacher.forward_features(x[i : i + batch_size].to(dev, non_blocking=True))
+            logits.append(teacher.head(f).float().cpu())
+            if features:
+                feats.append(f.float().cpu())
+    return torch.cat(logits), (torch.cat(feats) if features else None)
+
+
+def train_student(
+    student: EdgeClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vx: torch.Tensor,
+    vy: torch.Tensor,
+    *,
+    kd: KDSettings | None,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    teacher: EdgeClassifier | None = None,
+    cache_teacher: bool = True,
+    desc: str = "distill (student)",
+) -> FitResult:
+    """Train `student` with KD (kd=None: plain cross-entropy, the control run).
+
+    cache_teacher=True computes the teacher's outputs once (valid because inputs
+    are deterministic); False runs the teacher live on every batch.
+    """
+    set_seed(seed)
+    if kd is None:
+        loader = tensor_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed)
+        return fit(student, loader, vx, vy, F.cross_entropy, epochs, lr, weight_decay, desc, warmup_epochs=1.0)
+    if teacher is None:
+        raise EdgekilnError("distillation needs a teacher")
+    hint = kd.hint_weight > 0
+    model: nn.Module = HintedStudent(student, teacher.num_features) if hint else student
+
+    def loss_fn(out, labels, t_logits, t_feats=None):
+        s_logits, s_proj = out if hint else (out, None)
+        loss = kd_loss(s_logits, t_logits, labels, kd.temperature, kd.alpha)
+        if hint:
+            loss = loss + kd.hint_weight * F.mse_loss(s_proj, t_feats)
+        return loss
+
+    if cache_teacher:
+        t_logits, t_feats = teacher_outputs(teacher, x, features=hint)
+        tensors = (x, y, t_logits) + ((t_feats,) if hint else ())
+        loader = tensor_loader(*tensors, batch_size=batch_size, shuffle=True, seed=seed)
+    else:
+        loader = _LiveTeacherLoader(tensor_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed), teacher, hint)
+    val_model = student if not hint else _HeadOnly(model)
+    return fit(model, loader, vx, vy, loss_fn, epochs, lr, weight_decay, desc, warmup_epochs=1.0, eval_model=val_model)
+
+
+class _HeadOnly(nn.Module):
+    def __init__(self, hinted: HintedStudent):
+        super().__init__()
+        self.hinted = hinted
+
+    def forward(self, x):
+        return self.hinted.student(x)
+
+
+class _LiveTeacherLoader:
+    """Wraps a (x, y) loader and appends the teacher's outputs, computed per batch."""
+
+    def __init__(self, loader: DataLoader, teacher: EdgeClassifier, features: bool):
+        self.loader, self.teacher, self.features = loader, teacher, features
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for xb, yb in self.loader:
+            t_logits, t_feats = teacher_outputs(self.teacher, xb, batch_size=len(xb), features=self.features)
+            yield (xb, yb, t_logits) + ((t_feats,) if self.features else ())
+
+
+# --------------------------------------------------------------------------- cost on this machine
+
+
+@dataclass(frozen=True)
+class OnnxCost:
+    params: int
+    size_mb: float
+    latency_b1_ms: float
+    latency_b32_ms: float
+
+
+def onnx_cost(model: EdgeClassifier, input_size: int, repeats: int = 30) -> OnnxCost:
+    """Export to a temp ONNX file and time ONNX Runtime (CPU) at batch 1 and 32 (median)."""
+    import onnxruntime as ort
+
+    from exporters.onnx_export import INPUT_NAME, export_onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.onnx"
+        export_onnx(model.eval(), input_size, path)
+        size = path.stat().st_size / 1e6
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        lat = {}
+        for b, n in ((1, repeats), (32, max(3, repeats // 6))):
+            x = np.random.default_rng(0).standard_normal((b, 3, input_size, input_size), dtype=np.float32)
+            for _ in range(3):
+                sess.run(None, {INPUT_NAME: x})
+            ts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                sess.run(None, {INPUT_NAME: x})
+                ts.append((time.perf_counter() - t0) * 1e3)
+            lat[b] = float(np.median(ts))
+    return OnnxCost(sum(p.numel() for p in model.parameters()), size, lat[1], lat[32])
+
+
+def choose_student(
+    candidates: list[str],
+    num_classes: int,
+    input_size: int,
+    max_latency_ms: float | None,
+    max_size_mb: float | None,
+) -> tuple[list[dict], list[str]]:
+    """Measure every candidate's exported cost here; return (table, names that fit, largest first).
+
+    Larger models within budget are tried first on the premise that capacity buys accuracy;
+    the caller trains the fitting ones and keeps the most accurate.
+    """
+    rows, fits = [], []
+    for name in candidates:
+        cost = onnx_cost(create_model(name, num_classes, "none"), input_size)
+        ok = (max_latency_ms is None or cost.latency_b1_ms <= max_latency_ms) and (
+            max_size_mb is None or cost.size_mb <= max_size_mb
+        )
+        rows.append({"student": name, **cost.__dict__, "fits": ok})
+        if ok:
+            fits.append(name)
+    fits.sort(key=lambda n: -next(r["params"] for r in rows if r["student"] == n))
+    return rows, fits

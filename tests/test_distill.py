@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.distill import KDSettings, build_student, choose_student, train_student
+from pipeline.train import kd_loss
+
+
+def test_kd_loss_is_hinton():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    T = 3.0
+    kl = (F.softmax(t / T, 1) * (F.log_softmax(t / T, 1) - F.log_softmax(s / T, 1))).sum(1).mean()
+    assert torch.allclose(kd_loss(s, t, y, T, 1.0), T * T * kl, atol=1e-6)
+    assert torch.allclose(kd_loss(s, t, y, T, 0.0), F.cross_entropy(s, y), atol=1e-6)
+    assert kd_loss(t, t, y, T, 1.0).abs() < 1e-6
+
+
+def _tiny_tensors(n=24, size=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long()  # a learnable rule
+    return x, y
+
+
+@pytest.mark.parametrize("hint", [0.0, 0.5])
+def test_cached_teacher_trains_exactly_like_live_teacher(hint):
+    x, y = _tiny_tensors()
+    teacher = build_student("compact_cnn_w0.5", 2, "none").eval()
+    runs = []
+    for cache in (True, False):
+        student = build_student("compact_cnn_w0.5", 2, "none")
+        torch.manual_seed(1)
+        student.load_state_dict(build_student("compact_cnn_w0.5", 2, "none").state_dict())
+        r = train_student(student, x, y, x, y, kd=KDSettings(4.0, 0.7, hint), teacher=teacher, cache_teacher=cache,
+                          epochs=2, lr=1e-2, weight_decay=0.0, batch_size=8, seed=0)
+        runs.append((r, student.state_dict()))
+    (r1, s1), (r2, s2) = runs
+    assert [h["train_loss"] for h in r1.history] == pytest.approx([h["train_loss"] for h in r2.history], rel=1e-5)
+    for k in s1:
+        assert torch.allclose(s1[k].float(), s2[k].float(), atol=1e-5), k
+
+
+def test_student_justification_in_metrics(tiny_run):
+    _, run_dir, _ = tiny_run
+    m = json.loads((run_dir / "metrics.json").read_text())["student"]
+    assert m["teacher_model"] == "efficientnet_lite0"
+    assert m["params"] < m["teacher_params"] and m["params_ratio"] == pytest.approx(m["params"] / m["teacher_params"])
+    assert m["accuracy_retained"] == pytest.approx(m["test_accuracy"] / m["teacher_test_accuracy"])
+    c = m["onnx_cost"]
+    assert c["student"]["size_mb"] < c["teacher"]["size_mb"]
+    assert m["onnx_size_ratio"] == pytest.approx(c["student"]["size_mb"] / c["teacher"]["size_mb"])
+    assert c["student"]["latency_b1_ms"] > 0 and c["teacher"]["latency_b32_ms"] > 0
+
+
+def test_choose_student_respects_size_budget():
+    rows, fits = choose_student(["compact_cnn_w0.5", "compact_cnn_w1.0"], 3, 32, None, 0.2)
+    sizes = {r["student"]: r["size_mb"] for r in rows}
+    assert sizes["compact_cnn_w0.5"] < 0.2 < sizes["compact_cnn_w1.0"]
+    assert fits == ["compact_cnn_w0.5"]
+
+
+def test_distill_cli_auto_and_control(run_copy):
+    cfg, run_dir = run_copy
+    d = yaml.safe_load(cfg.read_text())
+    d["distill"].update({"candidates": ["compact_cnn_w0.5", "compact_cnn_w1.0"], "epochs": 2, "measure_cost": False})
+    cfg.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(cli, ["distill", str(cfg), "--student", "auto", "--max-size-mb", "0.2", "--compare-without-kd"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((run_dir / "metrics.json").read_text())["student"]
+    assert m["model"] == "compact_cnn_w0.5" and m["auto"]["trained"] == ["compact_cnn_w0.5"]
+    assert "without_kd" in m and m["kd_gain"] == pytest.approx(m["test_accuracy"] - m["without_kd"]["test_accuracy"])
+    assert "same student without KD" in r.output
+    r = CliRunner().invoke(cli, ["distill", str(cfg), "--student", "auto", "--max-size-mb", "0.001"])
+    assert r.exit_code == 1 and "no candidate student fits" in r.output
