@@ -38,6 +38,8 @@ def handle_errors(fn):
             _fail("interrupted", 130)
         except MemoryError:
             _fail("out of memory: lower data.batch_size or model.input_size", 1)
+        except OSError as e:  # disk full, permissions, ...: the OS message names the file
+            _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
 
     return wrapper
 

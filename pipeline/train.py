@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -122,9 +123,11 @@ def fit(
     best_state, best_acc, best_epoch, history = None, -1.0, 0, []
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=None)
     for epoch in bar:
+        t0 = time.perf_counter()
         loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler)
+        seconds = time.perf_counter() - t0
         val_acc = accuracy(predict_logits(eval_model, val_x), val_y)
-        history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val_acc})
+        history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val_acc, "seconds": seconds})
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
             best_state = copy.deepcopy(model.state_dict())
