@@ -565,10 +565,15 @@ def create_app(settings: ServeSettings, classifier: Any = None):
         images: list[tuple[str, bytes]] = []
         if ctype.startswith("multipart/form-data"):
             limit = settings.max_images_per_request
-            async with request.form(max_files=limit, max_fields=limit) as form:
-                for key, value in form.multi_items():
-                    if hasattr(value, "read"):
-                        images.append((value.filename or key, await value.read()))
+            try:
+                async with request.form(max_files=limit, max_fields=limit) as form:
+                    for key, value in form.multi_items():
+                        if hasattr(value, "read"):
+                            images.append((value.filename or key, await value.read()))
+            except StarletteHTTPException as e:
+                if "Too many files" in str(e.detail):
+                    raise ApiError(413, f"more than {limit} images in one request (the limit)") from None
+                raise ApiError(400, f"malformed multipart body: {e.detail}") from None
             if not images:
                 raise ApiError(400, "the multipart body holds no files; send images as file fields")
         else:

@@ -171,6 +171,8 @@ BAD = {
                       "request body exceeds the limit of 1048576 bytes (Content-Length 2097152)"),
     "oversize chunked body": ("POST", "/v1/classify", {"content": "chunked"}, 413,
                               "request body exceeds the limit of 1048576 bytes"),
+    "too many images": ("POST", "/v1/classify", {"files": "many"}, 413, "more than 64 images in one request"),
+    "malformed multipart": ("POST", "/v1/classify", {"content": "bad_multipart"}, 400, "malformed multipart body"),
     "oversize tensor batch": ("POST", f"/v2/models/{MODEL}/infer", {"content": "big_batch"}, 413,
                               "batch of 65 exceeds the limit of 64 per request"),
 }
@@ -178,7 +180,9 @@ BAD = {
 
 def _resolve(kw, images):
     kw = dict(kw)
-    if "files" in kw:
+    if kw.get("files") == "many":
+        kw["files"] = [("f", (f"{i}.png", images["png"][0])) for i in range(65)]
+    elif "files" in kw:
         kw["files"] = {k: (fname, images[key]) for k, (fname, key) in kw["files"].items()}
     c = kw.get("content")
     if c == "text":
@@ -187,6 +191,9 @@ def _resolve(kw, images):
         kw["content"] = images["png"][0]
     elif c == "chunked":
         kw["content"] = (b"\0" * 65536 for _ in range(40))  # no Content-Length: counted while streaming
+    elif c == "bad_multipart":
+        kw["content"] = b"--xyz\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.png\"\r\n\r\nabc"
+        kw["headers"] = {"content-type": "multipart/form-data"}  # no boundary
     elif c == "big_batch":
         x = np.zeros((65, 3, 32, 32), np.float32)
         head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
