@@ -240,6 +240,10 @@ def main() -> None:
     for r in (off, on):
         print(f"{r['mode']:44s} {r['requests']:6d} {r['errors']:4d} {r['throughput']:8.1f} {r['p50']:8.2f} "
               f"{r['p99']:8.2f} {r['mean_batch']:10.2f}")
+    if args.rounds > 1:
+        print("every round (off | on req/s, p99 ms): " + "; ".join(
+            f"{a['throughput']:.0f}/{a['p99']:.0f} | {b['throughput']:.0f}/{b['p99']:.0f}"
+            for a, b in zip(results["off"], results["on"])))
     ratio = on["throughput"] / off["throughput"]
     print(f"throughput ratio on/off: {ratio:.2f}x (target >= 2x) | p99 on/off: {on['p99'] / off['p99']:.2f} "
           f"(target <= 1)")

@@ -206,9 +206,9 @@ class DynamicBatcher:
                 await self._run(batch, rows)
 
     async def _run(self, batch: list[_Item], rows: int) -> None:
-        x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch], axis=0)
         t0 = time.perf_counter()
         try:
+            x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch], axis=0)
             y = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_fn, x)
         except Exception as e:  # noqa: BLE001 - one failed batch answers its requests with 500, the loop goes on
             log.exception("edgekiln server: model call failed")
@@ -629,6 +629,8 @@ def _version() -> str:
 
 def app_from_env():
     """uvicorn factory for `--workers N`: settings come from $EDGEKILN_SERVE_SETTINGS (JSON)."""
+    if not logging.getLogger().handlers:  # a fresh worker process: log like the parent CLI does
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     raw = os.environ.get(SETTINGS_ENV)
     if not raw:
         raise EdgekilnError(f"${SETTINGS_ENV} is not set; start the server with `edgekiln serve BUNDLE`")
