@@ -1,9 +1,13 @@
 """edgekiln's embedded inference runtime: numpy + PIL + onnxruntime, never torch.
 
     import runtime
-    clf = runtime.load("runs/demo/bundle")
+    clf = runtime.load("runs/demo/bundle")              # backend="cpu" | "cuda" | "tensorrt" | "auto"
     for p in clf.predict(["a.png", "b.png"], top_k=3):
         print(p.label, p.probability)
+    clf.self_test()                                      # the bundle's golden images -> expected logits
+
+Backends live in runtime.backends (a named backend that cannot run is an
+error, never a fallback); the HTTP server in runtime.server (docs/deploy.md).
 """
 
 from __future__ import annotations

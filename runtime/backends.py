@@ -53,17 +53,18 @@ class IOBindingSession(Session):
     See https://onnxruntime.ai/docs/performance/tune-performance/iobinding.html
     """
 
-    def __init__(self, ort_session: Any, bundle: Bundle, backend: str, device_id: int):
+    def __init__(self, ort_session: Any, bundle: Bundle, backend: str, device_id: int, device: str = "cuda"):
         super().__init__(ort_session, bundle, backend)
         self.device_id = device_id
+        self.device = device  # "cpu" only in tests, which exercise this path without a GPU
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
 
         binding = self.ort_session.io_binding()  # one per call: IOBinding objects are not thread-safe
-        x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch, dtype=np.float32), "cuda", self.device_id)
+        x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch, dtype=np.float32), self.device, self.device_id)
         binding.bind_ortvalue_input(self.input_name, x)
-        binding.bind_output(self.output_name, "cuda", self.device_id)
+        binding.bind_output(self.output_name, self.device, self.device_id)
         self.ort_session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 

@@ -94,6 +94,18 @@ def test_tensorrt_engine_backend_needs_an_engine_artifact(tiny_run):
         runtime.load(run_dir / "bundle", backend="tensorrt-engine")
 
 
+def test_io_binding_path_gives_the_same_logits(tiny_run):
+    """The CUDA/TensorRT sessions' IO-binding code, run on the CPU device so it is exercised without a GPU."""
+    from runtime.backends import IOBindingSession
+
+    _, run_dir, _ = tiny_run
+    clf = runtime.load(run_dir / "bundle", backend="cpu")
+    bound = IOBindingSession(clf.session.ort_session, clf.bundle, "cpu", device_id=0, device="cpu")
+    x = np.random.default_rng(0).normal(size=(5, *clf.input_shape)).astype(np.float32)
+    assert np.array_equal(bound.run(x), clf.run(x))
+    assert np.array_equal(bound.run(x.astype(np.float64)[:2]), clf.run(x[:2]))  # cast, any batch size
+
+
 @pytest.mark.gpu
 def test_cuda_backend_matches_cpu(tiny_run, tiny_data):
     if "CUDAExecutionProvider" not in _providers():
@@ -104,6 +116,21 @@ def test_cuda_backend_matches_cpu(tiny_run, tiny_data):
     gpu = runtime.load(run_dir / "bundle", backend="cuda")
     assert gpu.provider == "CUDAExecutionProvider"
     assert np.abs(gpu.logits(files) - cpu).max() <= 1e-4
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_backend_matches_cpu(tiny_run, tiny_data, tmp_path, monkeypatch):
+    if "TensorrtExecutionProvider" not in _providers():
+        pytest.skip("needs onnxruntime-gpu with the TensorRT execution provider")
+    pytest.importorskip("tensorrt", reason="needs TensorRT's libraries (pip install tensorrt-cu12)")
+    monkeypatch.setenv("EDGEKILN_TRT_CACHE", str(tmp_path / "trt"))
+    _, run_dir, _ = tiny_run
+    files = sorted(tiny_data.rglob("*.png"))[:6]
+    cpu = runtime.load(run_dir / "bundle", backend="cpu").logits(files)
+    trt = runtime.load(run_dir / "bundle", backend="tensorrt")
+    assert trt.provider == "TensorrtExecutionProvider"
+    assert np.abs(trt.logits(files) - cpu).max() <= 1e-3
+    assert any((tmp_path / "trt").iterdir())  # the engine was cached
 
 
 # ----------------------------------------------------------------- self-test
