@@ -654,6 +654,9 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     if workers == 1:
         clf = runtime.load(settings.bundle_dir, backend=settings.backend, intra_op_threads=settings.intra_op_threads,
                            max_pixels=settings.max_pixels)
+        if settings.self_test is not False and (settings.self_test or clf.bundle.meta.get("golden")):
+            clf.self_test()  # here rather than in the lifespan: a failure is a one-line CLI error
+            settings = settings.model_copy(update={"self_test": False})
         uvicorn.run(create_app(settings, classifier=clf), **common)
     else:
         runtime.read_bundle(settings.bundle_dir, verify=True)  # fail fast on a bad bundle

@@ -403,3 +403,20 @@ def test_serving_never_imports_torch(bundle_dir, images):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_serve_self_tests_a_bundle_with_golden_images(run_copy, tiny_data):
+    from starlette.testclient import TestClient
+
+    from pipeline.cli import cli
+    from tests.test_runtime_backends import _bundle_with_golden
+
+    bundle = _bundle_with_golden(run_copy, tiny_data, shift=0.5)  # golden logits that the model does not produce
+    r = CliRunner().invoke(cli, ["serve", str(bundle), "--backend", "cpu", "--port", "1"])
+    assert r.exit_code == 1
+    errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "self-test failed on backend 'cpu': max |Δlogit| 5.00e-01" in errors[0]
+    assert "Traceback" not in r.output
+    bundle = _bundle_with_golden(run_copy, tiny_data)  # correct golden logits: the lifespan self-test passes
+    with TestClient(create_app(_settings(bundle))) as c:
+        assert c.get("/v2/health/ready").json() == {"ready": True}
