@@ -1,9 +1,13 @@
 """edgekiln's embedded inference runtime: numpy + PIL + onnxruntime, never torch.
 
     import runtime
-    clf = runtime.load("runs/demo/bundle")
+    clf = runtime.load("runs/demo/bundle")              # backend="cpu" | "cuda" | "tensorrt" | "auto"
     for p in clf.predict(["a.png", "b.png"], top_k=3):
         print(p.label, p.probability)
+    clf.self_test()                                      # the bundle's golden images -> expected logits
+
+Backends live in runtime.backends (a named backend that cannot run is an
+error, never a fallback); the HTTP server in runtime.server (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends import backend_names, create_session
 from runtime.bundle import Bundle, read_bundle
-from runtime.errors import BundleError, EdgekilnError, ImageError
-from runtime.preprocess import as_image_list, preprocess
+from runtime.errors import BackendError, BundleError, EdgekilnError, ImageError, ImageTooLargeError, ParityError
+from runtime.preprocess import MAX_PIXELS, as_image_list, preprocess
 
-__all__ = ["load", "Classifier", "Prediction", "BundleError", "EdgekilnError", "ImageError"]
+__all__ = [
+    "load", "Classifier", "Prediction", "SelfTestReport", "backend_names",
+    "BackendError", "BundleError", "EdgekilnError", "ImageError", "ImageTooLargeError", "ParityError",
+]
 
 log = logging.getLogger("edgekiln.runtime")
-
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,21 @@ class Prediction:
     index: int
     probability: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SelfTestReport:
+    """What `Classifier.self_test()` measured on the bundle's golden images."""
+
+    backend: str
+    n_images: int
+    max_abs_diff: float
+    atol: float
+    labels_agree: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.labels_agree and self.max_abs_diff <= self.atol
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -43,33 +64,26 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Classifier:
     """An image classifier loaded from a bundle directory."""
 
-    def __init__(self, bundle: Bundle, backend: str = "cpu", intra_op_threads: int | None = None, max_batch: int = 64):
-        import onnxruntime as ort
-
-        if backend not in _PROVIDERS:
-            raise EdgekilnError(f"unknown backend '{backend}'; valid: {', '.join(_PROVIDERS)}")
-        provider = _PROVIDERS[backend]
-        available = ort.get_available_providers()
-        if provider not in available:
-            # Explicit hardware: never fall back silently to another provider.
-            raise EdgekilnError(
-                f"backend '{backend}' needs onnxruntime's {provider}, which this install lacks "
-                f"(available: {', '.join(available)})"
-            )
+    def __init__(self, bundle: Bundle, backend: str = "cpu", intra_op_threads: int | None = None, max_batch: int = 64,
+                 artifact: str = "onnx", max_pixels: int | None = MAX_PIXELS, device_id: int = 0):
         self.bundle = bundle
         self.spec = bundle.preprocess
         self.class_names = bundle.class_names
         self.max_batch = max_batch
-        opts = ort.SessionOptions()
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        model_path = bundle.path("onnx")
-        try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=[provider])
-        except Exception as e:  # onnxruntime raises its own untyped errors for bad models
-            raise BundleError(f"{model_path}: onnxruntime cannot load it ({e})") from None
-        self.backend = backend
-        log.info("edgekiln runtime: %s on %s", model_path.name, self.session.get_providers()[0])
+        self.max_pixels = max_pixels
+        self.session = create_session(backend, bundle, artifact=artifact, intra_op_threads=intra_op_threads,
+                                      device_id=device_id)
+        self.backend = self.session.backend  # what `auto` resolved to
+        self.provider = self.session.provider
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one preprocessed image."""
+        return (3, self.spec.crop, self.spec.crop)
+
+    def preprocess(self, inputs: Any) -> np.ndarray:
+        """Decode and preprocess one image or many into a float32 NCHW batch."""
+        return preprocess(as_image_list(inputs), self.spec, max_pixels=self.max_pixels)
 
     def logits(self, inputs: Any) -> np.ndarray:
         """Raw logits, shape (N, num_classes), for one image or many."""
@@ -78,17 +92,20 @@ class Classifier:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         outs = []
         for i in range(0, len(images), self.max_batch):
-            batch = preprocess(images[i : i + self.max_batch], self.spec)
+            batch = preprocess(images[i : i + self.max_batch], self.spec, max_pixels=self.max_pixels)
             outs.append(self.run(batch))
         return np.concatenate(outs, axis=0)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on an already preprocessed float32 NCHW batch."""
-        return self.session.run([self.bundle.output_name], {self.bundle.input_name: batch})[0]
+        return self.session.run(batch)
 
     def predict(self, inputs: Any, top_k: int = 1) -> list[Prediction]:
         """Labels with probabilities for one image or many (paths, PIL images, bytes or uint8 arrays)."""
-        probs = softmax(self.logits(inputs))
+        return self.predictions_from_logits(self.logits(inputs), top_k)
+
+    def predictions_from_logits(self, logits: np.ndarray, top_k: int = 1) -> list[Prediction]:
+        probs = softmax(np.asarray(logits, dtype=np.float32))
         k = max(1, min(top_k, probs.shape[1]))
         preds = []
         for p in probs:
@@ -103,7 +120,66 @@ class Classifier:
             )
         return preds
 
+    def self_test(self) -> SelfTestReport:
+        """Check this backend against the bundle's golden images and their expected logits.
 
-def load(bundle_dir: str | Path, backend: str = "cpu", intra_op_threads: int | None = None) -> Classifier:
-    """Load and verify a bundle (sha256 of every file) and return a Classifier."""
-    return Classifier(read_bundle(bundle_dir, verify=True), backend=backend, intra_op_threads=intra_op_threads)
+        bundle.json's "golden" section: {"files": [names inside the bundle],
+        "logits": [[...], ...], "atol": float}. Raises BundleError when the
+        bundle has none (or it is malformed) and ParityError when the logits
+        differ by more than atol or a top-1 label differs.
+        """
+        root = self.bundle.root
+        golden = self.bundle.meta.get("golden")
+        if not golden:
+            raise BundleError(
+                f"{root}: bundle has no golden images (no 'golden' section in bundle.json) to self-test against; "
+                "re-export it with an edgekiln version that stores golden images"
+            )
+        try:
+            files = [str(f) for f in golden["files"]]
+            expected = np.asarray(golden["logits"], dtype=np.float32)
+            atol = float(golden.get("atol", 1e-4))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{root}: bad 'golden' section in bundle.json ({e.__class__.__name__}: {e})") from None
+        if not files or expected.shape != (len(files), len(self.class_names)):
+            raise BundleError(
+                f"{root}: bad 'golden' section in bundle.json: {len(files)} files but logits of shape "
+                f"{tuple(expected.shape)} (expected ({len(files)}, {len(self.class_names)}))"
+            )
+        paths = []
+        real_root = root.resolve()
+        for name in files:
+            p = (root / name).resolve()
+            if real_root not in p.parents:
+                raise BundleError(f"{root}: golden file '{name}' lies outside the bundle")
+            if not p.is_file():
+                raise BundleError(f"{root}: golden file '{name}' listed in bundle.json is missing")
+            paths.append(p)
+        got = self.logits(paths)
+        diff = np.abs(got - expected).max(axis=1)
+        agree = got.argmax(axis=1) == expected.argmax(axis=1)
+        report = SelfTestReport(self.backend, len(files), float(diff.max()), atol, bool(agree.all()))
+        if not report.passed:
+            worst = int(diff.argmax())
+            flipped = [files[i] for i in np.nonzero(~agree)[0]]
+            raise ParityError(
+                f"{root}: self-test failed on backend '{self.backend}': max |Δlogit| {report.max_abs_diff:.2e} "
+                f"(atol {atol:.0e}, worst image {files[worst]})"
+                + (f", top-1 label differs on {', '.join(flipped)}" if flipped else "")
+            )
+        log.info("edgekiln runtime: self-test passed on %d golden images (max |Δlogit| %.2e ≤ %.0e, backend %s)",
+                 report.n_images, report.max_abs_diff, atol, self.backend)
+        return report
+
+
+def load(bundle_dir: str | Path, backend: str = "cpu", intra_op_threads: int | None = None, *,
+         artifact: str = "onnx", max_batch: int = 64, max_pixels: int | None = MAX_PIXELS,
+         device_id: int = 0) -> Classifier:
+    """Load and verify a bundle (sha256 of every file) and return a Classifier.
+
+    backend: 'cpu', 'cuda', 'tensorrt', 'tensorrt-engine' or 'auto' (the best
+    that starts here, logged). A backend named explicitly that cannot run here
+    raises BackendError listing the available providers; it never falls back.
+    """
+    return Classifier(read_bundle(bundle_dir, verify=True), backend=backend, intra_op_threads=intra_op_threads,
+                      max_batch=max_batch, artifact=artifact, max_pixels=max_pixels, device_id=device_id)

@@ -30,3 +30,11 @@ class ImageError(EdgekilnError):
 
 class ParityError(EdgekilnError):
     """An exported artifact disagrees with the PyTorch model beyond the thresholds."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed (a decompression bomb guard)."""
+
+
+class BackendError(EdgekilnError):
+    """An inference backend was asked for that this machine or install cannot provide."""

@@ -20,7 +20,12 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from runtime.errors import ImageError
+from runtime.errors import ImageError, ImageTooLargeError
+
+# Decompression-bomb guard: images with more pixels than this are refused before
+# they are decoded. 50 MP covers every phone and DSLR photo; a 100 MP PNG of
+# zeros is a few kB on disk and 300 MB once decoded.
+MAX_PIXELS = 50_000_000
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -67,8 +72,13 @@ class PreprocessSpec:
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
-def open_image(src: ImageInput) -> Image.Image:
-    """Decode any supported input into an RGB PIL image (EXIF orientation applied)."""
+def open_image(src: ImageInput, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Decode any supported input into an RGB PIL image (EXIF orientation applied).
+
+    Grayscale, 16-bit, RGBA/LA (alpha dropped), palette and CMYK images are
+    converted with PIL's own conversions; images over `max_pixels` raise
+    ImageTooLargeError before any pixel is decoded.
+    """
     name = "<image>"
     try:
         if isinstance(src, Image.Image):
@@ -80,17 +90,33 @@ def open_image(src: ImageInput) -> Image.Image:
         else:
             name = os.fspath(src)
             img = Image.open(name)
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageTooLargeError(
+                f"{name}: image is {img.width}x{img.height} = {img.width * img.height / 1e6:.1f} megapixels, "
+                f"over the limit of {max_pixels / 1e6:.1f} megapixels; downscale it first"
+            )
         img.load()  # decode fully now so truncated files fail here, not later
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            # 16/32-bit grayscale: PIL's convert("RGB") clips at 255, so scale to 8 bits first.
+            a = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+            img = Image.fromarray(np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
         if img.mode != "RGB":
             # CMYK, palette, grayscale and alpha images: PIL's own conversion (alpha dropped).
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")  # PIL's advice for palette transparency; alpha then dropped
             img = img.convert("RGB")
         return img
     except ImageError:
         raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: {e}") from None
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (no decoder recognises its format; send PNG, JPEG, WebP, BMP, ...)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
         raise ImageError(f"{name}: cannot decode image ({e.__class__.__name__}: {e})") from None
 
 
@@ -134,11 +160,11 @@ def to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return (a - mean) / std
 
 
-def preprocess(images: Sequence[ImageInput], spec: PreprocessSpec) -> np.ndarray:
+def preprocess(images: Sequence[ImageInput], spec: PreprocessSpec, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Decode and preprocess a list of images into one float32 NCHW batch."""
     out = np.empty((len(images), 3, spec.crop, spec.crop), dtype=np.float32)
     for i, src in enumerate(images):
-        out[i] = to_tensor(resize_and_crop(open_image(src), spec), spec)
+        out[i] = to_tensor(resize_and_crop(open_image(src, max_pixels=max_pixels), spec), spec)
     return out
 
 

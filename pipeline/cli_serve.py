@@ -1,0 +1,73 @@
+"""`edgekiln serve`: the bundle behind an HTTP server (torch-free; runtime.server)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+
+def handle_errors(fn):
+    """pipeline.cli's error handling, looked up at call time: pipeline.cli imports
+    this module at its end, so importing it back here at import time would be circular."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pipeline.cli import handle_errors as handle
+
+        return handle(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface, e.g. in a container).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "tensorrt-engine"]),
+              help="Inference backend; a named one that cannot run here is an error, never a fallback.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 1024),
+              help="Images per model call; 1 turns dynamic batching off.")
+@click.option("--max-delay-ms", default=5.0, show_default=True, type=click.FloatRange(0, 10_000),
+              help="Longest a request waits for others to batch with.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Server processes, each with its own copy of the model.")
+@click.option("--threads", "intra_op_threads", default=None, type=click.IntRange(1, 1024),
+              help="onnxruntime intra-op threads (default: onnxruntime's choice).")
+@click.option("--model-name", default="edgekiln", show_default=True, help="Model name in /v2/models/{name}.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1),
+              help="Requests that may wait for the model; more get 503.")
+@click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(0.001),
+              help="Largest request body (413 beyond).")
+@click.option("--max-megapixels", default=50.0, show_default=True, type=click.FloatRange(0.001),
+              help="Largest decoded image (decompression-bomb guard; 413 beyond).")
+@click.option("--timeout-s", "request_timeout_s", default=30.0, show_default=True, type=click.FloatRange(0.001),
+              help="Longest a request waits for the model (503 beyond).")
+@click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@handle_errors
+def serve(bundle_dir: Path, host: str, port: int, backend: str, max_batch: int, max_delay_ms: float, workers: int,
+          intra_op_threads: int | None, model_name: str, max_queue: int, max_body_mb: float, max_megapixels: float,
+          request_timeout_s: float, access_log: bool) -> None:
+    """Serve a bundle over HTTP: the Open Inference Protocol v2 (KServe/Triton
+    clients), POST /v1/classify for encoded images, Prometheus /metrics.
+
+    Example: edgekiln serve runs/demo/bundle --port 8000 --max-batch 32 --max-delay-ms 5
+    """
+    from pydantic import ValidationError
+
+    from runtime.errors import ConfigError
+    from runtime.server import ServeSettings, serve as run_server
+
+    try:
+        settings = ServeSettings(
+            bundle_dir=str(bundle_dir), backend=backend, model_name=model_name, intra_op_threads=intra_op_threads,
+            max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+            max_body_bytes=int(max_body_mb * 2**20), max_pixels=int(max_megapixels * 1e6),
+            request_timeout_s=request_timeout_s,
+        )
+    except ValidationError as e:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+    run_server(settings, host=host, port=port, workers=workers, access_log=access_log)
