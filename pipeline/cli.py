@@ -189,6 +189,9 @@ def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int) -> None:
         click.echo(f"{path}\t{p.label}\t{p.probability:.4f}" + (f"\t{alts}" if top_k > 1 else ""))
 
 
+from pipeline.cli_export import register as _register_export; _register_export(cli)  # noqa: E402,E702
+
+
 def main() -> None:
     cli(prog_name="edgekiln")
 
