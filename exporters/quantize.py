@@ -176,13 +176,25 @@ def rank_sensitive_nodes(float_path: Path, qdq_path: Path, x: np.ndarray, work: 
     q_out = dict(zip([o.name for o in qs.get_outputs()], qs.run(None, {name: x})))
     sqnr = {t: _sqnr(f_out[t], q_out[t]) for t in shared if t in f_out and t in q_out}
     graph_inputs = {i.name for i in fm.graph.input}
+    consumers: dict[str, list] = {}
+    for node in fm.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
     ranked = []
     for node in fm.graph.node:
-        if node.op_type not in _WEIGHTED_OPS or not node.output or node.output[0] not in sqnr:
+        if node.op_type not in _WEIGHTED_OPS or not node.output:
             continue
-        ins = [sqnr.get(i, 100.0 if i in graph_inputs else None) for i in node.input[:1]]
-        before = ins[0] if ins and ins[0] is not None else 100.0
-        ranked.append((node.name, before - sqnr[node.output[0]]))
+        out = node.output[0]
+        # The QDQ quantizer removes a Relu/Clip that only follows a quantized node and renames
+        # the node's output to the activation's: measure there.
+        nxt = consumers.get(out, [])
+        if out not in sqnr and len(nxt) == 1 and nxt[0].op_type in ("Relu", "Clip") and nxt[0].output[0] in sqnr:
+            out = nxt[0].output[0]
+        if out not in sqnr:
+            continue
+        src = node.input[0]
+        before = 100.0 if src in graph_inputs else sqnr.get(src, 100.0)
+        ranked.append((node.name, before - sqnr[out]))
     ranked.sort(key=lambda t: -t[1])
     return ranked
 
