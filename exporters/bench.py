@@ -155,6 +155,7 @@ def write_outputs(rows: list[BenchRow], out_prefix: Path, title: str = "") -> tu
                    color="tab:green" if r.parity else "tab:red", alpha=0.8)
         ax.annotate(f"{r.format} {r.precision}\n{r.size_mb:.1f} MB", (r.latency_p50_ms, r.accuracy * 100),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.margins(x=0.3, y=0.25)  # room for the labels
     ax.set_xlabel("latency p50, batch 1 (ms)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "edgekiln bench: accuracy vs latency (green = parity passed)", fontsize=9)

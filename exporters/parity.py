@@ -195,7 +195,8 @@ def artifact_runner(bundle_root: Path, meta: dict, key: str):
     if art["format"] == "tensorrt":
         from exporters.tensorrt import TensorRTRunner
 
-        return TensorRTRunner(path, meta["input"]["name"], meta["output"]["name"])
+        # Refuses an engine whose fingerprint (TensorRT version, GPU, compute capability) is not this machine's.
+        return TensorRTRunner(path, meta["input"]["name"], meta["output"]["name"], fingerprint=art.get("fingerprint"))
     raise ParityError(f"{path}: no runner for artifact format '{art['format']}'")
 
 

@@ -197,6 +197,9 @@ def build_engine(
                       (settings.max_batch, c, h, w))
     config.add_optimization_profile(profile)  # [CFG]
 
+    if settings.precision == "fp32":
+        # TF32 is on by default on Ampere and later; it would cost FP32 parity (|Δlogit| ~1e-3) [CFG].
+        config.clear_flag(trt.BuilderFlag.TF32)
     if settings.precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # [CFG]: FP16 kernels allowed (INT8 engines fall back to FP16)
     if settings.precision == "int8":
