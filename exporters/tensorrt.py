@@ -205,7 +205,9 @@ def build_engine(
     if settings.precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)  # [CFG]
         calib_cache = calibration_cache_path or engine_path.with_suffix(".calib")
-        config.int8_calibrator = EntropyCalibrator(calibration, settings.opt_batch, calib_cache)  # [CFG] (deprecated in 10)
+        # Hold the calibrator in a local: the builder does not keep the Python object alive by itself.
+        calibrator = EntropyCalibrator(calibration, settings.opt_batch, calib_cache)
+        config.int8_calibrator = calibrator  # [CFG] (deprecated in 10, still supported)
         config.set_calibration_profile(profile)  # [CFG]: calibrate with the same shapes
 
     # Timing cache: layer timings reused across builds on the same GPU make rebuilds fast [CFG].

@@ -169,7 +169,7 @@ def test_broken_artifact_fails_validate_naming_artifact_and_flipped_images(expor
 def test_int8_guard_excludes_sensitive_nodes_until_budget_holds(exported, tmp_path):
     """Calibrated on images 20x too dark, the INT8 model clips every activation; the guard
     ranks nodes by the noise they add and keeps the worst in float until the budget holds."""
-    from exporters.quantize import quantize_int8, rank_sensitive_nodes
+    from exporters.quantize import quantize_int8
     from pipeline.data import Split
     from runtime.preprocess import PreprocessSpec, preprocess
 
