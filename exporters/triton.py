@@ -148,13 +148,66 @@ def model_config_class():
         return None
 
 
-def parse_config_pbtxt(text: str):
-    """Parse config.pbtxt strictly (unknown fields and bad enum values raise) into a ModelConfig message."""
+def _minimal_model_config_class():
+    """The subset of Triton's ModelConfig that edgekiln writes, built as a real protobuf message
+    (same field names, types and enum names as model_config.proto), for strict parsing where
+    tritonclient is not installed."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="edgekiln_triton_min.proto", package="edgekiln.triton", syntax="proto3")
+
+    def enum(name, values):
+        e = fdp.enum_type.add(name=name)
+        for i, v in enumerate(values):
+            e.value.add(name=v, number=i)
+
+    enum("DataType", ["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64",
+                      "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64",
+                      "TYPE_STRING", "TYPE_BF16"])
+
+    def message(name, fields, enums=()):
+        m = fdp.message_type.add(name=name)
+        for ename, values in enums:
+            e = m.enum_type.add(name=ename)
+            for i, v in enumerate(values):
+                e.value.add(name=v, number=i)
+        for i, (fname, ftype, label, type_name) in enumerate(fields, start=1):
+            f = m.field.add(name=fname, number=i, type=ftype, label=label)
+            if type_name:
+                f.type_name = type_name
+        return m
+
+    one, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
+    message("ModelInput", [("name", F.TYPE_STRING, one, ""), ("data_type", F.TYPE_ENUM, one, ".edgekiln.triton.DataType"),
+                           ("format", F.TYPE_ENUM, one, ".edgekiln.triton.ModelInput.Format"),
+                           ("dims", F.TYPE_INT64, rep, "")],
+            enums=[("Format", ["FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW"])])
+    message("ModelOutput", [("name", F.TYPE_STRING, one, ""), ("data_type", F.TYPE_ENUM, one, ".edgekiln.triton.DataType"),
+                            ("dims", F.TYPE_INT64, rep, ""), ("label_filename", F.TYPE_STRING, one, "")])
+    message("ModelDynamicBatching", [("preferred_batch_size", F.TYPE_INT32, rep, ""),
+                                     ("max_queue_delay_microseconds", F.TYPE_UINT64, one, "")])
+    message("ModelInstanceGroup", [("count", F.TYPE_INT32, one, ""),
+                                   ("kind", F.TYPE_ENUM, one, ".edgekiln.triton.ModelInstanceGroup.Kind")],
+            enums=[("Kind", ["KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"])])
+    message("ModelConfig", [("name", F.TYPE_STRING, one, ""), ("platform", F.TYPE_STRING, one, ""),
+                            ("max_batch_size", F.TYPE_INT32, one, ""),
+                            ("input", F.TYPE_MESSAGE, rep, ".edgekiln.triton.ModelInput"),
+                            ("output", F.TYPE_MESSAGE, rep, ".edgekiln.triton.ModelOutput"),
+                            ("dynamic_batching", F.TYPE_MESSAGE, one, ".edgekiln.triton.ModelDynamicBatching"),
+                            ("instance_group", F.TYPE_MESSAGE, rep, ".edgekiln.triton.ModelInstanceGroup")])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("edgekiln.triton.ModelConfig"))
+
+
+def parse_config_pbtxt(text: str, minimal: bool = False):
+    """Parse config.pbtxt strictly (unknown fields and bad enum values raise) into a ModelConfig
+    message: Triton's own (tritonclient) when installed, else edgekiln's minimal one."""
     from google.protobuf import text_format
 
-    cls = model_config_class()
-    if cls is None:
-        raise TritonError("strict config.pbtxt parsing needs tritonclient (pip install tritonclient)")
+    cls = None if minimal else model_config_class()
+    cls = cls or _minimal_model_config_class()
     try:
         return text_format.Parse(text, cls())
     except text_format.ParseError as e:
