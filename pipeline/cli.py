@@ -147,44 +147,6 @@ def distill(config: Path, student, max_latency_ms, max_size_mb, compare_without_
 
 
 @cli.command()
-@config_argument
-@click.option("--model", "role", type=click.Choice(["teacher", "student"]), default=None,
-              help="Which checkpoint to export (default: student when distillation is enabled).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Bundle directory (default: runs/<name>/bundle).")
-@handle_errors
-def export(config: Path, role: str | None, out: Path | None) -> None:
-    """Export a checkpoint to an ONNX bundle (model.onnx + bundle.json)."""
-    from pipeline.stages import run_export
-
-    m = run_export(_load(config), role=role, out=out)
-    click.echo(f"bundle {m['bundle']}: {m['size_mb']:.2f} MB, agreement {m['agreement']:.2%}, "
-               f"max |Δlogit| {m['max_abs_logit_diff']:.2e}")
-
-
-@cli.command()
-@config_argument
-@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Bundle to check (default: runs/<name>/bundle).")
-@handle_errors
-def validate(config: Path, bundle_dir: Path | None) -> None:
-    """Check a bundle against its PyTorch checkpoint on the test split.
-
-    Exits 1 when a threshold of the config's `validate` section is violated.
-    """
-    from pipeline.stages import run_validate
-
-    r = run_validate(_load(config), bundle_dir)
-    click.echo(
-        f"pytorch accuracy {r.reference_accuracy:.4f} | onnx accuracy {r.artifact_accuracy:.4f} | "
-        f"agreement {r.agreement:.2%} | max |Δlogit| {r.max_abs_logit_diff:.2e} | {r.n_images} images"
-    )
-    if not r.passed:
-        _fail("parity check failed: " + "; ".join(r.failures), 1)
-    click.echo("parity: OK")
-
-
-@cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(1, 100), help="Classes to show per image.")
@@ -203,6 +165,7 @@ def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int) -> None:
 
 
 from pipeline.cli_serve import serve; cli.add_command(serve)  # noqa: E402,E702
+from pipeline.cli_export import register as _register_export; _register_export(cli)  # noqa: E402,E702
 
 
 def main() -> None:

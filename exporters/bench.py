@@ -1,0 +1,167 @@
+"""`edgekiln bench BUNDLE`: for every artifact and backend available here, the
+format, precision, size, accuracy and top-1 agreement (from the parity gate
+recorded at export, on the held-out test split), latency p50/p95 at batch 1,
+throughput at batch 32, and a ✅/❌ parity status.
+
+Latencies of different artifacts are measured side by side in one process and
+interleaved round by round (A, B, C, A, B, C, ...), so a noisy neighbour on a
+shared CPU slows every artifact alike and the ratios stay meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from exporters.parity import artifact_runner
+from runtime.bundle import atomic_write_text, read_bundle
+from runtime.preprocess import PreprocessSpec, preprocess
+
+
+@dataclass
+class BenchRow:
+    artifact: str
+    format: str
+    precision: str
+    backend: str
+    size_mb: float
+    accuracy: float | None
+    agreement: float | None
+    latency_p50_ms: float
+    latency_p95_ms: float
+    throughput_ips: float
+    parity: bool | None
+
+    @property
+    def parity_mark(self) -> str:
+        return "—" if self.parity is None else ("✅" if self.parity else "❌")
+
+
+def _artifact_bytes(root: Path, meta: dict, key: str) -> int:
+    f = root / meta["artifacts"][key]["file"]
+    data = f.with_name(f.name + ".data")
+    return f.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _inputs(root: Path, meta: dict, n: int) -> np.ndarray:
+    """Real images when the bundle has golden ones (repeated to n), else a fixed random batch."""
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    files = [root / f for f in meta.get("golden", {}).get("files", [])]
+    if files:
+        x = preprocess(files, spec)
+        return np.concatenate([x] * (n // len(x) + 1))[:n]
+    return np.random.default_rng(0).standard_normal((n, 3, spec.crop, spec.crop)).astype(np.float32)
+
+
+def _interleaved_latency(runners: dict[str, Callable], x1: np.ndarray, rounds: int, warmup: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(warmup):
+        for run in runners.values():
+            run(x1)
+    for _ in range(rounds):
+        for k, run in runners.items():
+            t0 = time.perf_counter()
+            run(x1)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_bundle(bundle_dir: Path, rounds: int = 200, warmup: int = 20, throughput_batch: int = 32,
+                 throughput_rounds: int = 10, threads: int | None = None) -> list[BenchRow]:
+    """Benchmark every artifact of a bundle that can run here (ONNX on onnxruntime's CPU provider;
+    TensorRT engines where tensorrt and a GPU are present)."""
+    bundle = read_bundle(bundle_dir, verify=True)
+    root, meta = bundle.root, bundle.meta
+    runners: dict[str, Callable] = {}
+    backends: dict[str, str] = {}
+    for key, art in meta["artifacts"].items():
+        try:
+            runners[key] = _runner(root, meta, key, threads)
+            backends[key] = "onnxruntime-cpu" if art["format"] == "onnx" else art["format"]
+        except Exception as e:  # e.g. no tensorrt here: benchmark the rest, say why
+            backends[key] = f"unavailable ({str(e).splitlines()[0][:80]})"
+    x1 = _inputs(root, meta, 1)
+    xb = _inputs(root, meta, throughput_batch)
+    lat = _interleaved_latency(runners, x1, rounds, warmup)
+    thr: dict[str, float] = {}
+    for k, run in runners.items():
+        run(xb)
+        t0 = time.perf_counter()
+        for _ in range(throughput_rounds):
+            run(xb)
+        thr[k] = throughput_batch * throughput_rounds / (time.perf_counter() - t0)
+    parity = meta.get("parity", {}).get("artifacts", {})
+    rows = []
+    for key, art in meta["artifacts"].items():
+        p = parity.get(key, {})
+        t = np.asarray(lat.get(key, [np.nan])) * 1e3
+        rows.append(BenchRow(
+            artifact=key, format=art["format"], precision=art.get("precision", "fp32"), backend=backends[key],
+            size_mb=_artifact_bytes(root, meta, key) / 1e6,
+            accuracy=p.get("artifact_accuracy"), agreement=p.get("agreement"),
+            latency_p50_ms=float(np.percentile(t, 50)), latency_p95_ms=float(np.percentile(t, 95)),
+            throughput_ips=float(thr.get(key, np.nan)), parity=p.get("passed"),
+        ))
+    return rows
+
+
+def _runner(root: Path, meta: dict, key: str, threads: int | None) -> Callable:
+    art = meta["artifacts"][key]
+    if art["format"] == "onnx" and threads:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(root / art["file"]), sess_options=opts, providers=["CPUExecutionProvider"])
+        i, o = meta["input"]["name"], meta["output"]["name"]
+        return lambda x: sess.run([o], {i: x})[0]
+    return artifact_runner(root, meta, key)
+
+
+def ratios(rows: list[BenchRow], base: str = "onnx") -> dict[str, dict[str, float]]:
+    """Latency (p50, batch 1) and size of each artifact relative to `base` (the FP32 ONNX)."""
+    by = {r.artifact: r for r in rows}
+    if base not in by:
+        return {}
+    b = by[base]
+    return {r.artifact: {"latency_p50": r.latency_p50_ms / b.latency_p50_ms, "size": r.size_mb / b.size_mb}
+            for r in rows if r.artifact != base and np.isfinite(r.latency_p50_ms)}
+
+
+def write_outputs(rows: list[BenchRow], out_prefix: Path, title: str = "") -> tuple[Path, Path | None]:
+    """<prefix>.json (rows + ratios) and <prefix>.png (accuracy vs latency), when matplotlib is installed."""
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {"rows": [{**asdict(r), "parity_mark": r.parity_mark} for r in rows], "ratios": ratios(rows)}
+    json_path = out_prefix.with_suffix(".json")
+    atomic_write_text(json_path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return json_path, None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in rows:
+        if r.accuracy is None or not np.isfinite(r.latency_p50_ms):
+            continue
+        ax.scatter(r.latency_p50_ms, r.accuracy * 100, s=40 + 8 * r.size_mb,
+                   color="tab:green" if r.parity else "tab:red", alpha=0.8)
+        ax.annotate(f"{r.format} {r.precision}\n{r.size_mb:.1f} MB", (r.latency_p50_ms, r.accuracy * 100),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.margins(x=0.3, y=0.25)  # room for the labels
+    ax.set_xlabel("latency p50, batch 1 (ms)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "edgekiln bench: accuracy vs latency (green = parity passed)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png_path = out_prefix.with_suffix(".png")
+    fig.savefig(png_path)
+    plt.close(fig)
+    return json_path, png_path

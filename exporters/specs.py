@@ -1,0 +1,141 @@
+"""Declarative export specs, one class per architecture family (after optimum's
+`OnnxConfig` subclasses in `optimum/exporters/onnx/model_configs.py`).
+
+A spec states, as class attributes, everything the exporters need to know about
+a family: input/output names, which axes are dynamic (batch only by default;
+H x W stay fixed at the checkpoint's crop size), the opset, the parity
+tolerances per precision, and INT8 hints (node types that are better left in
+float). Exporters never special-case an architecture; they read its spec.
+
+    spec = export_spec_for("torchvision/mobilenet_v3_small")   # -> MobileNetV3Spec
+    spec.opset, spec.dynamic_axes, spec.tolerances["fp16"]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pipeline.errors import EdgekilnError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Default parity thresholds for one precision; the config's `validate` section overrides them.
+
+    None disables a check. Accuracy figures are fractions (0.01 = 1 point).
+    """
+
+    min_agreement: float | None = None
+    max_abs_logit_diff: float | None = None
+    max_accuracy_drop: float | None = None
+    max_kl: float | None = None
+
+
+class ExportSpec:
+    """Base spec: an NCHW float32 image classifier with one logits output."""
+
+    family: ClassVar[str] = "generic"
+    # fnmatch patterns over registry names (pipeline.models); the first spec that matches wins.
+    arch_patterns: ClassVar[tuple[str, ...]] = ()
+    input_names: ClassVar[tuple[str, ...]] = ("input",)
+    output_names: ClassVar[tuple[str, ...]] = ("logits",)
+    # Named dynamic axes per input/output, as torch.onnx's `dynamic_axes` states them.
+    dynamic_axes: ClassVar[dict[str, dict[int, str]]] = {"input": {0: "batch"}, "logits": {0: "batch"}}
+    opset: ClassVar[int] = 18
+    min_opset: ClassVar[int] = 17
+    tolerances: ClassVar[dict[str, Tolerance]] = {
+        "fp32": Tolerance(min_agreement=1.0, max_abs_logit_diff=1e-3),
+        "fp16": Tolerance(min_agreement=0.995),
+        "int8": Tolerance(max_accuracy_drop=0.01),
+    }
+    # Golden-image self-test tolerance on the FP32 artifact's logits.
+    golden_atol: ClassVar[float] = 1e-3
+    # INT8: node types kept in float from the start (none by default; the accuracy guard adds more).
+    int8_keep_float_op_types: ClassVar[tuple[str, ...]] = ()
+    # INT8: quantize weights per output channel (needed for depthwise convolutions).
+    int8_per_channel: ClassVar[bool] = True
+
+    @classmethod
+    def input_name(cls) -> str:
+        return cls.input_names[0]
+
+    @classmethod
+    def output_name(cls) -> str:
+        return cls.output_names[0]
+
+
+_SPECS: dict[str, type[ExportSpec]] = {}
+
+
+def register_export_spec(cls: type[ExportSpec]) -> type[ExportSpec]:
+    """Class decorator: register a spec under its `family`; a duplicate family raises."""
+    if cls.family in _SPECS:
+        raise ValueError(f"export spec family '{cls.family}' is already registered")
+    if cls.opset < cls.min_opset:
+        raise ValueError(f"{cls.__name__}: opset {cls.opset} < minimum {cls.min_opset}")
+    _SPECS[cls.family] = cls
+    return cls
+
+
+def list_export_specs() -> dict[str, type[ExportSpec]]:
+    return dict(_SPECS)
+
+
+def get_export_spec(family: str) -> type[ExportSpec]:
+    if family not in _SPECS:
+        raise EdgekilnError(f"unknown export spec family '{family}'; valid: {', '.join(sorted(_SPECS))}")
+    return _SPECS[family]
+
+
+def export_spec_for(arch: str) -> type[ExportSpec]:
+    """The spec of the family `arch` (a model registry name) belongs to; `generic` when none claims it."""
+    for spec in _SPECS.values():
+        if any(fnmatch.fnmatchcase(arch, p) for p in spec.arch_patterns):
+            return spec
+    return _SPECS["generic"]
+
+
+register_export_spec(ExportSpec)
+
+
+@register_export_spec
+class EfficientNetLiteSpec(ExportSpec):
+    """EfficientNet-Lite: ReLU6 and no squeeze-excite, designed for integer inference.
+
+    BatchNorm folds into Conv and Conv+Clip(0,6) fuses under onnxruntime's QDQ
+    quantizer, so every conv is quantizable as is.
+    """
+
+    family = "efficientnet_lite"
+    arch_patterns = ("efficientnet_lite*", "timm/tf_efficientnet_lite*", "timm/efficientnet_lite*")
+
+
+@register_export_spec
+class MobileNetV3Spec(ExportSpec):
+    """MobileNetV3: hard-swish and squeeze-excite, known to lose accuracy under plain INT8 PTQ."""
+
+    family = "mobilenet_v3"
+    arch_patterns = ("torchvision/mobilenet_v3_*", "timm/mobilenetv3_*")
+    tolerances = {
+        **ExportSpec.tolerances,
+        # FP16 logits of hard-swish networks move more; agreement is what matters.
+        "fp16": Tolerance(min_agreement=0.995),
+    }
+
+
+@register_export_spec
+class ResNetSpec(ExportSpec):
+    family = "resnet"
+    arch_patterns = ("torchvision/resnet*", "torchvision/resnext*", "torchvision/wide_resnet*", "timm/resnet*")
+
+
+@register_export_spec
+class CompactCNNSpec(ExportSpec):
+    """edgekiln's own small CNN students (pipeline.models `compact_cnn_w*`)."""
+
+    family = "compact_cnn"
+    arch_patterns = ("compact_cnn_*",)

@@ -1,0 +1,191 @@
+"""CLI commands for export and parity: `export`, `validate`, `bench`.
+
+    edgekiln export my.yaml --precision int8 --triton-repo triton/   # bundle + INT8 + Triton repository
+    edgekiln validate my.yaml                                        # parity gate on every artifact
+    edgekiln validate --bundle runs/my/bundle                        # golden-image self-test, no config
+    edgekiln bench runs/my/bundle                                    # the table, JSON and a PNG chart
+
+`register(cli)` installs them on the main group (replacing the first-generation
+`export` / `validate` commands of pipeline/cli.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+
+# pipeline.cli imports this module at its end, so its helpers are looked up at call time.
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pipeline.cli import handle_errors as base
+
+        return base(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _fail(msg: str, code: int) -> None:
+    from pipeline.cli import _fail as base
+
+    base(msg, code)
+
+
+def _load(config: Path):
+    from pipeline.config import load_config
+
+    return load_config(config)
+
+
+def _print_gate(gate) -> None:
+    for key, r in gate.reports.items():
+        mark = "✅" if r.passed else "❌"
+        line = (f"{mark} {key} ({r.artifact}, {r.precision}): accuracy {r.artifact_accuracy:.4f} "
+                f"(pytorch {r.reference_accuracy:.4f}, Δ {r.accuracy_delta * 100:+.2f} pts) | "
+                f"agreement {r.agreement:.2%} | max |Δlogit| {r.max_abs_logit_diff:.2e} | "
+                f"KL {r.kl_divergence:.2e} | {r.n_images} images")
+        click.echo(line)
+        for f in r.failures:
+            click.echo(f"   FAILED {key}: {f}")
+        if r.flipped:
+            shown = ", ".join(str(f["image"]) for f in r.flipped[:10])
+            more = f" and {len(r.flipped) - 10} more" if len(r.flipped) > 10 else ""
+            click.echo(f"   flipped ({len(r.flipped)}): {shown}{more}")
+    g = gate.golden
+    if g.get("checked"):
+        click.echo(f"golden self-test: {g['images']} images, " + ("OK" if not g["failures"] else "FAILED"))
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "role", type=click.Choice(["teacher", "student"]), default=None,
+              help="Which checkpoint to export (default: student when distillation is enabled).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle directory (default: runs/<name>/bundle).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8"]),
+              help="Also write this ONNX precision (repeatable; adds to export.precisions). FP32 is always written.")
+@click.option("--tensorrt", "tensorrt", is_flag=True, default=False,
+              help="Also build a TensorRT engine (needs tensorrt >= 10 and a CUDA GPU).")
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write a Triton model repository here (<model>/config.pbtxt, <model>/1/model.onnx).")
+@handle_errors
+def export(config: Path, role: str | None, out: Path | None, precisions: tuple[str, ...], tensorrt: bool,
+           triton_repo: Path | None) -> None:
+    """Export a checkpoint to a bundle: FP32 ONNX, the precisions asked for, golden images,
+    and the parity of every artifact on the test split. Exits 1 when an artifact fails parity.
+
+    Example: edgekiln export my.yaml --precision int8 --triton-repo triton/
+    """
+    from pipeline.stages import run_export
+
+    cfg = _load(config)
+    if precisions:
+        cfg.export.precisions = list(dict.fromkeys([*cfg.export.precisions, *precisions]))
+    if tensorrt:
+        cfg.export.tensorrt.enabled = True
+    m = run_export(cfg, role=role, out=out, triton_repo=triton_repo)
+    click.echo(f"bundle {m['bundle']}: {m['size_mb']:.2f} MB, agreement {m['agreement']:.2%}, "
+               f"max |Δlogit| {m['max_abs_logit_diff']:.2e}")
+    for key, a in m["artifacts"].items():
+        click.echo(f"  {'✅' if a['passed'] else '❌'} {key}: {a['file']} {a['size_mb']:.2f} MB, accuracy "
+                   f"{a['accuracy']:.4f} (Δ {a['accuracy_delta'] * 100:+.2f} pts), agreement {a['agreement']:.2%}")
+    if "int8" in m:
+        cal, guard = m["int8"]["calibration"], m["int8"]["guard"]
+        click.echo(f"  int8 calibration: {cal['images']} train images, per class "
+                   + ", ".join(f"{k}:{v}" for k, v in cal["per_class"].items())
+                   + f"; {len(guard['excluded_nodes'])} node(s) kept in float")
+    if m.get("triton_model"):
+        click.echo(f"triton model: {m['triton_model']}")
+    if not m["passed"]:
+        _fail("parity check failed: " + "; ".join(m["failures"]), 1)
+
+
+@click.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle to check (default: runs/<name>/bundle). Without CONFIG: golden-image self-test only.")
+@handle_errors
+def validate(config: Path | None, bundle_dir: Path | None) -> None:
+    """Check every artifact of a bundle against its PyTorch checkpoint on the test split
+    (accuracy, agreement, |Δlogit|, KL, per-class delta, flipped images), plus the golden images.
+
+    Without CONFIG, `--bundle DIR` runs the self-test on the bundle's golden images alone
+    (no training side needed). Exits 1 when a threshold of the config's `validate` section
+    is violated, naming the check and the artifact.
+    """
+    if config is None:
+        if bundle_dir is None:
+            raise click.UsageError("give a CONFIG, or --bundle DIR for the golden-image self-test")
+        from exporters.golden import self_test
+        from runtime.bundle import read_bundle
+
+        b = read_bundle(bundle_dir, verify=True)
+        res = self_test(b.root, b.meta)
+        for key, a in res.get("artifacts", {}).items():
+            if "skipped" in a:
+                click.echo(f"— {key}: skipped ({a['skipped']})")
+                continue
+            click.echo(f"{'✅' if a['passed'] else '❌'} {key}: max |Δlogit| {a['max_abs_logit_diff']:.2e}, "
+                       f"agreement {a['agreement']:.0%}" + ("" if a["strict"] else " (reported, not gated)"))
+        if res["failures"]:
+            _fail("self-test failed: " + "; ".join(res["failures"]), 1)
+        click.echo(f"self-test: OK ({res['images']} golden images)")
+        return
+    from pipeline.stages import run_validate
+
+    gate = run_validate(_load(config), bundle_dir)
+    r = gate.primary
+    click.echo(
+        f"pytorch accuracy {r.reference_accuracy:.4f} | onnx accuracy {r.artifact_accuracy:.4f} | "
+        f"agreement {r.agreement:.2%} | max |Δlogit| {r.max_abs_logit_diff:.2e} | {r.n_images} images"
+    )
+    _print_gate(gate)
+    if not gate.passed:
+        _fail("parity check failed: " + "; ".join(gate.failures), 1)
+    click.echo("parity: OK")
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_prefix", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write <out>.json and <out>.png (default: BUNDLE/../bench).")
+@click.option("--rounds", default=200, show_default=True, type=click.IntRange(5), help="Timed runs per artifact.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
+@handle_errors
+def bench(bundle_dir: Path, out_prefix: Path | None, rounds: int, threads: int | None) -> None:
+    """Benchmark every artifact of a bundle: size, accuracy, agreement, latency p50/p95 at
+    batch 1, throughput at batch 32, parity ✅/❌; plus INT8/FP32 latency and size ratios
+    measured side by side in this run. Writes JSON and an accuracy-vs-latency PNG.
+
+    Example: edgekiln bench runs/demo/bundle
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from exporters.bench import bench_bundle, ratios, write_outputs
+
+    rows = bench_bundle(bundle_dir, rounds=rounds, threads=threads)
+    table = Table(title=f"edgekiln bench — {bundle_dir}")
+    for col in ("artifact", "format", "precision", "backend", "size MB", "accuracy", "top-1 agreement",
+                "p50 ms (b=1)", "p95 ms (b=1)", "img/s (b=32)", "parity"):
+        table.add_column(col, justify="left" if col in ("artifact", "format", "precision", "backend") else "right")
+    for r in rows:
+        table.add_row(r.artifact, r.format, r.precision, r.backend, f"{r.size_mb:.2f}",
+                      "—" if r.accuracy is None else f"{r.accuracy:.4f}",
+                      "—" if r.agreement is None else f"{r.agreement:.2%}",
+                      f"{r.latency_p50_ms:.2f}", f"{r.latency_p95_ms:.2f}", f"{r.throughput_ips:.0f}", r.parity_mark)
+    Console(width=160).print(table)
+    for key, q in ratios(rows).items():
+        click.echo(f"{key} / onnx (fp32), measured side by side: latency p50 {q['latency_p50']:.2f}x, "
+                   f"size {q['size']:.2f}x")
+    prefix = out_prefix or Path(bundle_dir).resolve().parent / "bench"
+    json_path, png_path = write_outputs(rows, prefix)
+    click.echo(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no PNG: matplotlib is not installed)"))
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (export, validate, bench):
+        cli.add_command(cmd)

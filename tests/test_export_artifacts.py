@@ -1,0 +1,194 @@
+"""Every artifact of a tiny bundle (FP32, FP16, INT8 ONNX), the parity gate over
+them, golden images, the self-test, and a deliberately broken artifact."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from runtime.bundle import read_bundle, write_bundle_json
+
+
+_EXPORTED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, tmp_path_factory):
+    """A private copy of the tiny run, exported once with fp16 + int8 and a Triton repository.
+
+    Other test_export_* modules import this fixture; the memo makes it run once per session."""
+    if not _EXPORTED:
+        _EXPORTED["v"] = _export(tiny_run, tmp_path_factory)
+    return _EXPORTED["v"]
+
+
+def _export(tiny_run, tmp_path_factory):
+    cfg_path, run_dir, _ = tiny_run
+    base = tmp_path_factory.mktemp("export")
+    shutil.copytree(run_dir, base / "runs" / run_dir.name)
+    d = yaml.safe_load(cfg_path.read_text())
+    d["runs_dir"] = str(base / "runs")
+    d["export"] = {"precisions": ["fp32", "fp16", "int8"], "calibration_size": 20, "golden_images": 5}
+    cfg = base / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(cli, ["export", str(cfg), "--triton-repo", str(base / "triton")])
+    assert r.exit_code == 0, r.output
+    return cfg, base / "runs" / run_dir.name, base / "triton", r.output
+
+
+def test_export_writes_every_requested_artifact_with_parity(exported):
+    _, run_dir, _, output = exported
+    meta = read_bundle(run_dir / "bundle").meta  # verifies every sha256
+    arts = meta["artifacts"]
+    assert {k: (a["file"], a["format"], a["precision"]) for k, a in arts.items()} == {
+        "onnx": ("model.onnx", "onnx", "fp32"),
+        "onnx_fp16": ("model.fp16.onnx", "onnx", "fp16"),
+        "onnx_int8": ("model.int8.onnx", "onnx", "int8"),
+    }
+    parity = meta["parity"]["artifacts"]
+    assert set(parity) == set(arts) and all(p["passed"] for p in parity.values())
+    assert parity["onnx"]["agreement"] == 1.0 and parity["onnx"]["max_abs_logit_diff"] <= 1e-3
+    assert parity["onnx_fp16"]["agreement"] >= 0.995
+    assert parity["onnx_int8"]["artifact_accuracy"] >= parity["onnx_int8"]["reference_accuracy"] - 0.01
+    for p in parity.values():
+        assert {"kl_divergence", "per_class_accuracy_delta", "flipped", "accuracy_delta"} <= set(p)
+        assert set(p["per_class_accuracy_delta"]) == set(meta["class_names"])
+    assert meta["parity"]["test"]["artifact"] == "model.onnx"  # the FP32 report, as before
+    assert "✅ onnx_int8: model.int8.onnx" in output and "✅ onnx_fp16: model.fp16.onnx" in output
+
+
+def test_int8_is_qdq_per_channel_and_reports_calibration(exported):
+    _, run_dir, _, output = exported
+    meta = read_bundle(run_dir / "bundle").meta
+    q = meta["artifacts"]["onnx_int8"]["quantization"]
+    cal = q["calibration"]
+    # 20 images over 3 classes, stratified: 7/7/6, all from the training split.
+    assert cal["split"] == "train" and cal["images"] == 20 and sorted(cal["per_class"].values()) == [6, 7, 7]
+    assert set(cal["per_class"]) == set(meta["class_names"])
+    assert "int8 calibration: 20 train images, per class digit0:7, digit1:7, digit2:6" in output
+    assert q["format"] == "QDQ" and q["guard"]["split"] == "val" and q["guard"]["budget"] == 0.01
+    m = onnx.load(str(run_dir / "bundle" / "model.int8.onnx"))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    inits = {t.name: t for t in m.graph.initializer}
+    conv_w = [inits[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
+    assert conv_w, "conv weights should be stored as int8"
+    scales = [inits[n.input[1]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
+    assert all(len(s.dims) == 1 and s.dims[0] > 1 for s in scales), "weights should be quantized per channel"
+    # Clip/Relu after a quantized conv are folded into the quantized range.
+    assert "Relu" not in ops and "Clip" not in ops
+
+
+def test_fp16_keeps_float32_io(exported):
+    import onnxruntime as ort
+
+    _, run_dir, _, _ = exported
+    sess = ort.InferenceSession(str(run_dir / "bundle" / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
+    m = onnx.load(str(run_dir / "bundle" / "model.fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer)
+
+
+def test_golden_images_in_bundle_match_format_and_self_test(exported):
+    _, run_dir, _, _ = exported
+    bundle = run_dir / "bundle"
+    meta = read_bundle(bundle).meta
+    g = meta["golden"]
+    assert set(g) == {"files", "logits", "atol"} and g["atol"] == 1e-3
+    assert g["files"] == [f"golden-{i:02d}.png" for i in range(5)]
+    assert all((bundle / f).is_file() and f in meta["files"] for f in g["files"])  # hashed like every file
+    assert np.asarray(g["logits"]).shape == (5, len(meta["class_names"]))
+    # One golden image per class first (round-robin over the test split).
+    split = json.loads((run_dir / "split.json").read_text())
+    first = [next(p for p, y in split["test"] if y == c) for c in range(3)]
+    for name, src in zip(g["files"], first):
+        assert (bundle / name).read_bytes() == (__import__("pathlib").Path(split["root"]) / src).read_bytes()
+    r = CliRunner().invoke(cli, ["validate", "--bundle", str(bundle)])
+    assert r.exit_code == 0, r.output
+    assert "✅ onnx: max |Δlogit|" in r.output and r.output.strip().endswith("self-test: OK (5 golden images)")
+
+
+def test_self_test_fails_when_golden_logits_disagree(exported, tmp_path):
+    _, run_dir, _, _ = exported
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run_dir / "bundle", bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["golden"]["logits"][0] = [-x for x in meta["golden"]["logits"][0]]
+    write_bundle_json(bundle, meta)
+    r = CliRunner().invoke(cli, ["validate", "--bundle", str(bundle)])
+    assert r.exit_code == 1
+    assert "error: self-test failed: onnx (model.onnx): max |Δlogit|" in r.output
+
+
+def test_validate_checks_every_artifact(exported):
+    cfg, _, _, _ = exported
+    r = CliRunner().invoke(cli, ["validate", str(cfg)])
+    assert r.exit_code == 0, r.output
+    for key in ("onnx", "onnx_fp16", "onnx_int8"):
+        assert f"✅ {key} (" in r.output
+    assert "golden self-test: 5 images, OK" in r.output and r.output.strip().endswith("parity: OK")
+
+
+def _scale_input(src, dst, factor: float):
+    """The classic broken export: the model file itself normalizes wrongly (x * factor at the input)."""
+    m = onnx.load(str(src))
+    inp = m.graph.input[0].name
+    for n in m.graph.node:
+        for i, name in enumerate(n.input):
+            if name == inp:
+                n.input[i] = "wrongly_normalized"
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(factor, dtype=np.float32), "bad_scale"))
+    m.graph.node.insert(0, onnx.helper.make_node("Mul", [inp, "bad_scale"], ["wrongly_normalized"]))
+    onnx.save(m, str(dst))
+
+
+def test_broken_artifact_fails_validate_naming_artifact_and_flipped_images(exported, tmp_path):
+    cfg, run_dir, _, _ = exported
+    bundle = tmp_path / "broken"
+    shutil.copytree(run_dir / "bundle", bundle)
+    _scale_input(run_dir / "bundle" / "model.int8.onnx", bundle / "model.int8.onnx", -3.0)
+    write_bundle_json(bundle, json.loads((bundle / "bundle.json").read_text()))  # re-hash: the file is "valid"
+    r = CliRunner().invoke(cli, ["validate", str(cfg), "--bundle", str(bundle)])
+    assert r.exit_code == 1
+    assert "❌ onnx_int8 (model.int8.onnx, int8)" in r.output and "✅ onnx (model.onnx, fp32)" in r.output
+    assert "FAILED onnx_int8: accuracy drop" in r.output
+    assert "error: parity check failed: accuracy drop" in r.output and "[onnx_int8]" in r.output
+    report = json.loads((run_dir / "metrics.json").read_text())["validate"]["artifacts"]["onnx_int8"]
+    assert report["flipped"] and not report["passed"]
+    for f in report["flipped"][:5]:
+        assert f["image"] in r.output
+
+
+def test_int8_guard_excludes_sensitive_nodes_until_budget_holds(exported, tmp_path):
+    """Calibrated on images 20x too dark, the INT8 model clips every activation; the guard
+    ranks nodes by the noise they add and keeps the worst in float until the budget holds."""
+    from exporters.quantize import quantize_int8
+    from pipeline.data import Split
+    from runtime.preprocess import PreprocessSpec, preprocess
+
+    _, run_dir, _, _ = exported
+    meta = read_bundle(run_dir / "bundle").meta
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    split = Split.load(run_dir / "split.json")
+    calib = preprocess(split.paths("train")[:12], spec) * 0.05
+    gx = preprocess(split.paths("val"), spec)
+    gy = np.asarray(split.labels("val"))
+    res = quantize_int8(run_dir / "bundle" / "model.onnx", tmp_path / "q.onnx", calib, gx, gy, max_accuracy_drop=0.0,
+                        max_excluded_nodes=64)
+    first = res.attempts[0]
+    assert first["excluded"] == 0 and first["accuracy_drop"] > 0.0, "bad calibration should cost accuracy"
+    assert len(res.attempts) > 1 and res.excluded_nodes
+    assert [a["excluded"] for a in res.attempts[1:]] == sorted(a["excluded"] for a in res.attempts[1:])
+    assert res.budget_met and res.accuracy_drop <= 0.0 and res.int8_accuracy == res.fp32_accuracy
+    assert (tmp_path / "q.onnx").is_file()
+    # No budget left to spend: the result says it could not hold.
+    res0 = quantize_int8(run_dir / "bundle" / "model.onnx", tmp_path / "q0.onnx", calib, gx, gy,
+                         max_accuracy_drop=0.0, max_excluded_nodes=0)
+    assert not res0.budget_met and res0.excluded_nodes == [] and res0.to_dict()["accuracy_drop"] > 0
