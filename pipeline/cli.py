@@ -110,13 +110,18 @@ def _run(cfg) -> None:
 
 @cli.command()
 @config_argument
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from checkpoints/adapt-resume/.")
 @handle_errors
-def adapt(config: Path) -> None:
-    """Adapt the pretrained model to your data (writes checkpoints/teacher.safetensors)."""
+def adapt(config: Path, resume: bool) -> None:
+    """Adapt the pretrained model to your data (writes checkpoints/teacher.safetensors).
+
+    The strategy (feature_extraction, finetune, lora) is `adapt.strategy` in the config.
+    Ctrl-C leaves a resumable checkpoint: edgekiln adapt my.yaml --resume
+    """
+    from pipeline.cli_adapt import echo_adapt_result
     from pipeline.stages import run_adapt
 
-    m = run_adapt(_load(config))
-    click.echo(f"teacher {m['model']}: test accuracy {m['test_accuracy']:.4f}")
+    echo_adapt_result(run_adapt(_load(config), resume=resume))
 
 
 @cli.command()
@@ -187,6 +192,10 @@ def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int) -> None:
     for path, p in zip(images, clf.predict(list(images), top_k=top_k)):
         alts = "  ".join(f"{label}:{prob:.3f}" for label, prob in p.top_k)
         click.echo(f"{path}\t{p.label}\t{p.probability:.4f}" + (f"\t{alts}" if top_k > 1 else ""))
+
+
+from pipeline.cli_adapt import register as _register_adapt_commands  # noqa: E402
+_register_adapt_commands(cli)  # `efficiency` and `advise`
 
 
 def main() -> None:
