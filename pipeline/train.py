@@ -243,6 +243,19 @@ def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
     return bool(ok)
 
 
+def _average_buffers(model: nn.Module, info: DistInfo) -> None:
+    """DDP syncs parameters, and broadcasts buffers only at the start of each forward: average the
+    BatchNorm running statistics over the ranks after an epoch so every rank holds the same model."""
+    if not info.enabled:
+        return
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b, op=dist.ReduceOp.SUM)
+            b.div_(info.world_size)
+
+
 class _NonFinite(Exception):
     def __init__(self, value: float, step: int):
         self.value, self.step = value, step
@@ -483,6 +496,7 @@ def fit(
                     f"The last good checkpoint is from epoch {last}{where}. "
                     f"Lower adapt.lr (now {s.lr:g}) or set adapt.grad_clip, then run again"
                 ) from None
+            _average_buffers(model, info)
             val_logits = predict_logits(model, val_x)
             val_acc = accuracy(val_logits, val_y)
             val_loss = float(F.cross_entropy(val_logits, val_y)) if len(val_y) else float("nan")
