@@ -81,6 +81,12 @@ def data_efficiency(
     table: dict[str, dict[str, float]] = {m: {} for m in methods}
     seconds: dict[str, dict[str, float]] = {m: {} for m in methods}
     y_test = data.y("test")
+    if "feature_extraction" in strategies:  # features of every image once; each subset slices them
+        from pipeline.features import weights_digest
+
+        digest = weights_digest(template.backbone)
+        for part in data.PARTS:
+            data.features(part, template.backbone.eval(), cfg.model.name, digest)
     for k, key in zip(shots, keys):
         sub = data.subset("train", few_shot_indices(data.labels("train"), k, cfg.seed))
         if k is not None:  # a few-shot user has a few-shot validation set too
