@@ -92,6 +92,7 @@ def cached_features(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({"features": f.contiguous()}, str(tmp), metadata={"arch": arch, "n": str(len(paths))})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as e:  # a read-only or full cache must not fail the run
         log.warning("could not write the feature cache %s (%s)", path, e)

@@ -159,11 +159,19 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
         "confusion_matrix": ev["confusion_matrix"],
         "history": out.fit.history if out.fit else [],
     }
+    path = checkpoint_path(cfg, "teacher")
+    if info.is_main:  # saved before the (optional, slow) baselines, so an interruption there loses nothing
+        meta = CheckpointMeta(
+            arch=cfg.model.name, class_names=split.class_names, preprocess=spec, role="teacher", extra={"strategy": a.strategy}
+        )
+        save_checkpoint(out.model, meta, path)
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    scratch = None
     if a.baselines:
-        base_ctx = replace(ctx, run_dir=None, checkpoint_dir=None, resume=False)
+        base_ctx = replace(ctx, run_dir=None, checkpoint_dir=None, resume=False, desc="baseline (scratch)")
         set_seed(cfg.seed)
         t1 = time.perf_counter()
-        scratch = train_from_scratch(cfg.model.name, data, a, replace(base_ctx, desc="baseline (scratch)"))
+        scratch = train_from_scratch(cfg.model.name, data, a, base_ctx)
         sev = evaluation.classification_metrics(scratch.test_logits, y_test, split.class_names)
         scratch_s = time.perf_counter() - t1
         t1 = time.perf_counter()
@@ -179,17 +187,12 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     if not info.is_main:
         return metrics
 
-    path = checkpoint_path(cfg, "teacher")
-    meta = CheckpointMeta(
-        arch=cfg.model.name, class_names=split.class_names, preprocess=spec, role="teacher", extra={"strategy": a.strategy}
-    )
-    save_checkpoint(out.model, meta, path)
     metrics["size_mb"] = _size_mb(path)
     plots = {"confusion_matrix": evaluation.CONFUSION_PNG}
     evaluation.plot_confusion_matrix(ev["confusion_matrix"], split.class_names, cfg.run_dir / evaluation.CONFUSION_PNG,
                                      title=f"{cfg.model.name} ({a.strategy}), test split")
     curves = {a.strategy: metrics["history"]}
-    if a.baselines and scratch.fit:
+    if scratch is not None and scratch.fit:
         curves["scratch (baseline)"] = scratch.fit.history
     if any(curves.values()):
         evaluation.plot_training_curves(curves, cfg.run_dir / evaluation.CURVES_PNG)
@@ -197,7 +200,6 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     metrics["plots"] = plots
     all_metrics = update_metrics(cfg.run_dir, "teacher", metrics)
     write_run_report(cfg.run_dir, all_metrics)
-    shutil.rmtree(resume_dir, ignore_errors=True)
     return metrics
 
 
