@@ -129,7 +129,8 @@ class AdaptConfig(_Strict):
     @model_validator(mode="after")
     def _options_match_strategy(self) -> "AdaptConfig":
         for other in STRATEGIES:
-            if other != self.strategy and other in self.model_fields_set:
+            # Default-valued sections are fine: config.yaml snapshots list every section.
+            if other != self.strategy and other in self.model_fields_set and getattr(self, other) != type(getattr(self, other))():
                 raise ValueError(f"the `{other}` section is set but strategy is '{self.strategy}'")
         if self.warmup_epochs >= self.epochs:
             raise ValueError("warmup_epochs must be smaller than epochs")

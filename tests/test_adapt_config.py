@@ -47,3 +47,13 @@ def test_help_for_adapt_commands():
         r = CliRunner().invoke(cli, [*cmd, "--help"])
         assert r.exit_code == 0 and "Usage:" in r.output
     assert "--resume" in CliRunner().invoke(cli, ["adapt", "--help"]).output
+
+
+def test_config_snapshot_with_every_section_loads_again(tmp_path):
+    from pipeline.config import dump_config, load_config
+
+    cfg = build_config({"data": {"demo": True}, "adapt": {"strategy": "lora", "lora": {"rank": 4}}})
+    p = tmp_path / "config.yaml"
+    p.write_text(dump_config(cfg))
+    assert "finetune:" in p.read_text()  # default sections of the other strategies are listed ...
+    assert load_config(p) == cfg  # ... and accepted
