@@ -7,6 +7,7 @@ that module twice, once as __main__)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import click
 
 
 def echo_adapt_result(m: dict) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     line = f"teacher {m['model']} ({m['strategy']}): test accuracy {m['test_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
     if m.get("auc_roc_ovr") is not None:
         line += f", AUC-ROC {m['auc_roc_ovr']:.4f}"

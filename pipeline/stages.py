@@ -118,7 +118,8 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
             raise EdgekilnError(f"{resume_dir}: the checkpoint was made with another model or strategy; run without --resume")
     if info.is_main:
         _prepare_run_dir(cfg)
-    split = _split(cfg, create=info.is_main and not (resume and (cfg.run_dir / "split.json").is_file()))
+    if info.is_main:
+        split = _split(cfg, create=not (resume and (cfg.run_dir / "split.json").is_file()))
     if info.enabled:
         import torch.distributed as dist
 
