@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
 from pipeline.evaluation import plot_efficiency
 from pipeline.models import create_model
 from pipeline.report import EFFICIENCY_JSON, write_run_report
@@ -64,8 +65,6 @@ def data_efficiency(
     strategies = strategies or list_strategies()
     for s in strategies:
         if s not in list_strategies():
-            from pipeline.errors import ConfigError
-
             raise ConfigError(f"unknown strategy '{s}'; valid: {', '.join(list_strategies())}")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     split_file = cfg.run_dir / "split.json"
