@@ -41,6 +41,7 @@ def main() -> None:
     from pipeline.strategies import AdaptData
 
     split = make_split(demo_data_dir(), 0.15, 0.2, seed=0)
+    set_seed(0)
     model = create_model(args.model, len(split.class_names), "default")
     spec = model.defaults.preprocess(args.input_size, 1.0)
     data = AdaptData.from_split(split, spec)

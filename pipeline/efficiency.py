@@ -71,6 +71,7 @@ def data_efficiency(
     split = _split(cfg, create=not split_file.is_file())
     if Path(split.root) != Path(data_root(cfg)).resolve():
         log.warning("efficiency: using the split in %s (data root %s)", split_file, split.root)
+    set_seed(cfg.seed)  # the new head's initialisation (torch seeds itself randomly per process)
     template = create_model(cfg.model.name, len(split.class_names), cfg.model.weights)
     spec = template.defaults.preprocess(cfg.model.input_size, cfg.model.crop_pct)
     data = AdaptData.from_split(split, spec)
