@@ -112,13 +112,18 @@ def _run(cfg) -> None:
 
 @cli.command()
 @config_argument
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from checkpoints/adapt-resume/.")
 @handle_errors
-def adapt(config: Path) -> None:
-    """Adapt the pretrained model to your data (writes checkpoints/teacher.safetensors)."""
+def adapt(config: Path, resume: bool) -> None:
+    """Adapt the pretrained model to your data (writes checkpoints/teacher.safetensors).
+
+    The strategy (feature_extraction, finetune, lora) is `adapt.strategy` in the config.
+    Ctrl-C leaves a resumable checkpoint: edgekiln adapt my.yaml --resume
+    """
+    from pipeline.cli_adapt import echo_adapt_result
     from pipeline.stages import run_adapt
 
-    m = run_adapt(_load(config))
-    click.echo(f"teacher {m['model']}: test accuracy {m['test_accuracy']:.4f}")
+    echo_adapt_result(run_adapt(_load(config), resume=resume))
 
 
 @cli.command()
@@ -166,6 +171,8 @@ def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int) -> None:
 
 from pipeline.cli_serve import serve; cli.add_command(serve)  # noqa: E402,E702
 from pipeline.cli_export import register as _register_export; _register_export(cli)  # noqa: E402,E702
+from pipeline.cli_adapt import register as _register_adapt_commands  # noqa: E402
+_register_adapt_commands(cli)  # `efficiency` and `advise`
 
 
 def main() -> None:

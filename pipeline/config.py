@@ -7,10 +7,10 @@ happens once, here, at the edge; stages receive the narrow piece they need.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -53,11 +53,95 @@ class ModelConfig(_Strict):
     )
 
 
+StrategyName = Literal["feature_extraction", "finetune", "lora"]
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
+
+
+class FeatureExtractionOptions(_Strict):
+    """Frozen backbone (BatchNorm statistics too), new head."""
+
+    head: Literal["linear", "logistic_regression"] = Field(
+        "linear", description="'linear': trained with the adapt optimizer on cached features; "
+        "'logistic_regression': scikit-learn, folded into the linear head."
+    )
+    cache: bool = Field(True, description="Cache backbone features on disk (only used when adapt.augment is 'none').")
+    C: float = Field(1.0, gt=0, description="Inverse regularisation strength of the logistic-regression head.")
+
+
+class FinetuneOptions(_Strict):
+    """Unfreeze some or all block groups (stem -> head) and train them with the head."""
+
+    unfreeze: int | Literal["all"] = Field(
+        "all", description="How many of the last backbone block groups to train ('all' or N >= 0; 0 = head only)."
+    )
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="LR multiplier per block group from head to stem (1.0 = the same LR everywhere)."
+    )
+    progressive_every: int | None = Field(
+        None, ge=1, description="Unfreeze one more block group every K epochs, starting from `unfreeze`."
+    )
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _non_negative(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("unfreeze must be 'all' or a number of block groups >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _progressive_needs_a_start(self) -> "FinetuneOptions":
+        if self.progressive_every and self.unfreeze == "all":
+            raise ValueError("progressive_every needs `unfreeze` set to the number of block groups to start with (e.g. 0)")
+        return self
+
+
+class LoraOptions(_Strict):
+    """Low-rank adapters (peft) on a frozen backbone; merged into the weights before saving."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Module names (or name suffixes) to adapt; None = the architecture's defaults "
+        "(pointwise 1x1 convolutions and linear layers)."
+    )
+
+
 class AdaptConfig(_Strict):
-    strategy: Literal["feature_extraction"] = "feature_extraction"
+    """How the pretrained model is adapted. Options of the chosen strategy go in its own section."""
+
+    strategy: StrategyName = "feature_extraction"
     epochs: int = Field(30, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up before the cosine schedule.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
+    augment: Literal["none", "light", "strong"] = Field("none", description="Train-time augmentation preset.")
+    patience: int | None = Field(None, ge=1, description="Early stopping: epochs without a better val accuracy.")
+    baselines: bool = Field(False, description="Also train from scratch and a linear probe, and compare.")
+    feature_extraction: FeatureExtractionOptions = FeatureExtractionOptions()
+    finetune: FinetuneOptions = FinetuneOptions()
+    lora: LoraOptions = LoraOptions()
+
+    @model_validator(mode="after")
+    def _options_match_strategy(self) -> "AdaptConfig":
+        for other in STRATEGIES:
+            # Default-valued sections are fine: config.yaml snapshots list every section.
+            if other != self.strategy and other in self.model_fields_set and getattr(self, other) != type(getattr(self, other))():
+                raise ValueError(f"the `{other}` section is set but strategy is '{self.strategy}'")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        if self.strategy == "feature_extraction" and self.feature_extraction.head == "logistic_regression" and self.augment != "none":
+            raise ValueError("feature_extraction.head 'logistic_regression' trains on cached features: set augment: none")
+        return self
+
+    @property
+    def options(self) -> BaseModel:
+        """The chosen strategy's own options."""
+        return getattr(self, self.strategy)
 
 
 class DistillConfig(_Strict):

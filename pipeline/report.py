@@ -71,3 +71,100 @@ def print_distill_report(m: dict[str, Any], console: Console | None = None) -> N
     for row in distill_rows(m):
         table.add_row(*row)
     console.print(table)
+
+
+# --------------------------------------------------------------------------- runs/<name>/report.md
+
+REPORT_MD = "report.md"
+EFFICIENCY_JSON = "efficiency.json"
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.2%}" if pct else f"{v:.4f}"
+    return str(v)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def efficiency_table_rows(eff: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    shots = [str(s) for s in eff["shots"]]
+    rows = [[method] + [_fmt(accs.get(s)) for s in shots] for method, accs in eff["accuracy"].items()]
+    return ["method \\ examples per class"] + shots, rows
+
+
+def render_run_report(run_dir: Path, metrics: dict[str, Any]) -> str:
+    """Markdown: the adapt result, its baselines side by side, per-class numbers, the plots,
+    the data-efficiency table when `edgekiln efficiency` has run, and the pipeline summary."""
+    import json
+
+    run_dir = Path(run_dir)
+    lines = [f"# edgekiln run report — {run_dir.name}", ""]
+    t = metrics.get("teacher")
+    if t:
+        lines += [f"## Adapt: {t['model']} ({t.get('strategy', '?')})", ""]
+        rows = [
+            ["test accuracy", _fmt(t.get("test_accuracy"))],
+            ["test macro-F1", _fmt(t.get("macro_f1"))],
+            ["test AUC-ROC (one-vs-rest, macro)", _fmt(t.get("auc_roc_ovr"))],
+            ["val accuracy (best epoch)", f"{_fmt(t.get('val_accuracy'))} ({_fmt(t.get('best_epoch'))})"],
+            ["trainable parameters", f"{t.get('trainable_params', 0):,} of {t.get('params', 0):,} ({_fmt(t.get('trainable_fraction'), True)})"],
+            ["train seconds", f"{t.get('train_seconds', 0):.1f}"],
+        ]
+        lo = t.get("lora")
+        if lo:
+            rows += [
+                ["LoRA rank / alpha / targets", f"{lo['rank']} / {lo['alpha']} / {lo['target_modules']} modules"],
+                ["LoRA adapter params / backbone", f"{lo['adapter_params']:,} / {lo['backbone_params']:,} ({lo['trainable_fraction_of_backbone']:.2%})"],
+                ["merged vs adapters max abs Δlogit", f"{lo['merge_max_abs_logit_diff']:.2e}"],
+            ]
+        lines += _md_table(["", "value"], rows)
+        b = t.get("baselines")
+        if b:
+            lines += ["### Compared with baselines (same architecture, test split)", ""]
+            cols = [(t.get("strategy", "adapted"), t), ("scratch (random init, same budget)", b["scratch"]), ("linear probe", b["linear_probe"])]
+            rows = [
+                ["test accuracy"] + [_fmt(m.get("test_accuracy")) for _, m in cols],
+                ["macro-F1"] + [_fmt(m.get("macro_f1")) for _, m in cols],
+                ["AUC-ROC"] + [_fmt(m.get("auc_roc_ovr")) for _, m in cols],
+                ["val accuracy"] + [_fmt(m.get("val_accuracy")) for _, m in cols],
+                ["train seconds"] + [f"{m.get('train_seconds', 0):.1f}" for _, m in cols],
+            ]
+            lines += _md_table([""] + [c for c, _ in cols], rows)
+        pc = t.get("per_class")
+        if pc:
+            lines += ["### Per class (test split)", ""]
+            lines += _md_table(
+                ["class", "precision", "recall", "F1", "support"],
+                [[name, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), str(v["support"])] for name, v in pc.items()],
+            )
+        for key, title in (("confusion_matrix", "Confusion matrix"), ("training_curves", "Training curves")):
+            f = (t.get("plots") or {}).get(key)
+            if f and (run_dir / f).is_file():
+                lines += [f"### {title}", "", f"![{title}]({f})", ""]
+    eff_path = run_dir / EFFICIENCY_JSON
+    if eff_path.is_file():
+        eff = json.loads(eff_path.read_text())
+        header, rows = efficiency_table_rows(eff)
+        lines += ["## Data efficiency (test accuracy)", ""] + _md_table(header, rows)
+        if (run_dir / eff.get("plot", "")).is_file():
+            lines += [f"![data efficiency]({eff['plot']})", ""]
+    rows = summary_rows(metrics)
+    if rows and (metrics.get("student") or metrics.get("onnx")):
+        lines += ["## Pipeline", ""]
+        lines += _md_table(["", "model", "test accuracy", "size MB", "top-1 agreement", "max abs Δlogit"], [list(r) for r in rows])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    from runtime.bundle import atomic_write_text
+
+    path = Path(run_dir) / REPORT_MD
+    atomic_write_text(path, render_run_report(run_dir, metrics))
+    return path

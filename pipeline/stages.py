@@ -88,56 +88,119 @@ def _size_mb(path: Path) -> float:
 # --------------------------------------------------------------------------- adapt
 
 
-def run_adapt(cfg: PipelineConfig) -> dict[str, Any]:
-    """Feature extraction: frozen backbone (BN statistics too), new linear head trained on cached features."""
+def adapt_resume_dir(cfg: PipelineConfig) -> Path:
+    return cfg.run_dir / "checkpoints" / "adapt-resume"
+
+
+def run_adapt(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
+    """Adapt the pretrained model with the strategy `adapt.strategy` names (see pipeline.strategies),
+    evaluate it on the test split, optionally against the baselines, and write the run report.
+
+    A resumable checkpoint is kept in checkpoints/adapt-resume/ while training runs
+    (removed when the stage completes); resume=True continues from it.
+    """
+    from dataclasses import replace
+
+    from pipeline import evaluation
+    from pipeline.report import write_run_report
+    from pipeline.strategies import AdaptContext, AdaptData, adapt_model, linear_probe_baseline, train_from_scratch
+    from pipeline.train import init_distributed
+
+    a = cfg.adapt
+    info = init_distributed()
     set_seed(cfg.seed)
-    _prepare_run_dir(cfg)
-    split = _split(cfg, create=True)
+    resume_dir = adapt_resume_dir(cfg)
+    if resume:
+        from pipeline.train import load_resume_state
+
+        saved = load_resume_state(resume_dir)[0].get("config", {})
+        if saved and (saved.get("adapt", {}).get("strategy"), saved.get("model")) != (a.strategy, cfg.model.model_dump(mode="json")):
+            raise EdgekilnError(f"{resume_dir}: the checkpoint was made with another model or strategy; run without --resume")
+    if info.is_main:
+        _prepare_run_dir(cfg)
+    if info.is_main:
+        split = _split(cfg, create=not (resume and (cfg.run_dir / "split.json").is_file()))
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has written split.json
+        split = _split(cfg, create=False)
     n_classes = len(split.class_names)
     model = create_model(cfg.model.name, n_classes, cfg.model.weights)
     spec = model.defaults.preprocess(cfg.model.input_size, cfg.model.crop_pct)
-    log.info("adapt: %s, %d classes, input %d", cfg.model.name, n_classes, spec.crop)
-
-    # Frozen backbone in eval mode: features are deterministic, so compute them once.
-    backbone = model.backbone.eval().requires_grad_(False)
-    feats = {}
-    for part in ("train", "val", "test"):
-        x, y = load_tensors(split.paths(part), split.labels(part), spec, desc=f"loading {part} images")
-        with torch.no_grad():
-            f = predict_logits(backbone, x, desc=f"backbone features ({part})")
-        feats[part] = (f, y)
-
-    head = model.head
+    log.info("adapt: %s, strategy %s, %d classes, input %d", cfg.model.name, a.strategy, n_classes, spec.crop)
+    data = AdaptData.from_split(split, spec)
+    ctx = AdaptContext(
+        arch=cfg.model.name, seed=cfg.seed, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+        run_dir=cfg.run_dir, checkpoint_dir=resume_dir, resume=resume,
+        run_config=cfg.model_dump(mode="json", by_alias=True), is_main=info.is_main, desc=f"adapt ({a.strategy})",
+    )
+    params = _count_params(model)
     t0 = time.perf_counter()
-    result = fit(
-        head,
-        tensor_loader(*feats["train"], batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.seed),
-        *feats["val"],
-        loss_fn=F.cross_entropy,
-        epochs=cfg.adapt.epochs,
-        lr=cfg.adapt.lr,
-        weight_decay=cfg.adapt.weight_decay,
-        desc="adapt (head)",
-    )
-    test_acc = accuracy(predict_logits(head, feats["test"][0]), feats["test"][1])
-    meta = CheckpointMeta(
-        arch=cfg.model.name, class_names=split.class_names, preprocess=spec, role="teacher", extra={"strategy": "feature_extraction"}
-    )
-    path = checkpoint_path(cfg, "teacher")
-    save_checkpoint(model, meta, path)
-    metrics = {
+    out = adapt_model(model, data, a, ctx)
+    train_seconds = time.perf_counter() - t0
+    y_test = data.y("test")
+    ev = evaluation.classification_metrics(out.test_logits, y_test, split.class_names)
+
+    metrics: dict[str, Any] = {
         "model": cfg.model.name,
-        "strategy": cfg.adapt.strategy,
-        "val_accuracy": result.best_val_accuracy,
-        "test_accuracy": test_acc,
-        "best_epoch": result.best_epoch,
-        "params": _count_params(model),
-        "trainable_params": _count_params(head),
-        "size_mb": _size_mb(path),
-        "train_seconds": time.perf_counter() - t0,
-        "history": result.history,
+        "strategy": a.strategy,
+        "val_accuracy": out.val_accuracy,
+        "test_accuracy": ev["accuracy"],
+        "macro_f1": ev["macro_f1"],
+        "auc_roc_ovr": ev["auc_roc_ovr"],
+        "best_epoch": out.fit.best_epoch if out.fit else None,
+        "stopped_early": out.fit.stopped_early if out.fit else False,
+        "params": params,
+        "trainable_params": out.trainable_params,
+        "trainable_fraction": out.trainable_params / params,
+        "train_seconds": train_seconds,
+        **out.extra,
+        "per_class": ev["per_class"],
+        "confusion_matrix": ev["confusion_matrix"],
+        "history": out.fit.history if out.fit else [],
     }
-    update_metrics(cfg.run_dir, "teacher", metrics)
+    path = checkpoint_path(cfg, "teacher")
+    if info.is_main:  # saved before the (optional, slow) baselines, so an interruption there loses nothing
+        meta = CheckpointMeta(
+            arch=cfg.model.name, class_names=split.class_names, preprocess=spec, role="teacher", extra={"strategy": a.strategy}
+        )
+        save_checkpoint(out.model, meta, path)
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    scratch = None
+    if a.baselines:
+        base_ctx = replace(ctx, run_dir=None, checkpoint_dir=None, resume=False, desc="baseline (scratch)")
+        set_seed(cfg.seed)
+        t1 = time.perf_counter()
+        scratch = train_from_scratch(cfg.model.name, data, a, base_ctx)
+        sev = evaluation.classification_metrics(scratch.test_logits, y_test, split.class_names)
+        scratch_s = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        probe = linear_probe_baseline(create_model(cfg.model.name, n_classes, cfg.model.weights), data, cfg.model.name, cfg.seed)
+        pev = evaluation.classification_metrics(probe["test_logits"], y_test, split.class_names)
+        metrics["baselines"] = {
+            "scratch": {"val_accuracy": scratch.val_accuracy, "test_accuracy": sev["accuracy"], "macro_f1": sev["macro_f1"],
+                        "auc_roc_ovr": sev["auc_roc_ovr"], "trainable_params": scratch.trainable_params,
+                        "train_seconds": scratch_s},
+            "linear_probe": {"val_accuracy": probe["val_accuracy"], "test_accuracy": pev["accuracy"], "macro_f1": pev["macro_f1"],
+                             "auc_roc_ovr": pev["auc_roc_ovr"], "train_seconds": time.perf_counter() - t1},
+        }
+    if not info.is_main:
+        return metrics
+
+    metrics["size_mb"] = _size_mb(path)
+    plots = {"confusion_matrix": evaluation.CONFUSION_PNG}
+    evaluation.plot_confusion_matrix(ev["confusion_matrix"], split.class_names, cfg.run_dir / evaluation.CONFUSION_PNG,
+                                     title=f"{cfg.model.name} ({a.strategy}), test split")
+    curves = {a.strategy: metrics["history"]}
+    if scratch is not None and scratch.fit:
+        curves["scratch (baseline)"] = scratch.fit.history
+    if any(curves.values()):
+        evaluation.plot_training_curves(curves, cfg.run_dir / evaluation.CURVES_PNG)
+        plots["training_curves"] = evaluation.CURVES_PNG
+    metrics["plots"] = plots
+    all_metrics = update_metrics(cfg.run_dir, "teacher", metrics)
+    write_run_report(cfg.run_dir, all_metrics)
     return metrics
 
 
@@ -451,4 +514,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         run_distill(cfg)
     run_export(cfg)
     report = run_validate(cfg)
+    from pipeline.report import write_run_report
+
+    write_run_report(cfg.run_dir, read_metrics(cfg.run_dir))
     return {"metrics": read_metrics(cfg.run_dir), "parity": report}
