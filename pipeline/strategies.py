@@ -462,10 +462,10 @@ def lora(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ctx: AdaptCon
 
 def train_from_scratch(arch: str, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext) -> AdaptOutcome:
     """The same architecture from random initialisation, every layer trained, same epochs and schedule."""
-    from pipeline.stages import _reset_bn_momentum
+    from pipeline.distill import reset_bn_momentum
 
     model = create_model(arch, data.num_classes, "none")
-    _reset_bn_momentum(model)
+    reset_bn_momentum(model)
     return _finetune(model, data, cfg, ctx, "all", 1.0, None)
 
 
