@@ -33,6 +33,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _train_step(model, opt, scaler, x, y, device: str, amp: str) -> None:
+    with _amp(device, amp):
+        loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def synthetic_resnet50(device: str, batch: int, steps: int, amp: str, channels_last: bool, compile_: bool, ddp: bool) -> float:
     model = torchvision.models.resnet50(num_classes=1000).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -50,12 +59,7 @@ def synthetic_resnet50(device: str, batch: int, steps: int, amp: str, channels_l
         if i == warm:
             _sync(device)
             t0 = time.perf_counter()
-        with _amp(device, amp):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        _train_step(model, opt, scaler, x, y, device, amp)
     _sync(device)
     return batch * steps / (time.perf_counter() - t0)
 
@@ -83,12 +87,7 @@ def real_pipeline_lite0(device: str, batch: int, steps: int, amp: str, channels_
             yb = yb.to(device, non_blocking=True)
             if t_start is not None:
                 wait += time.perf_counter() - t_wait
-            with _amp(device, amp):
-                loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            _train_step(model, opt, scaler, xb, yb, device, amp)
             _sync(device)
             if t_start is None:  # first step: warm-up (cudnn autotune, worker start)
                 t_start = time.perf_counter()

@@ -87,7 +87,7 @@ def export_onnx(
 
 @contextlib.contextmanager
 def _quiet_loggers():
-    names = ["torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx"]
+    names = ["torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir", "torch.fx"]
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
     for lg, _ in saved:
         lg.setLevel(logging.ERROR)
