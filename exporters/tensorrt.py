@@ -26,6 +26,8 @@ Notes for TensorRT 10:
     itself can also be built directly, with BuilderFlag.INT8 and no calibrator.)
   * Engines are specific to the TensorRT version and the GPU's compute capability, so the
     bundle records a fingerprint and the runtime refuses an engine that does not match.
+  * TensorRT 11 removed implicit INT8 calibration and BuilderFlag.FP16/INT8 (networks are
+    always strongly typed there), so only major version 10 is accepted.
 
 Device memory comes from torch (a training-side dependency already), so no
 pycuda / cuda-python is needed.
@@ -62,14 +64,16 @@ class TensorRTBuildError(EdgekilnError):
 
 
 def require_tensorrt():
-    """Import tensorrt (>= 10) or raise TensorRTUnavailable with the install hint."""
+    """Import tensorrt 10.x or raise TensorRTUnavailable with the install hint."""
     try:
         import tensorrt as trt
     except ImportError:
         raise TensorRTUnavailable(INSTALL_HINT) from None
     major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise TensorRTUnavailable(f"tensorrt {trt.__version__} is too old; {INSTALL_HINT}")
+    # < 10 lacks the name-based IO API used here; 11 removed int8_calibrator, set_calibration_profile and
+    # BuilderFlag.FP16/INT8, so build_engine would fail with an AttributeError mid-build.
+    if major != 10:
+        raise TensorRTUnavailable(f"{INSTALL_HINT} (found tensorrt {trt.__version__})")
     return trt
 
 
@@ -244,18 +248,45 @@ class TensorRTRunner:
         if self.engine is None:
             raise TensorRTBuildError(f"{engine_path}: TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()  # [ENG]
+        if self.context is None:
+            raise TensorRTBuildError(f"{engine_path}: TensorRT could not create an execution context")
         self.input_name, self.output_name = input_name, output_name
+        # The bundle's tensor names and float32 buffers must match the engine's IO tensors
+        # (ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_dtype).
+        io = {self.engine.get_tensor_name(i): self.engine.get_tensor_mode(self.engine.get_tensor_name(i))
+              for i in range(self.engine.num_io_tensors)}
+        for name, mode in ((input_name, trt.TensorIOMode.INPUT), (output_name, trt.TensorIOMode.OUTPUT)):
+            if io.get(name) != mode:
+                raise TensorRTBuildError(f"{engine_path}: no {mode.name.lower()} tensor '{name}' (engine IO: {', '.join(io)})")
+            if self.engine.get_tensor_dtype(name) != trt.float32:
+                raise TensorRTBuildError(f"{engine_path}: tensor '{name}' is {self.engine.get_tensor_dtype(name)}, not float32")
+        # set_input_shape fails outside the optimization profile, so batches are split to at most its max
+        # (parity runs batches of 64, the default profile max is 32) and padded up to its min [ENG].
+        shape_min, _, shape_max = self.engine.get_tensor_profile_shape(input_name, 0)
+        self.min_batch, self.max_batch = int(shape_min[0]), int(shape_max[0])
+        # A stream of our own: enqueueV3 on the legacy default stream (torch's current stream unless
+        # changed) makes TensorRT add device-wide synchronizations, documented as a performance issue.
+        self.stream = self.torch.cuda.Stream()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        inp = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
-        self.context.set_input_shape(self.input_name, tuple(inp.shape))  # [ENG]
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))  # [ENG]
-        out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address(self.input_name, inp.data_ptr())  # [ENG]
-        self.context.set_tensor_address(self.output_name, out.data_ptr())  # [ENG]
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):  # [ENG]
-            raise TensorRTBuildError("TensorRT execution failed")
-        stream.synchronize()
-        return out.cpu().numpy()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        outs = [self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        torch, n = self.torch, len(x)
+        if n < self.min_batch:  # zero rows up to the profile's min; dropped from the output below
+            x = np.concatenate([x, np.zeros((self.min_batch - n, *x.shape[1:]), np.float32)])
+        with torch.cuda.stream(self.stream):
+            inp = torch.from_numpy(x).cuda()
+            if not self.context.set_input_shape(self.input_name, tuple(inp.shape)):  # [ENG]: False = rejected
+                raise TensorRTBuildError(f"TensorRT rejected input shape {tuple(inp.shape)} "
+                                         f"(engine batch range {self.min_batch}..{self.max_batch})")
+            out_shape = tuple(self.context.get_tensor_shape(self.output_name))  # [ENG]
+            out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(self.input_name, inp.data_ptr())  # [ENG]
+            self.context.set_tensor_address(self.output_name, out.data_ptr())  # [ENG]
+            if not self.context.execute_async_v3(self.stream.cuda_stream):  # [ENG]
+                raise TensorRTBuildError("TensorRT execution failed")
+            self.stream.synchronize()
+        return out[:n].cpu().numpy()
