@@ -1,7 +1,5 @@
 import json
 
-import numpy as np
-import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import cli
