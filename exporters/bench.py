@@ -3,9 +3,9 @@ format, precision, size, accuracy and top-1 agreement (from the parity gate
 recorded at export, on the held-out test split), latency p50/p95 at batch 1,
 throughput at batch 32, and a ✅/❌ parity status.
 
-Latencies of different artifacts are measured side by side in one process and
-interleaved round by round (A, B, C, A, B, C, ...), so a noisy neighbour on a
-shared CPU slows every artifact alike and the ratios stay meaningful.
+Latencies of different artifacts are measured side by side in one process, in
+alternating blocks (A×n, B×n, C×n, A×n, ...), so a noisy neighbour on a shared
+CPU slows every artifact alike and the ratios stay meaningful.
 """
 
 from __future__ import annotations
@@ -58,20 +58,30 @@ def _inputs(root: Path, meta: dict, n: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, 3, spec.crop, spec.crop)).astype(np.float32)
 
 
-def _interleaved_latency(runners: dict[str, Callable], x1: np.ndarray, rounds: int, warmup: int) -> dict[str, list[float]]:
+def alternating_latency(runners: dict[str, Callable], x: np.ndarray, blocks: int = 10, per_block: int = 20,
+                        warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each runner on `x`, timed in alternating blocks: A×per_block, B×per_block,
+    ..., repeated `blocks` times, each block after `warmup` untimed calls.
+
+    Why blocks and not call-by-call interleaving (A, B, A, B, ...): every onnxruntime session owns a
+    thread pool whose workers keep spinning for a while after a run. Interleaved call by call, each
+    session runs while the other's workers still spin, and on a small CPU that penalises whichever
+    runs second by up to 2× (measured here on 2 cores). Blocks give each session the CPU in its
+    own steady state; alternating them still spreads load drift over all runners alike.
+    """
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(warmup):
-        for run in runners.values():
-            run(x1)
-    for _ in range(rounds):
+    for _ in range(blocks):
         for k, run in runners.items():
-            t0 = time.perf_counter()
-            run(x1)
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(warmup):
+                run(x)
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                run(x)
+                times[k].append(time.perf_counter() - t0)
     return times
 
 
-def bench_bundle(bundle_dir: Path, rounds: int = 200, warmup: int = 20, throughput_batch: int = 32,
+def bench_bundle(bundle_dir: Path, rounds: int = 200, throughput_batch: int = 32,
                  throughput_rounds: int = 10, threads: int | None = None) -> list[BenchRow]:
     """Benchmark every artifact of a bundle that can run here (ONNX on onnxruntime's CPU provider;
     TensorRT engines where tensorrt and a GPU are present)."""
@@ -87,14 +97,11 @@ def bench_bundle(bundle_dir: Path, rounds: int = 200, warmup: int = 20, throughp
             backends[key] = f"unavailable ({str(e).splitlines()[0][:80]})"
     x1 = _inputs(root, meta, 1)
     xb = _inputs(root, meta, throughput_batch)
-    lat = _interleaved_latency(runners, x1, rounds, warmup)
-    thr: dict[str, float] = {}
-    for k, run in runners.items():
-        run(xb)
-        t0 = time.perf_counter()
-        for _ in range(throughput_rounds):
-            run(xb)
-        thr[k] = throughput_batch * throughput_rounds / (time.perf_counter() - t0)
+    blocks = min(10, rounds)
+    lat = alternating_latency(runners, x1, blocks=blocks, per_block=rounds // blocks)
+    # Throughput from the median batch time, in two alternating blocks per artifact.
+    tb = alternating_latency(runners, xb, blocks=2, per_block=max(1, throughput_rounds // 2), warmup=1)
+    thr = {k: throughput_batch / float(np.median(v)) for k, v in tb.items()}
     parity = meta.get("parity", {}).get("artifacts", {})
     rows = []
     for key, art in meta["artifacts"].items():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +77,8 @@ def teacher_outputs(teacher: EdgeClassifier, x: torch.Tensor, batch_size: int = 
     logits, feats = [], []
     with torch.inference_mode(), amp:
         for i in range(0, len(x), batch_size):
-            f = teacher.forward_features(x[i : i + batch_size].to(dev, non_blocking=True))
+            xb = x[i : i + batch_size].to(dev, non_blocking=True)
+            f = teacher.forward_features(xb.contiguous(memory_format=torch.channels_last) if xb.ndim == 4 else xb)
             logits.append(teacher.head(f).float().cpu())
             if features:
                 feats.append(f.float().cpu())
@@ -168,29 +168,31 @@ class OnnxCost:
     latency_b32_ms: float
 
 
-def onnx_cost(model: EdgeClassifier, input_size: int, repeats: int = 30) -> OnnxCost:
-    """Export to a temp ONNX file and time ONNX Runtime (CPU) at batch 1 and 32 (median)."""
+def onnx_costs(models: dict[str, EdgeClassifier], input_size: int, blocks: int = 10) -> dict[str, OnnxCost]:
+    """Export each model to a temp ONNX file and time ONNX Runtime (CPU, default threads) at batch 1
+    and 32, side by side in alternating blocks (exporters.bench.alternating_latency); medians."""
     import onnxruntime as ort
 
+    from exporters.bench import alternating_latency
     from exporters.onnx_export import INPUT_NAME, export_onnx
 
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "m.onnx"
-        export_onnx(model.eval(), input_size, path)
-        size = path.stat().st_size / 1e6
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        runners, sizes = {}, {}
+        for name, model in models.items():
+            path = Path(d) / f"{len(runners)}.onnx"
+            export_onnx(model.eval(), input_size, path)
+            sizes[name] = path.stat().st_size / 1e6
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            runners[name] = lambda x, sess=sess: sess.run(None, {INPUT_NAME: x})
         lat = {}
-        for b, n in ((1, repeats), (32, max(3, repeats // 6))):
+        for b, per_block in ((1, 20), (32, 2)):
             x = np.random.default_rng(0).standard_normal((b, 3, input_size, input_size), dtype=np.float32)
-            for _ in range(3):
-                sess.run(None, {INPUT_NAME: x})
-            ts = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                sess.run(None, {INPUT_NAME: x})
-                ts.append((time.perf_counter() - t0) * 1e3)
-            lat[b] = float(np.median(ts))
-    return OnnxCost(sum(p.numel() for p in model.parameters()), size, lat[1], lat[32])
+            times = alternating_latency(runners, x, blocks=blocks, per_block=per_block, warmup=3 if b == 1 else 1)
+            lat[b] = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    return {
+        k: OnnxCost(sum(p.numel() for p in m.parameters()), sizes[k], lat[1][k], lat[32][k])
+        for k, m in models.items()
+    }
 
 
 def choose_student(
@@ -206,8 +208,9 @@ def choose_student(
     the caller trains the fitting ones and keeps the most accurate.
     """
     rows, fits = [], []
+    costs = onnx_costs({name: create_model(name, num_classes, "none") for name in candidates}, input_size, blocks=3)
     for name in candidates:
-        cost = onnx_cost(create_model(name, num_classes, "none"), input_size)
+        cost = costs[name]
         ok = (max_latency_ms is None or cost.latency_b1_ms <= max_latency_ms) and (
             max_size_mb is None or cost.size_mb <= max_size_mb
         )

@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline import __version__
@@ -29,7 +27,7 @@ from pipeline.config import DistillConfig, PipelineConfig, dump_config
 from pipeline.data import Split, demo_data_dir, load_tensors, make_split
 from pipeline.errors import EdgekilnError
 from pipeline.models import create_model
-from pipeline.train import accuracy, fit, predict_logits, set_seed, tensor_loader
+from pipeline.train import accuracy, predict_logits, set_seed
 from runtime.bundle import atomic_write_text, read_bundle, write_bundle_json
 
 log = logging.getLogger("edgekiln")
@@ -211,7 +209,7 @@ def run_distill(cfg: PipelineConfig) -> dict[str, Any]:
     """Train a smaller student with Hinton KD (+ optional hint loss) against the adapted teacher,
     and justify it: accuracy retained, parameters, ONNX size and latency relative to the teacher,
     and (optionally) the same student trained without KD."""
-    from pipeline.distill import KDSettings, build_student, choose_student, onnx_cost, STUDENTS, train_student
+    from pipeline.distill import KDSettings, build_student, choose_student, onnx_costs, STUDENTS, train_student
 
     dcfg: DistillConfig = cfg.distill
     set_seed(cfg.seed)
@@ -282,7 +280,8 @@ def run_distill(cfg: PipelineConfig) -> dict[str, Any]:
         }
         metrics["kd_gain"] = metrics["test_accuracy"] - metrics["without_kd"]["test_accuracy"]
     if dcfg.measure_cost:
-        s_cost, t_cost = onnx_cost(student, spec.crop), onnx_cost(teacher, spec.crop)
+        costs = onnx_costs({"student": student, "teacher": teacher}, spec.crop)
+        s_cost, t_cost = costs["student"], costs["teacher"]
         metrics["onnx_cost"] = {"student": s_cost.__dict__, "teacher": t_cost.__dict__}
         metrics["onnx_size_ratio"] = s_cost.size_mb / t_cost.size_mb
         metrics["latency_b1_ratio"] = s_cost.latency_b1_ms / t_cost.latency_b1_ms
