@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import EdgekilnError
+from runtime.gpu_info import fingerprint_mismatch  # one comparison for the exporter and the runtime's engine backend
 
 log = logging.getLogger("edgekiln")
 
@@ -98,20 +99,14 @@ def _cuda_device():
 
 
 def gpu_fingerprint() -> dict[str, Any]:
-    """What an engine is tied to: TensorRT version, GPU name and compute capability."""
+    """What an engine is tied to: TensorRT version, GPU name and compute capability.
+
+    runtime.gpu_info.engine_fingerprint() reads the same fields from the CUDA driver (the runtime has no torch).
+    """
     trt = require_tensorrt()
     torch = _cuda_device()
     major, minor = torch.cuda.get_device_capability(0)
     return {"tensorrt": str(trt.__version__), "gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
-
-
-def fingerprint_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between the bundle's fingerprint and this machine's (empty = compatible)."""
-    out = []
-    for key in ("tensorrt", "compute_capability", "gpu"):
-        if recorded.get(key) != current.get(key):
-            out.append(f"{key}: engine built for {recorded.get(key)!r}, this machine has {current.get(key)!r}")
-    return out
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,12 @@ def handle_errors(fn):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "tensorrt-engine"]),
-              help="Inference backend; a named one that cannot run here is an error, never a fallback.")
+              help="Inference backend; a named one that cannot run here is an error, never a fallback "
+                   "(but see --allow-engine-fallback).")
+@click.option("--allow-engine-fallback", is_flag=True, default=False,
+              help="With --backend tensorrt-engine: when the bundle's TensorRT engine cannot run here (no engine, "
+                   "no TensorRT or GPU, or another TensorRT version, GPU or compute capability than it was built "
+                   "for), serve the bundle's ONNX model on the best onnxruntime backend instead, with a warning.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 1024),
               help="Images per model call; 1 turns dynamic batching off.")
 @click.option("--max-delay-ms", default=5.0, show_default=True, type=click.FloatRange(0, 10_000),
@@ -48,9 +53,9 @@ def handle_errors(fn):
               help="Longest a request waits for the model (503 beyond).")
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
 @handle_errors
-def serve(bundle_dir: Path, host: str, port: int, backend: str, max_batch: int, max_delay_ms: float, workers: int,
-          intra_op_threads: int | None, model_name: str, max_queue: int, max_body_mb: float, max_megapixels: float,
-          request_timeout_s: float, access_log: bool) -> None:
+def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fallback: bool, max_batch: int,
+          max_delay_ms: float, workers: int, intra_op_threads: int | None, model_name: str, max_queue: int,
+          max_body_mb: float, max_megapixels: float, request_timeout_s: float, access_log: bool) -> None:
     """Serve a bundle over HTTP: the Open Inference Protocol v2 (KServe/Triton
     clients), POST /v1/classify for encoded images, Prometheus /metrics.
 
@@ -61,9 +66,14 @@ def serve(bundle_dir: Path, host: str, port: int, backend: str, max_batch: int, 
     from runtime.errors import ConfigError
     from runtime.server import ServeSettings, serve as run_server
 
+    if allow_engine_fallback and backend != "tensorrt-engine":
+        raise ConfigError(f"--allow-engine-fallback applies only to --backend tensorrt-engine "
+                          f"(got --backend {backend})")
+
     try:
         settings = ServeSettings(
-            bundle_dir=str(bundle_dir), backend=backend, model_name=model_name, intra_op_threads=intra_op_threads,
+            bundle_dir=str(bundle_dir), backend=backend, allow_engine_fallback=allow_engine_fallback,
+            model_name=model_name, intra_op_threads=intra_op_threads,
             max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
             max_body_bytes=int(max_body_mb * 2**20), max_pixels=int(max_megapixels * 1e6),
             request_timeout_s=request_timeout_s,

@@ -1,13 +1,15 @@
 """edgekiln's embedded inference runtime: numpy + PIL + onnxruntime, never torch.
 
     import runtime
-    clf = runtime.load("runs/demo/bundle")              # backend="cpu" | "cuda" | "tensorrt" | "auto"
+    clf = runtime.load("runs/demo/bundle")              # backend: cpu | cuda | tensorrt | tensorrt-engine | auto
     for p in clf.predict(["a.png", "b.png"], top_k=3):
         print(p.label, p.probability)
     clf.self_test()                                      # the bundle's golden images -> expected logits
 
 Backends live in runtime.backends (a named backend that cannot run is an
-error, never a fallback); the HTTP server in runtime.server (docs/deploy.md).
+error, never a fallback — except that `tensorrt-engine` may run the bundle's
+ONNX model, with a warning, when the caller passes allow_engine_fallback=True);
+the HTTP server in runtime.server (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -65,15 +67,16 @@ class Classifier:
     """An image classifier loaded from a bundle directory."""
 
     def __init__(self, bundle: Bundle, backend: str = "cpu", intra_op_threads: int | None = None, max_batch: int = 64,
-                 artifact: str = "onnx", max_pixels: int | None = MAX_PIXELS, device_id: int = 0):
+                 artifact: str = "onnx", max_pixels: int | None = MAX_PIXELS, device_id: int = 0,
+                 allow_engine_fallback: bool = False):
         self.bundle = bundle
         self.spec = bundle.preprocess
         self.class_names = bundle.class_names
         self.max_batch = max_batch
         self.max_pixels = max_pixels
         self.session = create_session(backend, bundle, artifact=artifact, intra_op_threads=intra_op_threads,
-                                      device_id=device_id)
-        self.backend = self.session.backend  # what `auto` resolved to
+                                      device_id=device_id, allow_engine_fallback=allow_engine_fallback)
+        self.backend = self.session.backend  # what `auto` (or an allowed engine fallback) resolved to
         self.provider = self.session.provider
 
     @property
@@ -174,12 +177,17 @@ class Classifier:
 
 def load(bundle_dir: str | Path, backend: str = "cpu", intra_op_threads: int | None = None, *,
          artifact: str = "onnx", max_batch: int = 64, max_pixels: int | None = MAX_PIXELS,
-         device_id: int = 0) -> Classifier:
+         device_id: int = 0, allow_engine_fallback: bool = False) -> Classifier:
     """Load and verify a bundle (sha256 of every file) and return a Classifier.
 
-    backend: 'cpu', 'cuda', 'tensorrt', 'tensorrt-engine' or 'auto' (the best
-    that starts here, logged). A backend named explicitly that cannot run here
-    raises BackendError listing the available providers; it never falls back.
+    backend: 'cpu', 'cuda', 'tensorrt', 'tensorrt-engine' (the bundle's native
+    TensorRT engine, refused unless its fingerprint matches this GPU) or 'auto'
+    (the best that starts here, logged). A backend named explicitly that cannot
+    run here raises BackendError listing the available providers; it never falls
+    back — except that with allow_engine_fallback=True (or
+    $EDGEKILN_ALLOW_ENGINE_FALLBACK=1) 'tensorrt-engine' runs the bundle's ONNX
+    model on the best onnxruntime backend, with a WARNING naming the reason.
     """
     return Classifier(read_bundle(bundle_dir, verify=True), backend=backend, intra_op_threads=intra_op_threads,
-                      max_batch=max_batch, artifact=artifact, max_pixels=max_pixels, device_id=device_id)
+                      max_batch=max_batch, artifact=artifact, max_pixels=max_pixels, device_id=device_id,
+                      allow_engine_fallback=allow_engine_fallback)

@@ -58,6 +58,7 @@ class ServeSettings(BaseModel):
 
     bundle_dir: str
     backend: str = "auto"
+    allow_engine_fallback: bool = False  # backend tensorrt-engine: serve the ONNX model, warned, if the engine can't run
     model_name: str = Field("edgekiln", pattern=r"^[A-Za-z0-9_.-]+$")
     intra_op_threads: int | None = Field(None, ge=1)
     max_batch: int = Field(32, ge=1, le=1024)
@@ -409,7 +410,7 @@ def create_app(settings: ServeSettings, classifier: Any = None):
             loop = asyncio.get_running_loop()
             clf = await loop.run_in_executor(None, lambda: runtime.load(
                 settings.bundle_dir, backend=settings.backend, intra_op_threads=settings.intra_op_threads,
-                max_pixels=settings.max_pixels))
+                max_pixels=settings.max_pixels, allow_engine_fallback=settings.allow_engine_fallback))
         run_self_test = settings.self_test if settings.self_test is not None else bool(clf.bundle.meta.get("golden"))
         if run_self_test:
             report = clf.self_test()  # BundleError / ParityError: the server does not start
@@ -653,7 +654,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
                   timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
     if workers == 1:
         clf = runtime.load(settings.bundle_dir, backend=settings.backend, intra_op_threads=settings.intra_op_threads,
-                           max_pixels=settings.max_pixels)
+                           max_pixels=settings.max_pixels, allow_engine_fallback=settings.allow_engine_fallback)
         if settings.self_test is not False and (settings.self_test or clf.bundle.meta.get("golden")):
             clf.self_test()  # here rather than in the lifespan: a failure is a one-line CLI error
             settings = settings.model_copy(update={"self_test": False})
