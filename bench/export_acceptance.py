@@ -1,6 +1,6 @@
 """Issue 5 acceptance figures on the digits demo run: FP32 / FP16 / INT8 ONNX of the
 EfficientNet-Lite0 teacher and the MobileNetV3-Small student, each through the
-parity gate, then `edgekiln bench` side by side (latencies interleaved in one process).
+parity gate, then `edgekiln bench` side by side (latencies in alternating blocks, one process).
 
     python bench/export_acceptance.py /tmp/runs/demo [--workdir /tmp/acc]
 
