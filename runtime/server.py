@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from runtime.errors import EdgekilnError, ImageError, ImageTooLargeError
 from runtime.preprocess import MAX_PIXELS
@@ -147,6 +150,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.metrics = metrics
         self._items: deque[_Item] = deque()
+        self._rows = 0  # image rows in _items
         self._wakeup = asyncio.Event()
         self._closing = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgekiln-infer")
@@ -168,12 +172,14 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         item = _Item(x, loop.create_future(), loop.time())
         self._items.append(item)
+        self._rows += len(x)
         self.metrics.queue_depth.set(len(self._items))
-        self._wakeup.set()
+        # Wake the batcher only when it has something to act on: the first request (it idles on an
+        # empty queue) or a full batch. Waking it for every request in between, only for it to go
+        # back to waiting on the deadline, cost a wait_for (a task and a timer) per request.
+        if len(self._items) == 1 or self._rows >= self.max_batch:
+            self._wakeup.set()
         return await item.future
-
-    def _queued_rows(self) -> int:
-        return sum(len(it.x) for it in self._items)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -185,7 +191,7 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             deadline = self._items[0].t_enqueued + self.max_delay_s
-            while not self._closing and self._queued_rows() < self.max_batch:
+            while not self._closing and self._rows < self.max_batch:
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
@@ -198,6 +204,7 @@ class DynamicBatcher:
             rows = 0
             while self._items and (not batch or rows + len(self._items[0].x) <= self.max_batch):
                 it = self._items.popleft()
+                self._rows -= len(it.x)
                 if it.future.done():  # its request timed out or its client went away
                     continue
                 batch.append(it)
@@ -285,7 +292,7 @@ def parse_infer_request(body: bytes, header_length: str | None, input_name: str,
                             "(images preprocessed as bundle.json's 'preprocess' section says)")
     if shape[0] > max_rows:
         raise ApiError(413, f"input '{input_name}': batch of {shape[0]} exceeds the limit of {max_rows} per request")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     params = t.get("parameters") or {}
     if not isinstance(params, dict):
         raise ApiError(400, f"input '{input_name}': 'parameters' must be an object")
@@ -467,6 +474,9 @@ def create_app(settings: ServeSettings, classifier: Any = None):
     async def predict_rows(x: np.ndarray) -> np.ndarray:
         clf_or_503()
         try:
+            if sys.version_info >= (3, 11):  # a timeout scope: no extra task per request, unlike wait_for
+                async with asyncio.timeout(settings.request_timeout_s):
+                    return await state["batcher"].submit(x)
             return await asyncio.wait_for(state["batcher"].submit(x), settings.request_timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(503, f"request timed out after {settings.request_timeout_s:g} s waiting for the model",
@@ -544,13 +554,18 @@ def create_app(settings: ServeSettings, classifier: Any = None):
         return Response(head + raw, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(len(head))})
 
-    @app.post("/v2/models/{name}/infer")
-    async def infer_latest(request: Request, name: str):
-        return await infer(request, name, None)
+    async def infer_route(request: Request):
+        return await infer(request, request.path_params["name"], request.path_params.get("version"))
 
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer_version(request: Request, name: str, version: str):
-        return await infer(request, name, version)
+    # The hot path as plain Starlette routes, matched first: FastAPI's dependency solving and the
+    # walk past the other routes cost ~0.25 ms of event-loop time per request (profiled), a fifth
+    # of what the loop spends on an infer request, and the loop is what caps batched throughput.
+    # The endpoints take the raw request anyway, so FastAPI's validation has nothing to do here;
+    # error handling is the same (the app's exception handlers see these routes' errors).
+    app.router.routes[:0] = [
+        Route("/v2/models/{name}/infer", infer_route, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", infer_route, methods=["POST"]),
+    ]
 
     @app.post("/v1/classify")
     async def classify(request: Request):
