@@ -67,7 +67,75 @@ def make_payload(bundle: Path, endpoint: str) -> tuple[str, bytes, dict]:
 
 def client_main(port: int, path: str, body_file: str, headers: dict, concurrency: int, requests: int,
                 duration: float, warmup: int) -> None:
-    """Runs in its own process; prints one JSON line with the latencies."""
+    """Runs in its own process; prints one JSON line with the latencies.
+
+    One asyncio event loop (uvloop when installed) with `concurrency` keep-alive connections. The
+    load generator shares the 2-core machine with the server, so it must be cheap: this costs
+    about a third of the CPU per request of http.client in threads (the GIL-bound first version),
+    which otherwise took CPU from whichever server mode needed it most. Hand-written HTTP/1.1
+    because the request is fixed and the response only needs its status and Content-Length;
+    aiohttp/httpx would add their own overhead to what is measured.
+    """
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    body = Path(body_file).read_bytes()
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    request = head.encode() + body
+    lat: list[float] = []
+    errors: list[str] = []
+
+    async def one(reader, writer) -> float:
+        t0 = time.perf_counter()
+        writer.write(request)
+        status_headers = await reader.readuntil(b"\r\n\r\n")
+        lines = status_headers.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = next((int(h.split(":", 1)[1]) for h in lines[1:] if h.lower().startswith("content-length:")), None)
+        if length is None:
+            raise RuntimeError(f"HTTP {status} without Content-Length")
+        data = await reader.readexactly(length)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {data[:200]!r}")
+        return time.perf_counter() - t0
+
+    async def main() -> float:
+        budget = [requests]
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(concurrency)]
+        for r, w in conns:
+            for _ in range(warmup):
+                await one(r, w)
+        stop_at = time.perf_counter() + duration
+
+        async def worker(conn) -> None:
+            r, w = conn
+            while budget[0] > 0 and time.perf_counter() < stop_at:
+                budget[0] -= 1
+                try:
+                    lat.append(await one(r, w))
+                except Exception as e:  # noqa: BLE001 - recorded and reported; reconnect and go on
+                    errors.append(str(e))
+                    w.close()
+                    r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in conns))
+        return time.perf_counter() - t0
+
+    elapsed = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
+    # The event loop may leave stdout non-blocking; a large write to the pipe would then be cut short.
+    os.set_blocking(sys.stdout.fileno(), True)
+    print(json.dumps({"latencies": lat, "elapsed": elapsed, "errors": errors[:5], "n_errors": len(errors)}))
+
+
+def client_main_threads(port: int, path: str, body_file: str, headers: dict, concurrency: int, requests: int,
+                        duration: float, warmup: int) -> None:
+    """The first client: http.client in `concurrency` threads (--client-impl threads)."""
     body = Path(body_file).read_bytes()
     lock = threading.Lock()
     budget = [requests]
@@ -158,7 +226,8 @@ def run_mode(args, label: str, max_batch: int, body_file: Path, path: str, heade
         wait_ready(port, server)
         client = [sys.executable, __file__, "--client", "--port", str(port), "--path", path, "--body", str(body_file),
                   "--headers", json.dumps(headers), "--concurrency", str(args.concurrency),
-                  "--requests", str(args.requests), "--duration", str(args.duration), "--warmup", "3"]
+                  "--requests", str(args.requests), "--duration", str(args.duration), "--warmup", "3",
+                  "--client-impl", args.client_impl]
         r = subprocess.run(client, capture_output=True, text=True, timeout=args.duration + 120, env=env)
         if r.returncode != 0:
             raise SystemExit(f"client failed: {r.stderr[-2000:]}")
@@ -227,6 +296,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads in the server")
     ap.add_argument("--rounds", type=int, default=1, help="alternate off/on this many times; the best round is shown")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--client-impl", choices=["asyncio", "threads"], default="asyncio",
+                    help="load generator: one asyncio loop (default, light) or http.client threads (the first version)")
     # client mode (internal)
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -236,7 +307,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
-        client_main(args.port, args.path, args.body, json.loads(args.headers), args.concurrency, args.requests,
+        fn = client_main if args.client_impl == "asyncio" else client_main_threads
+        fn(args.port, args.path, args.body, json.loads(args.headers), args.concurrency, args.requests,
                     args.duration, args.warmup)
         return
     if not (args.bundle / "bundle.json").is_file():

@@ -8,4 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[${extras}]"
+# setuptools warns on every editable install that same-named folders in the working
+# directory may shadow the package; that is exactly the layout here, so hush it.
+PYTHONWARNINGS="ignore:Editable installation" \
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[${extras}]"
