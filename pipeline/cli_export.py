@@ -68,7 +68,7 @@ def _print_gate(gate) -> None:
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8"]),
               help="Also write this ONNX precision (repeatable; adds to export.precisions). FP32 is always written.")
 @click.option("--tensorrt", "tensorrt", is_flag=True, default=False,
-              help="Also build a TensorRT engine (needs tensorrt >= 10 and a CUDA GPU).")
+              help="Also build a TensorRT engine (needs tensorrt 10.x and a CUDA GPU).")
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a Triton model repository here (<model>/config.pbtxt, <model>/1/model.onnx).")
 @handle_errors
