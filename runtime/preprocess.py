@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,11 +86,15 @@ def open_image(src: ImageInput, max_pixels: int | None = MAX_PIXELS) -> Image.Im
             img = src
         elif isinstance(src, np.ndarray):
             img = _from_array(src)
-        elif isinstance(src, (bytes, bytearray, memoryview)):
-            img = Image.open(io.BytesIO(bytes(src)))
         else:
-            name = os.fspath(src)
-            img = Image.open(name)
+            if isinstance(src, (bytes, bytearray, memoryview)):
+                fp = io.BytesIO(bytes(src))
+            else:
+                fp = name = os.fspath(src)
+            with warnings.catch_warnings():
+                if max_pixels is not None:  # our own limit below answers it; PIL's warning would only add log noise
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(fp)
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ImageTooLargeError(
                 f"{name}: image is {img.width}x{img.height} = {img.width * img.height / 1e6:.1f} megapixels, "
