@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import EdgekilnError
+from runtime.backends import run_in_profile_batches
 from runtime.gpu_info import fingerprint_mismatch  # one comparison for the exporter and the runtime's engine backend
 
 log = logging.getLogger("edgekiln")
@@ -265,13 +266,10 @@ class TensorRTRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        outs = [self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return run_in_profile_batches(x, self.min_batch, self.max_batch, self._run)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        torch, n = self.torch, len(x)
-        if n < self.min_batch:  # zero rows up to the profile's min; dropped from the output below
-            x = np.concatenate([x, np.zeros((self.min_batch - n, *x.shape[1:]), np.float32)])
+        torch = self.torch
         with torch.cuda.stream(self.stream):
             inp = torch.from_numpy(x).cuda()
             if not self.context.set_input_shape(self.input_name, tuple(inp.shape)):  # [ENG]: False = rejected
@@ -284,4 +282,4 @@ class TensorRTRunner:
             if not self.context.execute_async_v3(self.stream.cuda_stream):  # [ENG]
                 raise TensorRTBuildError("TensorRT execution failed")
             self.stream.synchronize()
-        return out[:n].cpu().numpy()
+        return out.cpu().numpy()

@@ -255,6 +255,21 @@ def _import_tensorrt() -> Any:
     return trt
 
 
+def run_in_profile_batches(x: np.ndarray, min_batch: int, max_batch: int, run_one) -> np.ndarray:
+    """Run `run_one` on `x` in pieces a TensorRT optimization profile accepts: at most `max_batch`
+    rows each, a short piece padded with zero rows up to `min_batch` (set_input_shape rejects shapes
+    outside the profile) and those rows dropped from its output. Used by the runtime's engine
+    backend and by the exporter's parity runner."""
+    outs = []
+    for i in range(0, len(x), max_batch):
+        piece = x[i : i + max_batch]
+        n = len(piece)
+        if n < min_batch:
+            piece = np.concatenate([piece, np.zeros((min_batch - n, *piece.shape[1:]), piece.dtype)])
+        outs.append(run_one(piece)[:n])
+    return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+
 class TensorRTEngineSession(Session):
     """A serialized TensorRT engine run through TensorRT's Python API (TensorRT 10, name-based IO).
 
@@ -305,7 +320,7 @@ class TensorRTEngineSession(Session):
             if engine.get_tensor_dtype(tensor) != trt.float32:
                 raise BundleError(f"{engine_path}: tensor '{tensor}' is {engine.get_tensor_dtype(tensor)}, not float32")
         # set_input_shape fails outside the optimization profile, so batches are split to at most its max
-        # and padded up to its min (as exporters/tensorrt.TensorRTRunner does).
+        # and padded up to its min (run_in_profile_batches).
         shape_min, _, shape_max = (tuple(int(d) for d in dims)  # trt.Dims -> tuple
                                    for dims in engine.get_tensor_profile_shape(self.input_name, 0))
         self.min_batch, self.max_batch = shape_min[0], shape_max[0]
@@ -330,15 +345,11 @@ class TensorRTEngineSession(Session):
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if len(x) == 0:
             return np.zeros((0, self.num_classes), dtype=np.float32)
-        outs = [self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return run_in_profile_batches(x, self.min_batch, self.max_batch, self._run)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
 
-        n = len(x)
-        if n < self.min_batch:  # zero rows up to the profile's min; dropped from the output below
-            x = np.concatenate([x, np.zeros((self.min_batch - n, *x.shape[1:]), np.float32)])
         with self._lock, self.device.current():
             # onnxruntime copies on the legacy default stream; CudaDevice's stream is a blocking one, so
             # the engine's kernels wait for that copy.
@@ -355,7 +366,7 @@ class TensorRTEngineSession(Session):
                                    "(TensorRT's log above says why)")
             self.device.synchronize()  # before the buffers are read back or freed
             logits = out.numpy()
-        return logits[:n]
+        return logits
 
     def close(self) -> None:
         """Free the engine, its stream and the device context (idempotent; also done by garbage collection)."""

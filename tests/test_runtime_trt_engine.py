@@ -313,3 +313,20 @@ def test_real_engine_for_another_gpu_is_refused_unless_fallback_is_allowed(real_
     assert clf.backend in ("tensorrt", "cuda", "cpu")
     assert any(r.levelno == logging.WARNING and "NVIDIA Imaginary 9000" in r.getMessage()
                and f"onnxruntime backend '{clf.backend}'" in r.getMessage() for r in runtime_logs.records)
+
+
+def test_profile_batches_split_pad_and_trim():
+    from runtime.backends import run_in_profile_batches
+
+    seen = []
+
+    def run_one(piece):  # a stand-in engine: rows -> their sums, and record each piece's size
+        seen.append(len(piece))
+        return piece.reshape(len(piece), -1).sum(1, keepdims=True)
+
+    x = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    out = run_in_profile_batches(x, min_batch=2, max_batch=3, run_one=run_one)
+    assert seen == [3, 3, 2]  # the last piece (1 row) padded up to the profile's min of 2
+    assert np.array_equal(out, x.sum(1, keepdims=True))  # padding rows dropped, order kept
+    seen.clear()
+    assert run_in_profile_batches(x[:2], 1, 32, run_one).shape == (2, 1) and seen == [2]
