@@ -8,40 +8,15 @@ function from pipeline.stages, and turns domain errors into one-line messages.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from pathlib import Path
 
 import click
 
-from runtime.errors import EdgekilnError
+from pipeline.cli_errors import _fail, handle_errors
 
 log = logging.getLogger("edgekiln")
-
-
-def _fail(msg: str, code: int) -> None:
-    click.echo(f"error: {msg}" if "\n" not in msg else "error:\n" + msg, err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn):
-    """Domain errors -> one line on stderr and their exit code; never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgekilnError as e:
-            _fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except MemoryError:
-            _fail("out of memory: lower data.batch_size or model.input_size", 1)
-        except OSError as e:  # disk full, permissions, ...: the OS message names the file
-            _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
-
-    return wrapper
 
 
 def config_argument(fn):

@@ -11,27 +11,11 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
-
-# pipeline.cli imports this module at its end, so its helpers are looked up at call time.
-def handle_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from pipeline.cli import handle_errors as base
-
-        return base(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-def _fail(msg: str, code: int) -> None:
-    from pipeline.cli import _fail as base
-
-    base(msg, code)
+from pipeline.cli_errors import _fail, handle_errors
 
 
 def _load(config: Path):

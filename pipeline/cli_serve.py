@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
-
-def handle_errors(fn):
-    """pipeline.cli's error handling, looked up at call time: pipeline.cli imports
-    this module at its end, so importing it back here at import time would be circular."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from pipeline.cli import handle_errors as handle
-
-        return handle(fn)(*args, **kwargs)
-
-    return wrapper
+from pipeline.cli_errors import handle_errors
 
 
 @click.command()
