@@ -414,6 +414,7 @@ def fit(
     s = settings or TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
     info = dist_info()
     device = train_device(info)
+    home = _device_of(model)  # where the caller keeps it: the trained model goes back there
     model.to(device)
     model.to(memory_format=torch.channels_last)
     amp = _Amp(device)
@@ -531,7 +532,7 @@ def fit(
         ) from None
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.eval()
+    model.to(home).eval()
     return FitResult(
         best_epoch=best_epoch, best_val_accuracy=best_acc, history=history, stopped_early=stopped_early, resumed_from=resumed_from
     )
