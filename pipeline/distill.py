@@ -100,12 +100,15 @@ def train_student(
     seed: int,
     teacher: EdgeClassifier | None = None,
     cache_teacher: bool = True,
+    teacher_cache: tuple | None = None,
     desc: str = "distill (student)",
 ) -> FitResult:
     """Train `student` with KD (kd=None: plain cross-entropy, the control run).
 
     cache_teacher=True computes the teacher's outputs once (valid because inputs
-    are deterministic); False runs the teacher live on every batch.
+    are deterministic); False runs the teacher live on every batch. teacher_cache: those
+    outputs already computed, `teacher_outputs(teacher, x, features=hint)`, to share them
+    between several students.
     """
     set_seed(seed)
     if kd is None:
@@ -124,7 +127,7 @@ def train_student(
         return loss
 
     if cache_teacher:
-        t_logits, t_feats = teacher_outputs(teacher, x, features=hint)
+        t_logits, t_feats = teacher_cache or teacher_outputs(teacher, x, features=hint)
         tensors = (x, y, t_logits) + ((t_feats,) if hint else ())
         loader = tensor_loader(*tensors, batch_size=batch_size, shuffle=True, seed=seed)
     else:
