@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.data import cache_dir, load_tensors
+from pipeline.train import accuracy
 from pipeline.train import predict_logits
 from runtime.preprocess import PreprocessSpec
 
@@ -129,5 +130,4 @@ def linear_probe(train_f, train_y, eval_f, eval_y, num_classes: int, C: float = 
     """(accuracy, logits) of a logistic-regression probe trained on `train_f`, evaluated on `eval_f`."""
     w, b = fit_logistic_regression(train_f, train_y, num_classes, C, seed)
     logits = eval_f.float() @ w.T + b
-    acc = float((logits.argmax(1) == eval_y).float().mean()) if len(eval_y) else float("nan")
-    return acc, logits
+    return accuracy(logits, eval_y), logits

@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 from pipeline.config import AdaptConfig
 from pipeline.data import Split, eval_transform, load_tensors
 from pipeline.errors import ConfigError, EdgekilnError, ModelError, ParityError
-from pipeline.features import cached_features, fit_logistic_regression, linear_probe, weights_digest
+from pipeline.features import cached_features, fit_logistic_regression, weights_digest
 from pipeline.models import EdgeClassifier, create_model
 from pipeline.train import FitResult, TrainSettings, accuracy, fit, param_groups, predict_logits, tensor_loader
 from runtime.preprocess import PreprocessSpec, open_image
@@ -474,6 +474,7 @@ def linear_probe_baseline(model: EdgeClassifier, data: AdaptData, arch: str, see
     digest = weights_digest(model.backbone)
     model.backbone.eval()
     f = {p: data.features(p, model.backbone, arch, digest) for p in data.PARTS}
-    val_acc, _ = linear_probe(f["train"], data.y("train"), f["val"], data.y("val"), data.num_classes, seed=seed)
-    test_acc, logits = linear_probe(f["train"], data.y("train"), f["test"], data.y("test"), data.num_classes, seed=seed)
-    return {"val_accuracy": val_acc, "test_accuracy": test_acc, "test_logits": logits}
+    w, b = fit_logistic_regression(f["train"], data.y("train"), data.num_classes, seed=seed)  # one fit, two splits
+    logits = f["test"].float() @ w.T + b
+    val_acc = accuracy(f["val"].float() @ w.T + b, data.y("val"))
+    return {"val_accuracy": val_acc, "test_accuracy": accuracy(logits, data.y("test")), "test_logits": logits}
