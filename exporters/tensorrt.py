@@ -47,7 +47,7 @@ import numpy as np
 
 from pipeline.errors import EdgekilnError
 from runtime.backends import run_in_profile_batches
-from runtime.gpu_info import fingerprint_mismatch  # one comparison for the exporter and the runtime's engine backend
+from runtime.gpu_info import engine_fingerprint, fingerprint_mismatch  # one comparison for the exporter and the runtime's engine backend
 
 log = logging.getLogger("edgekiln")
 
@@ -100,14 +100,13 @@ def _cuda_device():
 
 
 def gpu_fingerprint() -> dict[str, Any]:
-    """What an engine is tied to: TensorRT version, GPU name and compute capability.
-
-    runtime.gpu_info.engine_fingerprint() reads the same fields from the CUDA driver (the runtime has no torch).
-    """
+    """What an engine is tied to: TensorRT version, GPU name and compute capability, read from
+    the CUDA driver by the same function the runtime checks engines with, so the two always agree."""
     trt = require_tensorrt()
-    torch = _cuda_device()
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"tensorrt": str(trt.__version__), "gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+    fingerprint = engine_fingerprint(str(trt.__version__), 0)
+    if fingerprint is None:
+        raise TensorRTUnavailable("the 'tensorrt' target needs a CUDA GPU; the CUDA driver reports none here")
+    return fingerprint
 
 
 @dataclass(frozen=True)

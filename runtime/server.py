@@ -548,7 +548,7 @@ def create_app(settings: ServeSettings, classifier: Any = None):
         if not req.binary_output:
             out["data"] = y.ravel().tolist()
             return JSONResponse(resp)
-        raw = y.astype("<f4").tobytes()
+        raw = y.astype("<f4", copy=False).tobytes()  # already float32: no copy on little-endian hosts
         out["parameters"] = {"binary_data_size": len(raw)}
         head = json.dumps(resp).encode()
         return Response(head + raw, media_type="application/octet-stream",
