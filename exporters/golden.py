@@ -18,6 +18,7 @@ import numpy as np
 
 from exporters.parity import artifact_logits
 from exporters.tensorrt import TensorRTUnavailable
+from runtime.bundle import Bundle
 
 
 def pick_golden(items: list[tuple[str, int]], n_classes: int, count: int) -> list[int]:
@@ -51,8 +52,7 @@ def self_test(bundle_dir: Path, meta: dict[str, Any], keys: list[str] | None = N
     golden = meta.get("golden")
     if not golden or not golden.get("files"):
         return {"checked": False, "failures": ["bundle has no golden images (re-export it with this edgekiln)"]}
-    expected = np.asarray(golden["logits"], dtype=np.float64)
-    paths = [Path(bundle_dir) / f for f in golden["files"]]
+    _, paths, expected, atol = Bundle(Path(bundle_dir), meta).golden()  # the runtime's checks of the section
     results, failures = {}, []
     for key in keys or list(meta.get("artifacts", {})):
         art = meta["artifacts"][key]
@@ -64,9 +64,9 @@ def self_test(bundle_dir: Path, meta: dict[str, Any], keys: list[str] | None = N
         diff = float(np.abs(got - expected).max()) if got.size else 0.0
         agree = float((got.argmax(1) == expected.argmax(1)).mean()) if got.size else 1.0
         strict = art.get("precision") == "fp32"
-        ok = (diff <= golden["atol"] and agree == 1.0) if strict else True
+        ok = (diff <= atol and agree == 1.0) if strict else True
         results[key] = {"max_abs_logit_diff": diff, "agreement": agree, "strict": strict, "passed": ok}
         if not ok:
-            failures.append(f"{key} ({art['file']}): max |Δlogit| {diff:.3g} vs atol {golden['atol']:.3g}, "
+            failures.append(f"{key} ({art['file']}): max |Δlogit| {diff:.3g} vs atol {atol:.3g}, "
                             f"top-1 agreement {agree:.0%} on {len(paths)} golden images")
     return {"checked": True, "images": len(paths), "artifacts": results, "failures": failures}

@@ -132,32 +132,8 @@ class Classifier:
         differ by more than atol or a top-1 label differs.
         """
         root = self.bundle.root
-        golden = self.bundle.meta.get("golden")
-        if not golden:
-            raise BundleError(
-                f"{root}: bundle has no golden images (no 'golden' section in bundle.json) to self-test against; "
-                "re-export it with an edgekiln version that stores golden images"
-            )
-        try:
-            files = [str(f) for f in golden["files"]]
-            expected = np.asarray(golden["logits"], dtype=np.float32)
-            atol = float(golden.get("atol", 1e-4))
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{root}: bad 'golden' section in bundle.json ({e.__class__.__name__}: {e})") from None
-        if not files or expected.shape != (len(files), len(self.class_names)):
-            raise BundleError(
-                f"{root}: bad 'golden' section in bundle.json: {len(files)} files but logits of shape "
-                f"{tuple(expected.shape)} (expected ({len(files)}, {len(self.class_names)}))"
-            )
-        paths = []
-        real_root = root.resolve()
-        for name in files:
-            p = (root / name).resolve()
-            if real_root not in p.parents:
-                raise BundleError(f"{root}: golden file '{name}' lies outside the bundle")
-            if not p.is_file():
-                raise BundleError(f"{root}: golden file '{name}' listed in bundle.json is missing")
-            paths.append(p)
+        files, paths, expected, atol = self.bundle.golden()
+        expected = expected.astype(np.float32)
         got = self.logits(paths)
         diff = np.abs(got - expected).max(axis=1)
         agree = got.argmax(axis=1) == expected.argmax(axis=1)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runtime.errors import BundleError
 from runtime.preprocess import PreprocessSpec
 
@@ -73,6 +75,39 @@ class Bundle:
         if key not in arts:
             raise BundleError(f"{self.root}: bundle has no '{key}' artifact (has: {', '.join(sorted(arts)) or 'none'})")
         return self.root / arts[key]["file"]
+
+    def golden(self) -> tuple[list[str], list[Path], Any, float]:
+        """bundle.json's "golden" section, checked: (file names, their paths inside the bundle,
+        expected logits as a float64 array of shape (files, classes), atol). BundleError when the
+        section is missing or malformed, or a file is missing or lies outside the bundle."""
+        root, golden = self.root, self.meta.get("golden")
+        if not golden:
+            raise BundleError(
+                f"{root}: bundle has no golden images (no 'golden' section in bundle.json) to self-test against; "
+                "re-export it with an edgekiln version that stores golden images"
+            )
+        try:
+            files = [str(f) for f in golden["files"]]
+            expected = np.asarray(golden["logits"], dtype=np.float64)
+            atol = float(golden.get("atol", 1e-4))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{root}: bad 'golden' section in bundle.json ({e.__class__.__name__}: {e})") from None
+        n_classes = len(self.class_names)
+        if not files or expected.shape != (len(files), n_classes):
+            raise BundleError(
+                f"{root}: bad 'golden' section in bundle.json: {len(files)} files but logits of shape "
+                f"{tuple(expected.shape)} (expected ({len(files)}, {n_classes}))"
+            )
+        paths = []
+        real_root = root.resolve()
+        for name in files:
+            path = (root / name).resolve()
+            if real_root not in path.parents:
+                raise BundleError(f"{root}: golden file '{name}' lies outside the bundle")
+            if not path.is_file():
+                raise BundleError(f"{root}: golden file '{name}' listed in bundle.json is missing")
+            paths.append(path)
+        return files, paths, expected, atol
 
 
 def read_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
