@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ParityError
+from runtime import softmax
 
 
 @dataclass(frozen=True)
@@ -30,17 +31,11 @@ class Thresholds:
     max_kl: float | None = None
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Mean KL(p_reference || p_candidate) over images, in nats."""
     if not len(reference):
         return 0.0
-    p, q = _softmax(reference), _softmax(candidate)
+    p, q = softmax(reference), softmax(candidate)
     eps = 1e-12
     return float(np.mean(np.sum(p * (np.log(p + eps) - np.log(q + eps)), axis=1)))
 

@@ -403,6 +403,11 @@ async def _send_json(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _wants_self_test(settings: ServeSettings, clf: Any) -> bool:
+    """settings.self_test, or by default: whenever the bundle has golden images."""
+    return settings.self_test if settings.self_test is not None else bool(clf.bundle.meta.get("golden"))
+
+
 def create_app(settings: ServeSettings, classifier: Any = None):
     """The FastAPI app. The model loads in its lifespan (or `classifier` is used as given)."""
     import runtime
@@ -418,8 +423,7 @@ def create_app(settings: ServeSettings, classifier: Any = None):
             clf = await loop.run_in_executor(None, lambda: runtime.load(
                 settings.bundle_dir, backend=settings.backend, intra_op_threads=settings.intra_op_threads,
                 max_pixels=settings.max_pixels, allow_engine_fallback=settings.allow_engine_fallback))
-        run_self_test = settings.self_test if settings.self_test is not None else bool(clf.bundle.meta.get("golden"))
-        if run_self_test:
+        if _wants_self_test(settings, clf):
             report = clf.self_test()  # BundleError / ParityError: the server does not start
             log.info("edgekiln server: self-test passed (%d golden images, max |Δlogit| %.2e)",
                      report.n_images, report.max_abs_diff)
@@ -670,7 +674,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     if workers == 1:
         clf = runtime.load(settings.bundle_dir, backend=settings.backend, intra_op_threads=settings.intra_op_threads,
                            max_pixels=settings.max_pixels, allow_engine_fallback=settings.allow_engine_fallback)
-        if settings.self_test is not False and (settings.self_test or clf.bundle.meta.get("golden")):
+        if _wants_self_test(settings, clf):
             clf.self_test()  # here rather than in the lifespan: a failure is a one-line CLI error
             settings = settings.model_copy(update={"self_test": False})
         uvicorn.run(create_app(settings, classifier=clf), **common)
