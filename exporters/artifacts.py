@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exporters.parity import GateResult, Thresholds, artifact_logits, compare_logits
+from exporters.parity import GateResult, Thresholds, artifact_runner, compare_logits
 from exporters.specs import ExportSpec
 
 log = logging.getLogger("edgekiln")
@@ -53,34 +53,41 @@ def parity_gate(
     paths: list[Path],
     names: list[str],
     thresholds_for: Callable[[str], Thresholds],
-    onnx_logits: Callable[[list[Path]], np.ndarray] | None = None,
+    onnx_run: Callable[[np.ndarray], np.ndarray] | None = None,
+    batch: int = 64,
 ) -> GateResult:
     """Check every artifact in `meta["artifacts"]` against the PyTorch `reference` logits on `paths`.
 
-    `onnx_logits` (the runtime's own Classifier) runs the FP32 model when given, so the
-    artifact the runtime serves by default is checked through the runtime itself.
+    `onnx_run` (the runtime Classifier's `run`) runs the FP32 model when given, so the artifact
+    the runtime serves by default is checked through the runtime itself. The images are decoded
+    and preprocessed once per chunk (bundle.json's preprocessing) and fed to every artifact, and
+    the golden-image self-test reuses the same runners (sessions and engines load once).
     """
     from exporters.golden import self_test
+    from exporters.tensorrt import TensorRTUnavailable
+    from runtime.preprocess import PreprocessSpec, preprocess
 
-    reports = {}
-    for key, art in meta["artifacts"].items():
-        try:
-            if key == "onnx" and onnx_logits is not None:
-                cand = onnx_logits(paths)
-            else:
-                cand = artifact_logits(Path(bundle_dir), meta, key, paths)
-        except ImportError as e:
-            log.warning("parity: %s not checked here: %s", key, e)
+    runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    for key in meta["artifacts"]:
+        if key == "onnx" and onnx_run is not None:
+            runners[key] = onnx_run
             continue
-        except Exception as e:
-            from exporters.tensorrt import TensorRTUnavailable
-
-            if isinstance(e, TensorRTUnavailable):
-                log.warning("parity: %s not checked on this machine: %s", key, e)
-                continue
-            raise
+        try:
+            runners[key] = artifact_runner(Path(bundle_dir), meta, key)
+        except (ImportError, TensorRTUnavailable) as e:  # e.g. a TensorRT engine on a machine without tensorrt
+            log.warning("parity: %s not checked on this machine: %s", key, e)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in runners}
+    for i in range(0, len(paths), batch):
+        x = preprocess(paths[i : i + batch], spec)
+        for key, run in runners.items():
+            outs[key].append(np.asarray(run(x), dtype=np.float32))
+    reports = {}
+    for key, chunks in outs.items():
+        art = meta["artifacts"][key]
+        cand = np.concatenate(chunks) if chunks else np.zeros((0, len(meta["class_names"])), np.float32)
         precision = art.get("precision", "fp32")
         reports[key] = compare_logits(art["file"], reference, cand, labels, thresholds_for(precision), names,
                                       precision=precision, class_names=meta.get("class_names"))
-    golden = self_test(Path(bundle_dir), meta) if meta.get("golden") else {}
+    golden = self_test(Path(bundle_dir), meta, runners=runners) if meta.get("golden") else {}
     return GateResult(reports=reports, golden=golden)

@@ -19,6 +19,7 @@ import numpy as np
 from exporters.parity import artifact_logits
 from exporters.tensorrt import TensorRTUnavailable
 from runtime.bundle import Bundle
+from runtime.preprocess import PreprocessSpec, preprocess
 
 
 def pick_golden(items: list[tuple[str, int]], n_classes: int, count: int) -> list[int]:
@@ -46,18 +47,27 @@ def write_golden(bundle_dir: Path, sources: list[Path], logits: np.ndarray, atol
     return {"files": files, "logits": np.asarray(logits, dtype=np.float64).round(7).tolist(), "atol": float(atol)}
 
 
-def self_test(bundle_dir: Path, meta: dict[str, Any], keys: list[str] | None = None) -> dict[str, Any]:
+def self_test(bundle_dir: Path, meta: dict[str, Any], keys: list[str] | None = None,
+              runners: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every artifact on the golden images. FP32 artifacts must match the stored PyTorch
-    logits within atol (and the same top-1); other precisions are reported (agreement, max |Δ|)."""
+    logits within atol (and the same top-1); other precisions are reported (agreement, max |Δ|).
+    `runners` (artifact key -> preprocessed batch -> logits, e.g. the parity gate's) are used
+    where given, so their sessions are not opened again."""
     golden = meta.get("golden")
     if not golden or not golden.get("files"):
         return {"checked": False, "failures": ["bundle has no golden images (re-export it with this edgekiln)"]}
     _, paths, expected, atol = Bundle(Path(bundle_dir), meta).golden()  # the runtime's checks of the section
     results, failures = {}, []
+    x = None  # the golden images preprocessed, once, for the given runners
     for key in keys or list(meta.get("artifacts", {})):
         art = meta["artifacts"][key]
         try:
-            got = artifact_logits(Path(bundle_dir), meta, key, paths).astype(np.float64)
+            if runners and key in runners:
+                if x is None:
+                    x = preprocess(paths, PreprocessSpec.from_dict(meta["preprocess"]))
+                got = np.asarray(runners[key](x), np.float64)
+            else:
+                got = artifact_logits(Path(bundle_dir), meta, key, paths).astype(np.float64)
         except (ImportError, TensorRTUnavailable) as e:  # e.g. a TensorRT engine on a machine without tensorrt
             results[key] = {"skipped": str(e)}
             continue

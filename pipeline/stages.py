@@ -330,7 +330,7 @@ def parity_check(bundle_dir: Path, model: nn.Module, spec, split: Split, cfg: Pi
     return parity_gate(
         Path(bundle_dir), bundle.meta, ref, labels, split.paths(part), [p for p, _ in getattr(split, part)],
         thresholds_for=lambda precision: resolve_thresholds(cfg.validate_, precision, espec),
-        onnx_logits=clf.logits,
+        onnx_run=clf.run,
     )
 
 
