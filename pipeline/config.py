@@ -7,12 +7,15 @@ happens once, here, at the edge; stages receive the narrow piece they need.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.rundir import RunDir
 
 
 class _Strict(BaseModel):
@@ -248,6 +251,13 @@ class PipelineConfig(_Strict):
     @property
     def run_dir(self) -> Path:
         return self.runs_dir / self.name
+
+    @property
+    def run(self) -> "RunDir":
+        """The run directory's paths and files (pipeline.rundir.RunDir)."""
+        from pipeline.rundir import RunDir
+
+        return RunDir(self.run_dir)
 
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
