@@ -100,7 +100,8 @@ def test_io_binding_path_gives_the_same_logits(tiny_run):
 
     _, run_dir, _ = tiny_run
     clf = runtime.load(run_dir / "bundle", backend="cpu")
-    bound = IOBindingSession(clf.session.ort_session, clf.bundle, "cpu", device_id=0, device="cpu")
+    bound = IOBindingSession(clf.session.ort_session, clf.bundle.input_name, clf.bundle.output_name, "cpu",
+                             device_id=0, device="cpu")
     x = np.random.default_rng(0).normal(size=(5, *clf.input_shape)).astype(np.float32)
     assert np.array_equal(bound.run(x), clf.run(x))
     assert np.array_equal(bound.run(x.astype(np.float64)[:2]), clf.run(x[:2]))  # cast, any batch size
@@ -131,6 +132,50 @@ def test_tensorrt_backend_matches_cpu(tiny_run, tiny_data, tmp_path, monkeypatch
     assert trt.provider == "TensorrtExecutionProvider"
     assert np.abs(trt.logits(files) - cpu).max() <= 1e-3
     assert any((tmp_path / "trt").iterdir())  # the engine was cached
+
+
+# ------------------------------------------- artifacts and files outside a bundle
+
+
+def test_session_for_artifact_runs_onnx_on_the_named_backend(tiny_run):
+    from runtime.backends import session_for_artifact
+
+    _, run_dir, _ = tiny_run
+    clf = runtime.load(run_dir / "bundle", backend="cpu")
+    x = np.random.default_rng(2).normal(size=(3, *clf.input_shape)).astype(np.float32)
+    sess = session_for_artifact(clf.bundle, "onnx", intra_op_threads=1)
+    assert (sess.backend, sess.provider, sess.model_file) == ("cpu", "CPUExecutionProvider", "model.onnx")
+    assert sess.ort_session.get_session_options().intra_op_num_threads == 1
+    assert np.array_equal(sess.run(x), clf.run(x))
+    if _providers() == ["CPUExecutionProvider"]:
+        assert session_for_artifact(clf.bundle, "onnx", backend="auto").backend == "cpu"
+    with pytest.raises(BundleError, match=r"bundle has no 'onnx_int8' artifact \(has: onnx"):
+        session_for_artifact(clf.bundle, "onnx_int8")
+    with pytest.raises(BackendError, match=r"artifact 'onnx' is an ONNX model; backend 'tensorrt-engine' runs only"):
+        session_for_artifact(clf.bundle, "onnx", backend="tensorrt-engine")
+
+
+def test_open_onnx_options_and_onnx_runner(tiny_run):
+    from runtime.backends import onnx_runner, open_onnx
+
+    _, run_dir, _ = tiny_run
+    path = run_dir / "bundle" / "model.onnx"
+    sess = open_onnx(path, intra_op_threads=1, inter_op_threads=1, optimization="basic")
+    opts = sess.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)
+    assert str(opts.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
+    with pytest.raises(ValueError, match="optimization 'max' is not one of disable, basic, extended, all"):
+        open_onnx(path, optimization="max")
+    if "CUDAExecutionProvider" not in _providers():
+        with pytest.raises(BackendError, match="needs onnxruntime's CUDAExecutionProvider"):
+            open_onnx(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(BundleError, match="onnxruntime cannot load it"):
+        open_onnx(run_dir / "bundle" / "bundle.json")
+    runner = onnx_runner(path, intra_op_threads=1)  # names default to the model's first input and output
+    assert (runner.input_name, runner.output_name, runner.backend) == ("input", "logits", "cpu")
+    clf = runtime.load(run_dir / "bundle", backend="cpu")
+    x = np.zeros((2, *clf.input_shape), dtype=np.float32)
+    assert np.array_equal(runner.run(x), clf.run(x))
 
 
 # ----------------------------------------------------------------- self-test

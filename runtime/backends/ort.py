@@ -1,0 +1,203 @@
+"""onnxruntime: the only module in edgekiln that creates an `onnxruntime.InferenceSession`.
+
+Backends `cpu`, `cuda` and `tensorrt` each need one onnxruntime execution provider.
+Asking for one by name that this install or machine cannot provide raises
+BackendError listing what is available; onnxruntime itself would quietly run on
+the CPU when a GPU provider fails to initialise, so every session is checked
+after creation to be running on the provider that was asked for.
+
+ONNX files that are not (yet) in a bundle — an export being checked, a
+quantization candidate, a distillation student being timed — open through
+`open_onnx` (the raw session) or `onnx_runner` (a Session, like a backend's).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from runtime.backends.base import artifact_entry, register_backend
+from runtime.bundle import Bundle
+from runtime.errors import BackendError, BundleError
+
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+# onnx_runner's backend name for a session on a bare file, by its first provider
+_PROVIDER_BACKEND = {CPU: "cpu", CUDA: "cuda", TRT: "tensorrt"}
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+class OrtSession:
+    """An onnxruntime session as a Session: `run(batch) -> logits`, thread-safe."""
+
+    def __init__(self, ort_session: Any, input_name: str, output_name: str, backend: str, model_file: str = ""):
+        self.ort_session = ort_session
+        self.input_name = input_name
+        self.output_name = output_name
+        self.backend = backend
+        self.provider = ort_session.get_providers()[0]
+        self.model_file = model_file  # the file it runs, for logs
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.ort_session.run([self.output_name], {self.input_name: batch})[0]
+
+
+class IOBindingSession(OrtSession):
+    """CUDA/TensorRT sessions: inputs are copied to the GPU once through an
+    OrtValue and the output is bound on the device, so onnxruntime does no
+    extra staging copies; one device-to-host copy returns the logits.
+    See https://onnxruntime.ai/docs/performance/tune-performance/iobinding.html
+    """
+
+    def __init__(self, ort_session: Any, input_name: str, output_name: str, backend: str, device_id: int,
+                 device: str = "cuda", model_file: str = ""):
+        super().__init__(ort_session, input_name, output_name, backend, model_file)
+        self.device_id = device_id
+        self.device = device  # "cpu" only in tests, which exercise this path without a GPU
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        binding = self.ort_session.io_binding()  # one per call: IOBinding objects are not thread-safe
+        x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch, dtype=np.float32), self.device, self.device_id)
+        binding.bind_ortvalue_input(self.input_name, x)
+        binding.bind_output(self.output_name, self.device, self.device_id)
+        self.ort_session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def _session_options(intra_op_threads: int | None, inter_op_threads: int | None, optimization: str):
+    import onnxruntime as ort
+
+    levels = dict(zip(OPTIMIZATION_LEVELS, (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                            ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                            ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                            ort.GraphOptimizationLevel.ORT_ENABLE_ALL)))
+    if optimization not in levels:
+        raise ValueError(f"optimization '{optimization}' is not one of {', '.join(OPTIMIZATION_LEVELS)}")
+    opts = ort.SessionOptions()
+    if intra_op_threads:  # None or 0: onnxruntime's default (one thread per physical core)
+        opts.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads:
+        opts.inter_op_num_threads = int(inter_op_threads)
+    opts.graph_optimization_level = levels[optimization]
+    return opts
+
+
+def _provider_name(p: str | tuple[str, dict]) -> str:
+    return p if isinstance(p, str) else p[0]
+
+
+def require_provider(name: str, provider: str) -> None:
+    """BackendError naming the available providers when this onnxruntime lacks `provider`."""
+    available = available_providers()
+    if provider not in available:
+        raise BackendError(
+            f"backend '{name}' needs onnxruntime's {provider}, which this install lacks "
+            f"(available: {', '.join(available)}); "
+            + ("install onnxruntime-gpu (pip install 'edgekiln[gpu]') on a machine with an NVIDIA GPU"
+               if provider != CPU else "reinstall onnxruntime")
+        )
+
+
+def _create(path: Path, providers: Sequence, opts: Any, label: str) -> Any:
+    """The one InferenceSession constructor call, checked to run on the provider asked for first."""
+    import onnxruntime as ort
+
+    provider = _provider_name(providers[0])
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    except Exception as e:  # onnxruntime raises untyped errors for bad models and broken GPU setups
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        if provider == CPU:
+            raise BundleError(f"{path}: onnxruntime cannot load it ({msg})") from None
+        raise BackendError(f"{label}: onnxruntime could not create a {provider} session ({msg})") from None
+    got = sess.get_providers()
+    if not got or got[0] != provider:
+        # onnxruntime falls back to the CPU with only a warning when a GPU
+        # provider fails to initialise (missing CUDA/cuDNN/TensorRT libraries).
+        raise BackendError(
+            f"{label}: onnxruntime could not initialise {provider} and fell back to "
+            f"{', '.join(got) or 'nothing'}; check the CUDA/cuDNN/TensorRT libraries "
+            f"(onnxruntime's log above says which one is missing)"
+        )
+    return sess
+
+
+def open_onnx(path: str | os.PathLike, *, providers: Sequence[str | tuple[str, dict]] = (CPU,),
+              intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+              optimization: str = "all") -> Any:
+    """An onnxruntime.InferenceSession on an ONNX file (for files outside a bundle).
+
+    providers: execution providers in priority order (names, or (name, options) pairs); the first
+    must be available and must actually start (no silent CPU fallback). Threads None or 0 keep
+    onnxruntime's defaults; optimization: graph optimization level, one of OPTIMIZATION_LEVELS.
+    """
+    if not providers:
+        raise ValueError("open_onnx needs at least one execution provider")
+    first = _provider_name(providers[0])
+    require_provider(_PROVIDER_BACKEND.get(first, first), first)
+    opts = _session_options(intra_op_threads, inter_op_threads, optimization)
+    return _create(Path(path), providers, opts, f"{Path(path).name} on {first}")
+
+
+def onnx_runner(path: str | os.PathLike, input_name: str | None = None, output_name: str | None = None,
+                **options: Any) -> OrtSession:
+    """A Session on an ONNX file outside a bundle (open_onnx's options); names default to the
+    model's first input and output."""
+    sess = open_onnx(path, **options)
+    backend = _PROVIDER_BACKEND.get(sess.get_providers()[0], sess.get_providers()[0])
+    return OrtSession(sess, input_name or sess.get_inputs()[0].name, output_name or sess.get_outputs()[0].name,
+                      backend, model_file=Path(path).name)
+
+
+def _bundle_session(name: str, providers: list, bundle: Bundle, artifact: str, intra_op_threads: int | None,
+                    io_binding: bool, device_id: int) -> OrtSession:
+    require_provider(name, _provider_name(providers[0]))
+    path = bundle.root / artifact_entry(bundle, artifact)["file"]
+    sess = _create(path, providers, _session_options(intra_op_threads, None, "all"), f"backend '{name}'")
+    if io_binding:
+        return IOBindingSession(sess, bundle.input_name, bundle.output_name, name, device_id, model_file=path.name)
+    return OrtSession(sess, bundle.input_name, bundle.output_name, name, model_file=path.name)
+
+
+@register_backend("cpu", CPU, "onnxruntime on the CPU")
+def _cpu(bundle: Bundle, artifact: str = "onnx", intra_op_threads: int | None = None, device_id: int = 0) -> OrtSession:
+    return _bundle_session("cpu", [CPU], bundle, artifact, intra_op_threads, False, device_id)
+
+
+@register_backend("cuda", CUDA, "onnxruntime-gpu's CUDA execution provider, with IO binding")
+def _cuda(bundle: Bundle, artifact: str = "onnx", intra_op_threads: int | None = None, device_id: int = 0) -> OrtSession:
+    providers = [(CUDA, {"device_id": device_id}), CPU]
+    return _bundle_session("cuda", providers, bundle, artifact, intra_op_threads, True, device_id)
+
+
+@register_backend("tensorrt", TRT,
+                  "onnxruntime-gpu's TensorRT execution provider (engines built from the ONNX file and cached)")
+def _tensorrt(bundle: Bundle, artifact: str = "onnx", intra_op_threads: int | None = None,
+              device_id: int = 0) -> OrtSession:
+    require_provider("tensorrt", TRT)
+    # TensorRT builds an engine on first load (seconds to minutes); caching it
+    # next to the bundle (or where EDGEKILN_TRT_CACHE says) makes later starts fast.
+    cache = Path(os.environ.get("EDGEKILN_TRT_CACHE", bundle.root / ".trt-cache"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackendError(f"backend 'tensorrt': cannot create the engine cache {cache} ({e}); set EDGEKILN_TRT_CACHE") from None
+    trt_opts = {
+        "device_id": device_id,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+    }
+    providers = [(TRT, trt_opts), (CUDA, {"device_id": device_id}), CPU]
+    return _bundle_session("tensorrt", providers, bundle, artifact, intra_op_threads, True, device_id)
