@@ -18,7 +18,7 @@ import numpy as np
 
 from exporters.parity import artifact_logits
 from exporters.tensorrt import TensorRTUnavailable
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, parse_manifest
 from runtime.preprocess import PreprocessSpec, preprocess
 
 
@@ -56,7 +56,7 @@ def self_test(bundle_dir: Path, meta: dict[str, Any], keys: list[str] | None = N
     golden = meta.get("golden")
     if not golden or not golden.get("files"):
         return {"checked": False, "failures": ["bundle has no golden images (re-export it with this edgekiln)"]}
-    _, paths, expected, atol = Bundle(Path(bundle_dir), meta).golden()  # the runtime's checks of the section
+    _, paths, expected, atol = Bundle(Path(bundle_dir), parse_manifest(meta)).golden()  # the runtime's checks of the section
     results, failures = {}, []
     x = None  # the golden images preprocessed, once, for the given runners
     for key in keys or list(meta.get("artifacts", {})):

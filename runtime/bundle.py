@@ -1,117 +1,305 @@
 """The bundle: a self-describing deployment directory (bundle.json + model files).
 
-Reading and verifying a bundle needs nothing from the training side; the
-exporters write bundles through `write_bundle_json` so both sides agree on one
-schema.
+`bundle.json` is the one contract between the training side, the exporters and
+the runtime, written down once here as pydantic models (`BundleManifest`) and
+read and written only through them:
+
+    bundle = read_bundle("runs/demo/bundle")          # parses, checks every name and sha256
+    bundle.manifest.artifacts["onnx_int8"].precision  # 'int8'
+    bundle.path("onnx")                               # Path inside the bundle, checked
+    write_manifest(tmp_dir, manifest)                 # fills in file hashes, atomic
+
+Every file name bundle.json holds (model files, golden images, the `files` table)
+must be a plain name of a file in the bundle directory itself, so a tampered
+bundle.json cannot make the runtime read or hash files elsewhere.
+
+Schema history: 1 = edgekiln 0.1.0 (an untyped dict; per-artifact parity lived in
+`parity.artifacts`, and artifacts had no `runtimes`); 2 = this module. Version-1
+bundles are upgraded in memory when they load; anything newer than this runtime
+knows is refused with one line saying how to re-export.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runtime.errors import BundleError
+from runtime.files import atomic_write_text, sha256_file
 from runtime.preprocess import PreprocessSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUNDLE_FILE = "bundle.json"
+FORMAT = "edgekiln-bundle"
+
+# The backends (runtime.backends) each artifact format runs on, best first; recorded per artifact.
+DEFAULT_RUNTIMES: dict[str, list[str]] = {
+    "onnx": ["cpu", "cuda", "tensorrt"],
+    "tensorrt": ["tensorrt-engine"],
+}
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def check_file_name(name: str) -> str:
+    """A plain file name inside the bundle directory: no directories, no '..', not absolute."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"file name {name!r} must be a plain name of a file inside the bundle directory")
+    return name
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temp file in the same directory, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Model):
+    name: str
+    shape: list[int | str]
+    dtype: str = "float32"
+
+
+class Preprocess(_Model):
+    """How the runtime turns an image into the model's input (runtime.preprocess.PreprocessSpec)."""
+
+    resize: int = Field(gt=0)
+    crop: int = Field(gt=0)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    color: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+    scale: Literal["1/255"] = "1/255"
+
+    @classmethod
+    def of(cls, spec: PreprocessSpec) -> "Preprocess":
+        return cls(**spec.to_dict())
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(self.resize, self.crop, self.mean, self.std, self.interpolation)
+
+
+class FileEntry(_Model):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Artifact(_Model):
+    """One deployable model file of the bundle, keyed by name in `BundleManifest.artifacts`
+    (onnx, onnx_fp16, onnx_int8, tensorrt, ...: exporters.builders names them)."""
+
+    file: str
+    format: str  # "onnx" | "tensorrt" | ... (a key of DEFAULT_RUNTIMES)
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    runtimes: list[str] = Field(default_factory=list)  # backends it runs on, best first
+    parity: dict[str, Any] | None = None  # its record in the parity gate (exporters.parity.ParityReport)
+    fingerprint: dict[str, str] | None = None  # the machine a native engine was built for
+    details: dict[str, Any] = Field(default_factory=dict)  # what its builder records (quantization, profile, ...)
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, v: str) -> str:
+        return check_file_name(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_runtimes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("runtimes"):
+            data = {**data, "runtimes": list(DEFAULT_RUNTIMES.get(data.get("format"), []))}
+        return data
+
+
+class Golden(_Model):
+    """A few held-out images with their PyTorch logits, for any runtime's self-test."""
+
+    files: list[str] = Field(min_length=1)
+    logits: list[list[float]]
+    atol: float = Field(1e-4, gt=0)
+
+    @field_validator("files")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        return [check_file_name(f) for f in v]
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Golden":
+        if len(self.logits) != len(self.files) or len({len(r) for r in self.logits}) > 1:
+            raise ValueError(f"{len(self.files)} files but logits of {len(self.logits)} rows of unequal or other length")
+        return self
+
+
+class ModelInfo(BaseModel):
+    """What was exported: architecture and role, plus whatever the checkpoint recorded."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    arch: str
+    role: Literal["teacher", "student"]
+    params: int | None = None
+
+
+class ParitySummary(_Model):
+    """The parity gate's verdict for the whole bundle (per-artifact records live on each artifact)."""
+
+    passed: bool
+    test: dict[str, Any] = Field(default_factory=dict)  # the primary (FP32 ONNX) artifact's report
+    golden: dict[str, Any] = Field(default_factory=dict)  # the golden-image self-test
+
+
+class BundleManifest(_Model):
+    """bundle.json, schema version 2."""
+
+    schema_version: Literal[2] = SCHEMA_VERSION
+    format: Literal["edgekiln-bundle"] = FORMAT
+    edgekiln_version: str
+    created: str
+    model: ModelInfo
+    class_names: list[str] = Field(min_length=1)
+    preprocess: Preprocess
+    input: TensorSpec
+    output: TensorSpec
+    opset: int | None = None
+    export_spec: str = "generic"
+    artifacts: dict[str, Artifact] = Field(min_length=1)
+    golden: Golden | None = None
+    parity: ParitySummary | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, FileEntry] = Field(default_factory=dict)
+
+    @field_validator("files")
+    @classmethod
+    def _file_names(cls, v: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in v:
+            check_file_name(name)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BundleManifest":
+        if self.golden and any(len(r) != len(self.class_names) for r in self.golden.logits):
+            raise ValueError(f"golden logits must have {len(self.class_names)} columns, one per class")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+def _upgrade_v1(meta: dict[str, Any]) -> dict[str, Any]:
+    """edgekiln 0.1.0's bundle.json -> schema 2: per-artifact parity moves onto each artifact,
+    builder extras into `details`, and a missing precision means fp32 (as 0.1.0's readers assumed)."""
+    meta = dict(meta)
+    parity = dict(meta.pop("parity", None) or {})
+    per_artifact = parity.pop("artifacts", {}) or {}
+    artifacts = {}
+    for key, art in (meta.get("artifacts") or {}).items():
+        art = dict(art)
+        entry = {k: art.pop(k) for k in ("file", "format", "fingerprint") if k in art}
+        entry["precision"] = art.pop("precision", None) or "fp32"
+        entry["parity"] = per_artifact.get(key)
+        entry["details"] = art
+        artifacts[key] = entry
+    meta["artifacts"] = artifacts
+    if parity:
+        meta["parity"] = {"passed": bool(parity.get("passed", False)), "test": parity.get("test") or {},
+                          "golden": parity.get("golden") or {}}
+    meta["schema_version"] = SCHEMA_VERSION
+    meta.setdefault("edgekiln_version", "0.1.0")
+    meta.setdefault("created", "")
+    return meta
+
+
+def parse_manifest(meta: Any, where: str | os.PathLike = BUNDLE_FILE) -> BundleManifest:
+    """Validate a parsed bundle.json (any supported schema version) into a BundleManifest."""
+    if not isinstance(meta, dict):
+        raise BundleError(f"{where}: not an edgekiln bundle manifest (a JSON object was expected)")
+    version = meta.get("schema_version")
+    made_by = meta.get("edgekiln_version", "an unknown edgekiln version")
+    if version == 1:
+        meta = _upgrade_v1(meta)
+    elif version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{where}: bundle schema_version {version!r} (written by edgekiln {made_by}) is not supported by this "
+            f"runtime, which reads versions 1 and {SCHEMA_VERSION}; re-export it with this edgekiln "
+            "(edgekiln export CONFIG) or upgrade the runtime"
+        )
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return BundleManifest.model_validate(meta)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors())
+        raise BundleError(f"{where}: bad bundle.json (schema {version}, edgekiln {made_by}): {problems}; "
+                          "re-export the bundle (edgekiln export CONFIG)") from None
 
 
 @dataclass(frozen=True)
 class Bundle:
+    """A bundle directory and its parsed manifest."""
+
     root: Path
-    meta: dict[str, Any]
+    manifest: BundleManifest
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.meta["class_names"])
+        return list(self.manifest.class_names)
 
     @property
     def preprocess(self) -> PreprocessSpec:
-        return PreprocessSpec.from_dict(self.meta["preprocess"])
+        return self.manifest.preprocess.spec
 
     @property
     def input_name(self) -> str:
-        return self.meta["input"]["name"]
+        return self.manifest.input.name
 
     @property
     def output_name(self) -> str:
-        return self.meta["output"]["name"]
+        return self.manifest.output.name
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """TRANSITIONAL (removed once every reader uses `manifest`): bundle.json in schema-1 shape."""
+        return _downgrade_v1(self.manifest)
+
+    def artifact(self, key: str = "onnx") -> Artifact:
+        arts = self.manifest.artifacts
+        if key not in arts:
+            raise BundleError(f"{self.root}: bundle has no '{key}' artifact (has: {', '.join(sorted(arts)) or 'none'})")
+        return arts[key]
+
+    def file(self, name: str) -> Path:
+        """Path of a file named in bundle.json, refused when it would lie outside the bundle."""
+        try:
+            check_file_name(name)
+        except ValueError as e:
+            raise BundleError(f"{self.root}: {e}") from None
+        path = self.root / name
+        if path.resolve().parent != self.root.resolve():  # a symlink pointing out of the bundle
+            raise BundleError(f"{self.root}: '{name}' lies outside the bundle")
+        return path
 
     def path(self, key: str = "onnx") -> Path:
         """Path of an artifact, by its key in bundle.json's "artifacts" section."""
-        arts = self.meta.get("artifacts", {})
-        if key not in arts:
-            raise BundleError(f"{self.root}: bundle has no '{key}' artifact (has: {', '.join(sorted(arts)) or 'none'})")
-        return self.root / arts[key]["file"]
+        return self.file(self.artifact(key).file)
 
-    def golden(self) -> tuple[list[str], list[Path], Any, float]:
+    def golden(self) -> tuple[list[str], list[Path], np.ndarray, float]:
         """bundle.json's "golden" section, checked: (file names, their paths inside the bundle,
         expected logits as a float64 array of shape (files, classes), atol). BundleError when the
-        section is missing or malformed, or a file is missing or lies outside the bundle."""
-        root, golden = self.root, self.meta.get("golden")
-        if not golden:
+        section is missing, or a file is missing or lies outside the bundle."""
+        golden = self.manifest.golden
+        if golden is None:
             raise BundleError(
-                f"{root}: bundle has no golden images (no 'golden' section in bundle.json) to self-test against; "
+                f"{self.root}: bundle has no golden images (no 'golden' section in bundle.json) to self-test against; "
                 "re-export it with an edgekiln version that stores golden images"
             )
-        try:
-            files = [str(f) for f in golden["files"]]
-            expected = np.asarray(golden["logits"], dtype=np.float64)
-            atol = float(golden.get("atol", 1e-4))
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{root}: bad 'golden' section in bundle.json ({e.__class__.__name__}: {e})") from None
-        n_classes = len(self.class_names)
-        if not files or expected.shape != (len(files), n_classes):
-            raise BundleError(
-                f"{root}: bad 'golden' section in bundle.json: {len(files)} files but logits of shape "
-                f"{tuple(expected.shape)} (expected ({len(files)}, {n_classes}))"
-            )
-        paths = []
-        real_root = root.resolve()
-        for name in files:
-            path = (root / name).resolve()
-            if real_root not in path.parents:
-                raise BundleError(f"{root}: golden file '{name}' lies outside the bundle")
+        paths = [self.file(name) for name in golden.files]
+        for name, path in zip(golden.files, paths):
             if not path.is_file():
-                raise BundleError(f"{root}: golden file '{name}' listed in bundle.json is missing")
-            paths.append(path)
-        return files, paths, expected, atol
+                raise BundleError(f"{self.root}: golden file '{name}' listed in bundle.json is missing")
+        return list(golden.files), paths, np.asarray(golden.logits, dtype=np.float64), float(golden.atol)
 
 
 def read_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Load bundle.json and (by default) check every listed file's sha256."""
+    """Load and validate bundle.json and (by default) check every listed file's sha256."""
     root = Path(root)
     meta_path = root / BUNDLE_FILE
     if not meta_path.is_file():
@@ -120,45 +308,61 @@ def read_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{meta_path}: not valid JSON ({e})") from None
-    for key in ("schema_version", "class_names", "preprocess", "input", "output", "files", "artifacts"):
-        if key not in meta:
-            raise BundleError(f"{meta_path}: missing '{key}'")
-    if meta["schema_version"] != SCHEMA_VERSION:
-        raise BundleError(
-            f"{meta_path}: schema_version {meta['schema_version']} is not supported (this runtime reads {SCHEMA_VERSION})"
-        )
-    try:
-        PreprocessSpec.from_dict(meta["preprocess"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{meta_path}: bad 'preprocess' section ({e})") from None
+    bundle = Bundle(root=root, manifest=parse_manifest(meta, meta_path))
     if verify:
-        verify_files(root, meta)
-    return Bundle(root=root, meta=meta)
+        verify_files(bundle)
+    return bundle
 
 
-def verify_files(root: Path, meta: dict[str, Any]) -> None:
-    for name, info in meta["files"].items():
-        p = root / name
+def verify_files(bundle: Bundle) -> None:
+    """Every file bundle.json lists exists inside the bundle with its recorded sha256."""
+    for name, entry in bundle.manifest.files.items():
+        p = bundle.file(name)
         if not p.is_file():
-            raise BundleError(f"{root}: file '{name}' listed in {BUNDLE_FILE} is missing")
+            raise BundleError(f"{bundle.root}: file '{name}' listed in {BUNDLE_FILE} is missing")
         digest = sha256_file(p)
-        if digest != info["sha256"]:
+        if digest != entry.sha256:
             raise BundleError(
-                f"{p}: sha256 mismatch (expected {info['sha256'][:12]}…, got {digest[:12]}…); "
+                f"{p}: sha256 mismatch (expected {entry.sha256[:12]}…, got {digest[:12]}…); "
                 "the file was modified after export — re-export the bundle"
             )
 
 
-def file_entry(path: Path) -> dict[str, Any]:
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+def write_manifest(root: Path, manifest: BundleManifest) -> BundleManifest:
+    """Record the sha256 of every file in `root` (except bundle.json and hidden files), check that
+    every file the manifest names exists, and write bundle.json atomically. Returns what was written."""
+    root = Path(root)
+    files = {p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+             for p in sorted(root.iterdir()) if p.is_file() and p.name != BUNDLE_FILE and not p.name.startswith(".")}
+    named = [a.file for a in manifest.artifacts.values()] + (manifest.golden.files if manifest.golden else [])
+    missing = [n for n in named if n not in files]
+    if missing:
+        raise BundleError(f"{root}: bundle.json names files that are not in the bundle: {', '.join(missing)}")
+    manifest = manifest.model_copy(update={"files": files, "schema_version": SCHEMA_VERSION, "format": FORMAT})
+    atomic_write_text(root / BUNDLE_FILE, manifest.to_json())
+    return manifest
+
+
+# ----------------------------------------------------------------- TRANSITIONAL shims, removed in this change
+
+
+def _downgrade_v1(m: BundleManifest) -> dict[str, Any]:
+    d = m.model_dump(mode="json")
+    d["schema_version"] = 1
+    arts = {}
+    for key, a in d["artifacts"].items():
+        arts[key] = {"file": a["file"], "format": a["format"], "precision": a["precision"], **a["details"]}
+        if a.get("fingerprint"):
+            arts[key]["fingerprint"] = a["fingerprint"]
+    d["artifacts"] = arts
+    if m.parity:
+        d["parity"] = {**d["parity"], "artifacts": {k: a.parity for k, a in m.artifacts.items() if a.parity}}
+    return d
 
 
 def write_bundle_json(root: Path, meta: dict[str, Any]) -> None:
-    """Fill in schema version and file hashes, then write bundle.json atomically."""
     meta = dict(meta)
-    meta["schema_version"] = SCHEMA_VERSION
-    meta["format"] = "edgekiln-bundle"
-    meta["files"] = {
-        p.name: file_entry(p) for p in sorted(root.iterdir()) if p.is_file() and p.name != BUNDLE_FILE and not p.name.startswith(".")
-    }
-    atomic_write_text(root / BUNDLE_FILE, json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    meta.pop("files", None)
+    if meta.get("schema_version") in (None, 1):
+        meta = _upgrade_v1({**meta, "schema_version": 1})
+    write_manifest(root, parse_manifest(meta, Path(root) / BUNDLE_FILE))

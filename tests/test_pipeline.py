@@ -25,17 +25,17 @@ def test_run_directory_layout_and_metrics(tiny_run):
 
 def test_bundle_json_is_self_describing(tiny_run):
     _, run_dir, _ = tiny_run
-    b = read_bundle(run_dir / "bundle")
-    meta = b.meta
-    assert meta["schema_version"] == 1
-    assert meta["class_names"] == ["digit0", "digit1", "digit2"]
-    assert meta["preprocess"]["crop"] == 32 and meta["preprocess"]["mean"] == [0.5, 0.5, 0.5]
-    assert meta["input"]["name"] == "input" and meta["output"]["name"] == "logits"
-    assert meta["opset"] >= 17
-    assert meta["files"]["model.onnx"]["sha256"] == sha256_file(run_dir / "bundle" / "model.onnx")
-    assert meta["parity"]["test"]["agreement"] == 1.0
-    assert meta["model"]["role"] == "student"
-    assert "test_accuracy" in meta["metrics"]
+    m = read_bundle(run_dir / "bundle").manifest
+    assert json.loads((run_dir / "bundle" / "bundle.json").read_text())["schema_version"] == m.schema_version == 2
+    assert m.class_names == ["digit0", "digit1", "digit2"]
+    assert m.preprocess.crop == 32 and m.preprocess.mean == (0.5, 0.5, 0.5)
+    assert m.input.name == "input" and m.output.name == "logits"
+    assert m.opset >= 17
+    assert m.files["model.onnx"].sha256 == sha256_file(run_dir / "bundle" / "model.onnx")
+    assert m.parity.test["agreement"] == 1.0 and m.artifacts["onnx"].parity["agreement"] == 1.0
+    assert m.artifacts["onnx"].runtimes == ["cpu", "cuda", "tensorrt"]
+    assert m.model.role == "student"
+    assert "test_accuracy" in m.metrics
 
 
 def test_onnx_has_dynamic_batch(tiny_run):
