@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 from pipeline.config import demo_config
-from pipeline.data import Split, load_tensors
+from pipeline.data import load_tensors
 from pipeline.distill import KDSettings, build_student, train_student
-from pipeline.stages import checkpoint_path, run_adapt, run_distill
+from pipeline.adapt_stage import run_adapt
+from pipeline.distill_stage import run_distill
+from pipeline.rundir import load_split
 from pipeline.checkpoint import load_checkpoint
 from pipeline.train import accuracy, predict_logits
 
@@ -34,11 +36,11 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     cfg = demo_config(runs_dir=args.runs_dir, name="distill-bench")
     cfg.distill.epochs = args.epochs
-    if not checkpoint_path(cfg, "teacher").is_file():
+    if not cfg.run.checkpoint("teacher").is_file():
         run_adapt(cfg)
 
     if "full" not in skip:
-        m = run_distill(cfg)
+        m = run_distill(cfg).to_metrics()
         c = m["onnx_cost"]
         print("\n== 1. MobileNetV3-Small student vs EfficientNet-Lite0 teacher (full digits train split)")
         print(f"accuracy  student {m['test_accuracy']:.4f}  teacher {m['teacher_test_accuracy']:.4f}  retained {m['accuracy_retained']:.3f} (target >= 0.98)")
@@ -47,8 +49,8 @@ def main() -> None:
         print(f"ORT CPU latency b1  student {c['student']['latency_b1_ms']:.2f} ms  teacher {c['teacher']['latency_b1_ms']:.2f} ms  ratio {m['latency_b1_ratio']:.3f} (target <= 0.5)")
         print(f"ORT CPU latency b32 student {c['student']['latency_b32_ms']:.1f} ms  teacher {c['teacher']['latency_b32_ms']:.1f} ms  ratio {m['latency_b32_ratio']:.3f}")
 
-    split = Split.load(cfg.run_dir / "split.json")
-    teacher, meta = load_checkpoint(checkpoint_path(cfg, "teacher"))
+    split = load_split(cfg.run)
+    teacher, meta = load_checkpoint(cfg.run.checkpoint("teacher"))
     spec = meta.preprocess
     x, y = load_tensors(split.paths("train"), split.labels("train"), spec)
     vx, vy = load_tensors(split.paths("val"), split.labels("val"), spec)

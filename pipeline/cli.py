@@ -79,7 +79,7 @@ def _run(cfg) -> None:
 
     click.echo(f"edgekiln: run '{cfg.name}' -> {cfg.run_dir}", err=True)
     out = run_pipeline(cfg)
-    print_summary(out["metrics"], cfg.run_dir)
+    print_summary(out["metrics"], cfg.run)
     report = out["parity"]
     if not report.passed:
         _fail("parity check failed: " + "; ".join(report.failures), 1)
@@ -95,8 +95,8 @@ def adapt(config: Path, resume: bool) -> None:
     The strategy (feature_extraction, finetune, lora) is `adapt.strategy` in the config.
     Ctrl-C leaves a resumable checkpoint: edgekiln adapt my.yaml --resume
     """
+    from pipeline.adapt_stage import run_adapt
     from pipeline.cli_adapt import echo_adapt_result
-    from pipeline.stages import run_adapt
 
     echo_adapt_result(run_adapt(_load(config), resume=resume))
 
@@ -114,8 +114,8 @@ def distill(config: Path, student, max_latency_ms, max_size_mb, compare_without_
     Prints what the student keeps and costs relative to the teacher. Example:
     edgekiln distill my.yaml --student auto --max-latency-ms 5 --max-size-mb 4
     """
+    from pipeline.distill_stage import run_distill
     from pipeline.report import print_distill_report
-    from pipeline.stages import run_distill
 
     cfg = _load(config)
     overrides = {"student": student, "max_latency_ms": max_latency_ms, "max_size_mb": max_size_mb,

@@ -14,22 +14,23 @@ from pathlib import Path
 import click
 
 
-def echo_adapt_result(m: dict) -> None:
+def echo_adapt_result(r) -> None:
+    """The adapt command's lines for a pipeline.adapt_stage.AdaptResult."""
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
-    line = f"teacher {m['model']} ({m['strategy']}): test accuracy {m['test_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
-    if m.get("auc_roc_ovr") is not None:
-        line += f", AUC-ROC {m['auc_roc_ovr']:.4f}"
+    line = f"teacher {r.model} ({r.strategy}): test accuracy {r.test_accuracy:.4f}, macro-F1 {r.macro_f1:.4f}"
+    if r.auc_roc_ovr is not None:
+        line += f", AUC-ROC {r.auc_roc_ovr:.4f}"
     click.echo(line)
-    click.echo(f"trainable parameters: {m['trainable_params']:,} of {m['params']:,} ({m['trainable_fraction']:.2%})")
-    lo = m.get("lora")
+    click.echo(f"trainable parameters: {r.trainable_params:,} of {r.params:,} ({r.trainable_fraction:.2%})")
+    lo = r.lora
     if lo:
         click.echo(
             f"lora: adapters {lo['adapter_params']:,} = {lo['trainable_fraction_of_backbone']:.2%} of the backbone; "
             f"merged vs adapters max |Δlogit| {lo['merge_max_abs_logit_diff']:.2e}; adapter: {lo['adapter_dir']}"
         )
-    for name, b in (m.get("baselines") or {}).items():
-        click.echo(f"baseline {name}: test accuracy {b['test_accuracy']:.4f}, macro-F1 {b['macro_f1']:.4f}")
+    for name, b in (r.baselines or {}).items():
+        click.echo(f"baseline {name}: test accuracy {b.test_accuracy:.4f}, macro-F1 {b.macro_f1:.4f}")
 
 
 def _parse_shots(value: str) -> list[int | None]:
@@ -82,7 +83,7 @@ def register(group: click.Group) -> None:
         for r in rows:
             table.add_row(*r)
         Console(width=None if sys.stdout.isatty() else 110).print(table)
-        click.echo(f"plot: {cfg.run_dir / res['plot']}   data: {cfg.run_dir / 'efficiency.json'}")
+        click.echo(f"plot: {cfg.run.root / res['plot']}   data: {cfg.run.efficiency_json}")
 
 
     @group.command()

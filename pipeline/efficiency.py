@@ -23,14 +23,14 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluation import plot_efficiency
 from pipeline.models import create_model
-from pipeline.report import EFFICIENCY_JSON, write_run_report
+from pipeline.report import write_run_report
+from pipeline.rundir import load_split
 from pipeline.strategies import AdaptContext, AdaptData, adapt_model, list_strategies, train_from_scratch
 from pipeline.train import accuracy, set_seed
-from runtime.bundle import atomic_write_text
+from runtime.files import atomic_write_text
 
 log = logging.getLogger("edgekiln")
 
-EFFICIENCY_PNG = "efficiency.png"
 SCRATCH = "scratch"
 # Learning rates that suit each strategy when it is not the one the config is tuned for.
 DEFAULT_LR = {"feature_extraction": 3e-3, "finetune": 1e-3, "lora": 3e-3, SCRATCH: 3e-3}
@@ -60,17 +60,17 @@ def data_efficiency(
     """Train each strategy (and scratch) on k labeled examples per class for each k in `shots`
     (None = all); return {"shots", "accuracy": {method: {k: acc}}, "seconds": ...} and write
     efficiency.json, efficiency.png and report.md in the run directory."""
-    from pipeline.stages import _split, data_root
+    from pipeline.adapt_stage import data_root, make_run_split
 
     strategies = strategies or list_strategies()
     for s in strategies:
         if s not in list_strategies():
             raise ConfigError(f"unknown strategy '{s}'; valid: {', '.join(list_strategies())}")
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    split_file = cfg.run_dir / "split.json"
-    split = _split(cfg, create=not split_file.is_file())
-    if Path(split.root) != Path(data_root(cfg)).resolve():
-        log.warning("efficiency: using the split in %s (data root %s)", split_file, split.root)
+    run = cfg.run
+    run.root.mkdir(parents=True, exist_ok=True)
+    split = load_split(run) if run.split.is_file() else make_run_split(cfg, run)
+    if Path(split.root) != Path(data_root(cfg.data)).resolve():
+        log.warning("efficiency: using the split in %s (data root %s)", run.split, split.root)
     set_seed(cfg.seed)  # the new head's initialisation (torch seeds itself randomly per process)
     template = create_model(cfg.model.name, len(split.class_names), cfg.model.weights)
     spec = template.defaults.preprocess(cfg.model.input_size, cfg.model.crop_pct)
@@ -111,11 +111,9 @@ def data_efficiency(
             log.info("efficiency: %s, %s per class: test accuracy %.4f (%.0f s)", method, key, table[method][key], seconds[method][key])
     result = {
         "model": cfg.model.name, "shots": keys, "epochs": epochs, "min_steps": min_steps,
-        "accuracy": table, "seconds": seconds, "plot": EFFICIENCY_PNG,
+        "accuracy": table, "seconds": seconds, "plot": run.EFFICIENCY_PNG,
     }
-    plot_efficiency(table, cfg.run_dir / EFFICIENCY_PNG)
-    atomic_write_text(cfg.run_dir / EFFICIENCY_JSON, json.dumps(result, indent=2) + "\n")
-    from pipeline.stages import read_metrics
-
-    write_run_report(cfg.run_dir, read_metrics(cfg.run_dir))
+    plot_efficiency(table, run.efficiency_png)
+    atomic_write_text(run.efficiency_json, json.dumps(result, indent=2) + "\n")
+    write_run_report(run, run.read_metrics())
     return result

@@ -11,10 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 
-CONFUSION_PNG = "confusion_matrix.png"
-CURVES_PNG = "training_curves.png"
-
-
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
     """Every number the run report shows for one model on one split."""
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
@@ -117,15 +113,10 @@ def plot_efficiency(table: dict[str, dict[str, float]], path: Path) -> Path:
 
 
 def _save(fig, path: Path) -> None:
-    import os
+    from runtime.files import atomic_path
 
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80, format="png")  # the temp name has no .png suffix to infer it from
     finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        _pyplot().close(fig)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -122,6 +122,13 @@ def create_model(name: str, num_classes: int | None, weights: str = "none") -> E
         raise ModelError(f"model '{name}' has no pretrained weights; use weights: none")
     model = entry.builder(num_classes=num_classes, weights=w if w.lower() not in ("none", "default") else w.lower())
     return model
+
+
+def count_params(params: nn.Module | Iterable[nn.Parameter]) -> int:
+    """Number of parameter elements of a module (all its parameters) or of an iterable of parameters."""
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    return sum(p.numel() for p in params)
 
 
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:

@@ -9,6 +9,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.rundir import RunDir
+from runtime.files import atomic_write_text
+
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = []
@@ -26,58 +29,54 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-def print_summary(metrics: dict[str, Any], run_dir: Path, console: Console | None = None) -> None:
+def print_summary(metrics: dict[str, Any], run: RunDir, console: Console | None = None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 110)
-    table = Table(title=f"edgekiln summary — {run_dir}")
+    run = RunDir(run)
+    table = Table(title=f"edgekiln summary — {run.root}")
     for col in ("", "model", "test accuracy", "size MB", "top-1 agreement", "max |Δlogit|"):
         table.add_column(col, justify="left" if col in ("", "model") else "right", no_wrap=True)
     for row in summary_rows(metrics):
         table.add_row(*row)
     console.print(table)
-    console.print(f"bundle: {run_dir / 'bundle'}   metrics: {run_dir / 'metrics.json'}")
+    console.print(f"bundle: {run.bundle}   metrics: {run.metrics}")
 
 
-def distill_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
-    """The distill justification as (what, value) rows."""
+def distill_rows(r) -> list[tuple[str, str]]:
+    """The distill justification (a pipeline.distill_stage.DistillResult) as (what, value) rows."""
     rows = [
-        ("student", m["model"]),
-        ("teacher", m["teacher_model"]),
-        ("test accuracy (student / teacher)", f"{m['test_accuracy']:.4f} / {m['teacher_test_accuracy']:.4f}"),
-        ("accuracy retained", f"{m['accuracy_retained']:.1%}"),
-        ("parameters (student / teacher)", f"{m['params']:,} / {m['teacher_params']:,} ({m['params_ratio']:.1%})"),
+        ("student", r.model),
+        ("teacher", r.teacher_model),
+        ("test accuracy (student / teacher)", f"{r.test_accuracy:.4f} / {r.teacher_test_accuracy:.4f}"),
+        ("accuracy retained", f"{r.accuracy_retained:.1%}"),
+        ("parameters (student / teacher)", f"{r.params:,} / {r.teacher_params:,} ({r.params_ratio:.1%})"),
     ]
-    c = m.get("onnx_cost")
-    if c:
-        s, t = c["student"], c["teacher"]
+    s, t = r.student_cost, r.teacher_cost
+    if s is not None:
         rows += [
-            ("ONNX size MB", f"{s['size_mb']:.2f} / {t['size_mb']:.2f} ({m['onnx_size_ratio']:.1%})"),
-            ("ORT CPU latency batch 1, ms", f"{s['latency_b1_ms']:.2f} / {t['latency_b1_ms']:.2f} ({m['latency_b1_ratio']:.1%})"),
-            ("ORT CPU latency batch 32, ms", f"{s['latency_b32_ms']:.1f} / {t['latency_b32_ms']:.1f} ({m['latency_b32_ratio']:.1%})"),
+            ("ONNX size MB", f"{s.size_mb:.2f} / {t.size_mb:.2f} ({r.onnx_size_ratio:.1%})"),
+            ("ORT CPU latency batch 1, ms", f"{s.latency_b1_ms:.2f} / {t.latency_b1_ms:.2f} ({r.latency_b1_ratio:.1%})"),
+            ("ORT CPU latency batch 32, ms", f"{s.latency_b32_ms:.1f} / {t.latency_b32_ms:.1f} ({r.latency_b32_ratio:.1%})"),
         ]
-    if "without_kd" in m:
-        rows.append(("same student without KD", f"{m['without_kd']['test_accuracy']:.4f} (KD gain {m['kd_gain']:+.4f})"))
-    if "auto" in m:
-        fits = [r["student"] for r in m["auto"]["candidates"] if r["fits"]]
+    if r.without_kd is not None:
+        rows.append(("same student without KD", f"{r.without_kd.test_accuracy:.4f} (KD gain {r.kd_gain:+.4f})"))
+    if r.auto is not None:
+        fits = [c["student"] for c in r.auto["candidates"] if c["fits"]]
         rows.append(("auto: fitting candidates", ", ".join(fits)))
-        rows.append(("auto: trained", ", ".join(m["auto"]["trained"])))
+        rows.append(("auto: trained", ", ".join(r.auto["trained"])))
     return rows
 
 
-def print_distill_report(m: dict[str, Any], console: Console | None = None) -> None:
+def print_distill_report(result, console: Console | None = None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 110)
     table = Table(title="distillation: what the student keeps and costs")
     table.add_column("")
     table.add_column("student / teacher", no_wrap=True)
-    for row in distill_rows(m):
+    for row in distill_rows(result):
         table.add_row(*row)
     console.print(table)
 
 
 # --------------------------------------------------------------------------- runs/<name>/report.md
-
-REPORT_MD = "report.md"
-EFFICIENCY_JSON = "efficiency.json"
-
 
 def _fmt(v: Any, pct: bool = False) -> str:
     if v is None:
@@ -99,13 +98,13 @@ def efficiency_table_rows(eff: dict[str, Any]) -> tuple[list[str], list[list[str
     return ["method \\ examples per class"] + shots, rows
 
 
-def render_run_report(run_dir: Path, metrics: dict[str, Any]) -> str:
+def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
     """Markdown: the adapt result, its baselines side by side, per-class numbers, the plots,
     the data-efficiency table when `edgekiln efficiency` has run, and the pipeline summary."""
     import json
 
-    run_dir = Path(run_dir)
-    lines = [f"# edgekiln run report — {run_dir.name}", ""]
+    run = RunDir(run)
+    lines = [f"# edgekiln run report — {run.name}", ""]
     t = metrics.get("teacher")
     if t:
         lines += [f"## Adapt: {t['model']} ({t.get('strategy', '?')})", ""]
@@ -146,14 +145,13 @@ def render_run_report(run_dir: Path, metrics: dict[str, Any]) -> str:
             )
         for key, title in (("confusion_matrix", "Confusion matrix"), ("training_curves", "Training curves")):
             f = (t.get("plots") or {}).get(key)
-            if f and (run_dir / f).is_file():
+            if f and (run.root / f).is_file():
                 lines += [f"### {title}", "", f"![{title}]({f})", ""]
-    eff_path = run_dir / EFFICIENCY_JSON
-    if eff_path.is_file():
-        eff = json.loads(eff_path.read_text())
+    if run.efficiency_json.is_file():
+        eff = json.loads(run.efficiency_json.read_text())
         header, rows = efficiency_table_rows(eff)
         lines += ["## Data efficiency (test accuracy)", ""] + _md_table(header, rows)
-        if (run_dir / eff.get("plot", "")).is_file():
+        if (run.root / eff.get("plot", "")).is_file():
             lines += [f"![data efficiency]({eff['plot']})", ""]
     rows = summary_rows(metrics)
     if rows and (metrics.get("student") or metrics.get("onnx")):
@@ -162,9 +160,8 @@ def render_run_report(run_dir: Path, metrics: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
-    from runtime.bundle import atomic_write_text
-
-    path = Path(run_dir) / REPORT_MD
-    atomic_write_text(path, render_run_report(run_dir, metrics))
-    return path
+def write_run_report(run: RunDir, metrics: dict[str, Any]) -> Path:
+    """runs/<name>/report.md (`run` a RunDir or the run directory's path)."""
+    run = RunDir(run)
+    atomic_write_text(run.report, render_run_report(run, metrics))
+    return run.report

@@ -51,7 +51,10 @@ class RunDir:
     BUNDLE = "bundle"
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(root)  # RunDir(run) works too: a RunDir is an os.PathLike of its root
+
+    def __fspath__(self) -> str:
+        return str(self.root)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"

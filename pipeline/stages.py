@@ -1,16 +1,10 @@
-"""The pipeline's stages. Each reads and writes files in the run directory, so
-any stage can be re-run alone:
-
-    runs/<name>/config.yaml            snapshot of the config
-    runs/<name>/split.json             the exact train/val/test files
-    runs/<name>/checkpoints/*.safetensors
-    runs/<name>/metrics.json           every stage adds its section
-    runs/<name>/bundle/                bundle.json + model.onnx (the deployable)
+"""The pipeline's stages. Each reads and writes files in the run directory (pipeline.rundir), so
+any stage can be re-run alone: adapt (pipeline.adapt_stage), distill (pipeline.distill_stage),
+export and validate (here), and `run_pipeline`, all of them in order.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -22,57 +16,36 @@ import numpy as np
 from torch import nn
 
 from pipeline import __version__
-from pipeline.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from pipeline.config import DistillConfig, PipelineConfig, dump_config
-from pipeline.data import Split, demo_data_dir, load_tensors, make_split
+from pipeline.adapt_stage import make_run_split, run_adapt
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import PipelineConfig
+from pipeline.data import Split, load_tensors
+from pipeline.distill_stage import run_distill
 from pipeline.errors import EdgekilnError
-from pipeline.models import create_model
-from pipeline.train import accuracy, predict_logits, set_seed, train_device
-from runtime.bundle import atomic_write_text, read_bundle, write_bundle_json
+from pipeline.rundir import RunDir, load_split
+from pipeline.train import predict_logits
+from runtime.bundle import read_bundle, write_bundle_json
 
 log = logging.getLogger("edgekiln")
 
-TEACHER = "teacher.safetensors"
-STUDENT = "student.safetensors"
 
-
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- helpers (RunDir has them all)
 
 
 def checkpoint_path(cfg: PipelineConfig, role: str) -> Path:
-    return cfg.run_dir / "checkpoints" / (TEACHER if role == "teacher" else STUDENT)
+    return cfg.run.checkpoint(role)
 
 
 def update_metrics(run_dir: Path, section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Read-modify-write metrics.json atomically."""
-    path = run_dir / "metrics.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[section] = values
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-    return data
+    return RunDir(run_dir).update_metrics(section, values)
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _prepare_run_dir(cfg: PipelineConfig) -> None:
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
-
-
-def data_root(cfg: PipelineConfig) -> Path:
-    return demo_data_dir() if cfg.data.demo else Path(cfg.data.root)
+    return RunDir(run_dir).read_metrics()
 
 
 def _split(cfg: PipelineConfig, create: bool) -> Split:
-    path = cfg.run_dir / "split.json"
-    if create:
-        split = make_split(data_root(cfg), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-        split.save(path)
-        return split
-    return Split.load(path)
+    return make_run_split(cfg, cfg.run) if create else load_split(cfg.run)
 
 
 def _count_params(model: nn.Module) -> int:
@@ -81,229 +54,6 @@ def _count_params(model: nn.Module) -> int:
 
 def _size_mb(path: Path) -> float:
     return path.stat().st_size / 1e6
-
-
-# --------------------------------------------------------------------------- adapt
-
-
-def adapt_resume_dir(cfg: PipelineConfig) -> Path:
-    return cfg.run_dir / "checkpoints" / "adapt-resume"
-
-
-def run_adapt(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
-    """Adapt the pretrained model with the strategy `adapt.strategy` names (see pipeline.strategies),
-    evaluate it on the test split, optionally against the baselines, and write the run report.
-
-    A resumable checkpoint is kept in checkpoints/adapt-resume/ while training runs
-    (removed when the stage completes); resume=True continues from it.
-    """
-    from dataclasses import replace
-
-    from pipeline import evaluation
-    from pipeline.report import write_run_report
-    from pipeline.strategies import AdaptContext, AdaptData, adapt_model, linear_probe_baseline, train_from_scratch
-    from pipeline.train import init_distributed
-
-    a = cfg.adapt
-    info = init_distributed()
-    set_seed(cfg.seed)
-    resume_dir = adapt_resume_dir(cfg)
-    if resume:
-        from pipeline.train import load_resume_state
-
-        saved = load_resume_state(resume_dir)[0].get("config", {})
-        if saved and (saved.get("adapt", {}).get("strategy"), saved.get("model")) != (a.strategy, cfg.model.model_dump(mode="json")):
-            raise EdgekilnError(f"{resume_dir}: the checkpoint was made with another model or strategy; run without --resume")
-    if info.is_main:
-        _prepare_run_dir(cfg)
-    if info.is_main:
-        split = _split(cfg, create=not (resume and (cfg.run_dir / "split.json").is_file()))
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()  # rank 0 has written split.json
-        split = _split(cfg, create=False)
-    n_classes = len(split.class_names)
-    model = create_model(cfg.model.name, n_classes, cfg.model.weights)
-    spec = model.defaults.preprocess(cfg.model.input_size, cfg.model.crop_pct)
-    log.info("adapt: %s, strategy %s, %d classes, input %d", cfg.model.name, a.strategy, n_classes, spec.crop)
-    data = AdaptData.from_split(split, spec)
-    ctx = AdaptContext(
-        arch=cfg.model.name, seed=cfg.seed, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-        run_dir=cfg.run_dir, checkpoint_dir=resume_dir, resume=resume,
-        run_config=cfg.model_dump(mode="json", by_alias=True), is_main=info.is_main, desc=f"adapt ({a.strategy})",
-    )
-    params = _count_params(model)
-    t0 = time.perf_counter()
-    out = adapt_model(model, data, a, ctx)
-    train_seconds = time.perf_counter() - t0
-    y_test = data.y("test")
-    ev = evaluation.classification_metrics(out.test_logits, y_test, split.class_names)
-
-    metrics: dict[str, Any] = {
-        "model": cfg.model.name,
-        "strategy": a.strategy,
-        "val_accuracy": out.val_accuracy,
-        "test_accuracy": ev["accuracy"],
-        "macro_f1": ev["macro_f1"],
-        "auc_roc_ovr": ev["auc_roc_ovr"],
-        "best_epoch": out.fit.best_epoch if out.fit else None,
-        "stopped_early": out.fit.stopped_early if out.fit else False,
-        "params": params,
-        "trainable_params": out.trainable_params,
-        "trainable_fraction": out.trainable_params / params,
-        "train_seconds": train_seconds,
-        **out.extra,
-        "per_class": ev["per_class"],
-        "confusion_matrix": ev["confusion_matrix"],
-        "history": out.fit.history if out.fit else [],
-    }
-    path = checkpoint_path(cfg, "teacher")
-    if info.is_main:  # saved before the (optional, slow) baselines, so an interruption there loses nothing
-        meta = CheckpointMeta(
-            arch=cfg.model.name, class_names=split.class_names, preprocess=spec, role="teacher", extra={"strategy": a.strategy}
-        )
-        save_checkpoint(out.model, meta, path)
-        shutil.rmtree(resume_dir, ignore_errors=True)
-    scratch = None
-    if a.baselines:
-        base_ctx = replace(ctx, run_dir=None, checkpoint_dir=None, resume=False, desc="baseline (scratch)")
-        set_seed(cfg.seed)
-        t1 = time.perf_counter()
-        scratch = train_from_scratch(cfg.model.name, data, a, base_ctx)
-        sev = evaluation.classification_metrics(scratch.test_logits, y_test, split.class_names)
-        scratch_s = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        probe = linear_probe_baseline(create_model(cfg.model.name, n_classes, cfg.model.weights), data, cfg.model.name, cfg.seed)
-        pev = evaluation.classification_metrics(probe["test_logits"], y_test, split.class_names)
-        metrics["baselines"] = {
-            "scratch": {"val_accuracy": scratch.val_accuracy, "test_accuracy": sev["accuracy"], "macro_f1": sev["macro_f1"],
-                        "auc_roc_ovr": sev["auc_roc_ovr"], "trainable_params": scratch.trainable_params,
-                        "train_seconds": scratch_s},
-            "linear_probe": {"val_accuracy": probe["val_accuracy"], "test_accuracy": pev["accuracy"], "macro_f1": pev["macro_f1"],
-                             "auc_roc_ovr": pev["auc_roc_ovr"], "train_seconds": time.perf_counter() - t1},
-        }
-    if not info.is_main:
-        return metrics
-
-    metrics["size_mb"] = _size_mb(path)
-    plots = {"confusion_matrix": evaluation.CONFUSION_PNG}
-    evaluation.plot_confusion_matrix(ev["confusion_matrix"], split.class_names, cfg.run_dir / evaluation.CONFUSION_PNG,
-                                     title=f"{cfg.model.name} ({a.strategy}), test split")
-    curves = {a.strategy: metrics["history"]}
-    if scratch is not None and scratch.fit:
-        curves["scratch (baseline)"] = scratch.fit.history
-    if any(curves.values()):
-        evaluation.plot_training_curves(curves, cfg.run_dir / evaluation.CURVES_PNG)
-        plots["training_curves"] = evaluation.CURVES_PNG
-    metrics["plots"] = plots
-    all_metrics = update_metrics(cfg.run_dir, "teacher", metrics)
-    write_run_report(cfg.run_dir, all_metrics)
-    return metrics
-
-
-# --------------------------------------------------------------------------- distill
-
-
-def run_distill(cfg: PipelineConfig) -> dict[str, Any]:
-    """Train a smaller student with Hinton KD (+ optional hint loss) against the adapted teacher,
-    and justify it: accuracy retained, parameters, ONNX size and latency relative to the teacher,
-    and (optionally) the same student trained without KD."""
-    from pipeline.distill import KDSettings, build_student, choose_student, onnx_costs, STUDENTS, teacher_outputs, train_student
-
-    dcfg: DistillConfig = cfg.distill
-    set_seed(cfg.seed)
-    split = _split(cfg, create=False)
-    teacher, tmeta = load_checkpoint(checkpoint_path(cfg, "teacher"))
-    teacher.to(train_device())  # its logits (cached or live) come from the training device
-    spec = tmeta.preprocess
-    n_classes = len(split.class_names)
-
-    x, y = load_tensors(split.paths("train"), split.labels("train"), spec, desc="loading train images")
-    vx, vy = load_tensors(split.paths("val"), split.labels("val"), spec, desc="loading val images")
-    tx, ty = load_tensors(split.paths("test"), split.labels("test"), spec, desc="loading test images")
-    teacher_test_acc = accuracy(predict_logits(teacher, tx), ty)
-    kd = KDSettings(dcfg.temperature, dcfg.alpha, dcfg.hint_weight)
-    common = dict(
-        epochs=dcfg.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=cfg.data.batch_size, seed=cfg.seed
-    )
-
-    auto_table = None
-    names = [dcfg.student]
-    if dcfg.student == "auto":
-        auto_table, fits = choose_student(
-            list(dcfg.candidates or STUDENTS), n_classes, spec.crop, dcfg.max_latency_ms, dcfg.max_size_mb
-        )
-        if not fits:
-            raise EdgekilnError(
-                "distill: no candidate student fits max_latency_ms/max_size_mb on this machine; "
-                + ", ".join(f"{r['student']}: {r['latency_b1_ms']:.1f} ms, {r['size_mb']:.1f} MB" for r in auto_table)
-            )
-        names = fits[: dcfg.auto_max_trained]
-
-    best = None
-    t0 = time.perf_counter()
-    # Several `auto` candidates share one pass of the teacher over the training images.
-    shared = teacher_outputs(teacher, x, features=kd.hint_weight > 0) if dcfg.cache_teacher and len(names) > 1 else None
-    for name in names:
-        student = build_student(name, n_classes, dcfg.weights)
-        result = train_student(
-            student, x, y, vx, vy, kd=kd, teacher=teacher, cache_teacher=dcfg.cache_teacher, teacher_cache=shared,
-            desc=f"distill ({name})", **common,
-        )
-        if best is None or result.best_val_accuracy > best[2].best_val_accuracy:
-            best = (name, student, result)
-    name, student, result = best
-    train_seconds = time.perf_counter() - t0
-    test_acc = accuracy(predict_logits(student, tx), ty)
-
-    metrics: dict[str, Any] = {
-        "model": name,
-        "val_accuracy": result.best_val_accuracy,
-        "test_accuracy": test_acc,
-        "teacher_model": tmeta.arch,
-        "teacher_test_accuracy": teacher_test_acc,
-        "accuracy_retained": test_acc / teacher_test_acc if teacher_test_acc else None,
-        "best_epoch": result.best_epoch,
-        "params": _count_params(student),
-        "teacher_params": _count_params(teacher),
-        "params_ratio": _count_params(student) / _count_params(teacher),
-        "kd": {"temperature": dcfg.temperature, "alpha": dcfg.alpha, "hint_weight": dcfg.hint_weight},
-        "train_seconds": train_seconds,
-        "history": result.history,
-    }
-    if auto_table is not None:
-        metrics["auto"] = {"candidates": auto_table, "trained": names}
-    if dcfg.compare_without_kd:
-        control = build_student(name, n_classes, dcfg.weights)
-        c_res = train_student(control, x, y, vx, vy, kd=None, desc=f"control, no KD ({name})", **common)
-        metrics["without_kd"] = {
-            "test_accuracy": accuracy(predict_logits(control, tx), ty),
-            "val_accuracy": c_res.best_val_accuracy,
-        }
-        metrics["kd_gain"] = metrics["test_accuracy"] - metrics["without_kd"]["test_accuracy"]
-    teacher.cpu()  # ONNX export (cost measurement) traces on the CPU
-    if dcfg.measure_cost:
-        costs = onnx_costs({"student": student, "teacher": teacher}, spec.crop)
-        s_cost, t_cost = costs["student"], costs["teacher"]
-        metrics["onnx_cost"] = {"student": s_cost.__dict__, "teacher": t_cost.__dict__}
-        metrics["onnx_size_ratio"] = s_cost.size_mb / t_cost.size_mb
-        metrics["latency_b1_ratio"] = s_cost.latency_b1_ms / t_cost.latency_b1_ms
-        metrics["latency_b32_ratio"] = s_cost.latency_b32_ms / t_cost.latency_b32_ms
-    del teacher
-
-    path = checkpoint_path(cfg, "student")
-    meta = CheckpointMeta(
-        arch=name,
-        class_names=split.class_names,
-        preprocess=spec,
-        role="student",
-        extra={"teacher": tmeta.arch, "temperature": dcfg.temperature, "alpha": dcfg.alpha},
-    )
-    save_checkpoint(student, meta, path)
-    metrics["size_mb"] = _size_mb(path)
-    update_metrics(cfg.run_dir, "student", metrics)
-    return metrics
 
 
 # --------------------------------------------------------------------------- export + validate

@@ -17,9 +17,6 @@ can be compared with.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,12 +32,12 @@ from pipeline.errors import ConfigError, EdgekilnError, ModelError, ParityError
 from pipeline.features import cached_features, fit_logistic_regression, weights_digest
 from pipeline.models import EdgeClassifier, create_model
 from pipeline.train import FitResult, TrainSettings, accuracy, fit, param_groups, predict_logits, tensor_loader
+from runtime.files import atomic_dir
 from runtime.preprocess import PreprocessSpec, open_image
 
 log = logging.getLogger("edgekiln")
 
 LORA_PARITY_TOL = 1e-4
-LORA_ADAPTER_DIR = "lora_adapter"
 
 
 # --------------------------------------------------------------------------- data
@@ -158,7 +155,7 @@ class AdaptContext:
     seed: int = 0
     batch_size: int = 64
     num_workers: int = 0
-    run_dir: Path | None = None  # where the LoRA adapter is saved (None: not saved)
+    adapter_dir: Path | None = None  # where the LoRA adapter is saved (None: not saved)
     checkpoint_dir: Path | None = None  # resumable checkpoint (None: none)
     resume: bool = False
     run_config: dict | None = None
@@ -393,18 +390,9 @@ def _save_adapter(peft_model, head: nn.Module, dest: Path) -> None:
     written to a temp dir and renamed into place."""
     from safetensors.torch import save_file
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         peft_model.save_pretrained(str(tmp))
         save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
-        tmp.chmod(0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @register_strategy("lora")
@@ -432,8 +420,8 @@ def lora(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ctx: AdaptCon
 
     result = _fit(peft_model, _train_loader(data, cfg.augment, ctx), data, cfg, ctx)
     peft_model.cpu().eval()
-    if ctx.run_dir is not None and ctx.is_main:
-        _save_adapter(peft_model, base.head, Path(ctx.run_dir) / LORA_ADAPTER_DIR)
+    if ctx.adapter_dir is not None and ctx.is_main:
+        _save_adapter(peft_model, base.head, Path(ctx.adapter_dir))
 
     probe = data.x("val")[:64]
     unmerged = predict_logits(peft_model, probe)
@@ -451,7 +439,7 @@ def lora(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ctx: AdaptCon
             "adapter_params": lora_params, "backbone_params": backbone_params,
             "trainable_fraction_of_backbone": lora_params / backbone_params,
             "merge_max_abs_logit_diff": diff,
-            "adapter_dir": str(Path(ctx.run_dir) / LORA_ADAPTER_DIR) if ctx.run_dir is not None else None,
+            "adapter_dir": str(ctx.adapter_dir) if ctx.adapter_dir is not None else None,
         }
     }
     return AdaptOutcome(merged.eval(), test_logits, result.best_val_accuracy, result, trainable, extra)

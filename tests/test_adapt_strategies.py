@@ -231,22 +231,22 @@ def test_logistic_regression_head_matches_sklearn():
 
 
 def test_logistic_regression_head_strategy(tiny_data, tmp_path):
-    from pipeline.stages import run_adapt
+    from pipeline.adapt_stage import run_adapt
 
     cfg = adapt_config(tiny_data, tmp_path, feature_extraction={"head": "logistic_regression"})
-    m = run_adapt(cfg)
-    assert m["head"] == "logistic_regression" and m["test_accuracy"] >= 0.6 and m["history"] == []
+    r = run_adapt(cfg)
+    assert r.extra["head"] == "logistic_regression" and r.test_accuracy >= 0.6 and r.history == []
     assert not (cfg.run_dir / "training_curves.png").exists()
     assert "Training curves" not in (cfg.run_dir / "report.md").read_text()
 
 
 def test_augmented_feature_extraction_trains_on_images_with_a_frozen_backbone(tiny_data, tmp_path):
-    from pipeline.stages import run_adapt
+    from pipeline.adapt_stage import run_adapt
 
     cfg = adapt_config(tiny_data, tmp_path, epochs=2, augment="strong")
     before = create_model(cfg.model.name, 3, cfg.model.weights).state_dict()
-    m = run_adapt(cfg)
-    assert "feature_cache" not in m and len(m["history"]) == 2  # no cache: augmented images differ every epoch
+    r = run_adapt(cfg)
+    assert "feature_cache" not in r.extra and len(r.history) == 2  # no cache: augmented images differ every epoch
     after, _ = load_checkpoint(cfg.run_dir / "checkpoints" / "teacher.safetensors")
     after = after.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))

@@ -1,0 +1,176 @@
+"""The distill stage: train a smaller student with Hinton KD (+ optional hint loss) against the
+adapted teacher, justify it (accuracy retained, parameters, ONNX size and latency relative to the
+teacher, optionally the same student without KD), and write checkpoints/student.safetensors and
+the `student` section of metrics.json.
+
+    result = run_distill(cfg)        # a DistillResult
+    result.accuracy_retained, result.to_metrics()
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import DistillConfig, PipelineConfig
+from pipeline.errors import EdgekilnError
+from pipeline.rundir import load_split
+
+if TYPE_CHECKING:
+    from pipeline.distill import KDSettings, OnnxCost
+
+
+@dataclass
+class WithoutKD:
+    """The control run: the same student trained without KD, same budget."""
+
+    test_accuracy: float
+    val_accuracy: float
+
+
+@dataclass
+class DistillResult:
+    """What the distill stage measured; `to_metrics()` is its `student` section of metrics.json."""
+
+    model: str
+    val_accuracy: float
+    test_accuracy: float
+    teacher_model: str
+    teacher_test_accuracy: float
+    best_epoch: int
+    params: int
+    teacher_params: int
+    kd: "KDSettings"
+    train_seconds: float
+    history: list[dict] = field(default_factory=list)
+    auto: dict[str, Any] | None = None  # with student 'auto': {"candidates": [...], "trained": [...]}
+    without_kd: WithoutKD | None = None
+    student_cost: "OnnxCost | None" = None
+    teacher_cost: "OnnxCost | None" = None
+    size_mb: float = 0.0  # of the student checkpoint
+
+    @property
+    def accuracy_retained(self) -> float | None:
+        return self.test_accuracy / self.teacher_test_accuracy if self.teacher_test_accuracy else None
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params / self.teacher_params
+
+    @property
+    def kd_gain(self) -> float | None:
+        return None if self.without_kd is None else self.test_accuracy - self.without_kd.test_accuracy
+
+    @property
+    def onnx_size_ratio(self) -> float:
+        return self.student_cost.size_mb / self.teacher_cost.size_mb
+
+    @property
+    def latency_b1_ratio(self) -> float:
+        return self.student_cost.latency_b1_ms / self.teacher_cost.latency_b1_ms
+
+    @property
+    def latency_b32_ratio(self) -> float:
+        return self.student_cost.latency_b32_ms / self.teacher_cost.latency_b32_ms
+
+    def to_metrics(self) -> dict[str, Any]:
+        m: dict[str, Any] = {
+            "model": self.model, "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
+            "teacher_model": self.teacher_model, "teacher_test_accuracy": self.teacher_test_accuracy,
+            "accuracy_retained": self.accuracy_retained, "best_epoch": self.best_epoch, "params": self.params,
+            "teacher_params": self.teacher_params, "params_ratio": self.params_ratio, "kd": asdict(self.kd),
+            "train_seconds": self.train_seconds, "history": self.history,
+        }
+        if self.auto is not None:
+            m["auto"] = self.auto
+        if self.without_kd is not None:
+            m["without_kd"] = asdict(self.without_kd)
+            m["kd_gain"] = self.kd_gain
+        if self.student_cost is not None:
+            m["onnx_cost"] = {"student": asdict(self.student_cost), "teacher": asdict(self.teacher_cost)}
+            m["onnx_size_ratio"] = self.onnx_size_ratio
+            m["latency_b1_ratio"] = self.latency_b1_ratio
+            m["latency_b32_ratio"] = self.latency_b32_ratio
+        m["size_mb"] = self.size_mb
+        return m
+
+
+def _candidates(dcfg: DistillConfig, n_classes: int, crop: int) -> tuple[list[str], dict[str, Any] | None]:
+    """The student names to train: the configured one, or with 'auto' the fitting candidates
+    (measured on this machine), and the `auto` table."""
+    from pipeline.distill import STUDENTS, choose_student
+
+    if dcfg.student != "auto":
+        return [dcfg.student], None
+    table, fits = choose_student(list(dcfg.candidates or STUDENTS), n_classes, crop, dcfg.max_latency_ms,
+                                 dcfg.max_size_mb)
+    if not fits:
+        raise EdgekilnError(
+            "distill: no candidate student fits max_latency_ms/max_size_mb on this machine; "
+            + ", ".join(f"{r['student']}: {r['latency_b1_ms']:.1f} ms, {r['size_mb']:.1f} MB" for r in table)
+        )
+    names = fits[: dcfg.auto_max_trained]
+    return names, {"candidates": table, "trained": names}
+
+
+def run_distill(cfg: PipelineConfig) -> DistillResult:
+    """Train a smaller student with Hinton KD (+ optional hint loss) against the adapted teacher,
+    and justify it: accuracy retained, parameters, ONNX size and latency relative to the teacher,
+    and (optionally) the same student trained without KD."""
+    from pipeline.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+    from pipeline.data import load_tensors
+    from pipeline.distill import KDSettings, build_student, onnx_costs, teacher_outputs, train_student
+    from pipeline.models import count_params
+    from pipeline.train import accuracy, predict_logits, set_seed, train_device
+
+    dcfg, run = cfg.distill, cfg.run
+    set_seed(cfg.seed)
+    split = load_split(run)
+    teacher, tmeta = load_checkpoint(run.checkpoint("teacher"))
+    teacher.to(train_device())  # its logits (cached or live) come from the training device
+    spec, n_classes = tmeta.preprocess, len(split.class_names)
+    x, y = load_tensors(split.paths("train"), split.labels("train"), spec, desc="loading train images")
+    vx, vy = load_tensors(split.paths("val"), split.labels("val"), spec, desc="loading val images")
+    tx, ty = load_tensors(split.paths("test"), split.labels("test"), spec, desc="loading test images")
+    teacher_test_acc = accuracy(predict_logits(teacher, tx), ty)
+    kd = KDSettings(dcfg.temperature, dcfg.alpha, dcfg.hint_weight)
+    common = dict(epochs=dcfg.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=cfg.data.batch_size,
+                  seed=cfg.seed)
+    names, auto = _candidates(dcfg, n_classes, spec.crop)
+
+    best = None
+    t0 = time.perf_counter()
+    # Several `auto` candidates share one pass of the teacher over the training images.
+    shared = teacher_outputs(teacher, x, features=kd.hint_weight > 0) if dcfg.cache_teacher and len(names) > 1 else None
+    for name in names:
+        student = build_student(name, n_classes, dcfg.weights)
+        fitted = train_student(student, x, y, vx, vy, kd=kd, teacher=teacher, cache_teacher=dcfg.cache_teacher,
+                               teacher_cache=shared, desc=f"distill ({name})", **common)
+        if best is None or fitted.best_val_accuracy > best[2].best_val_accuracy:
+            best = (name, student, fitted)
+    name, student, fitted = best
+    train_seconds = time.perf_counter() - t0
+    result = DistillResult(
+        model=name, val_accuracy=fitted.best_val_accuracy, test_accuracy=accuracy(predict_logits(student, tx), ty),
+        teacher_model=tmeta.arch, teacher_test_accuracy=teacher_test_acc, best_epoch=fitted.best_epoch,
+        params=count_params(student), teacher_params=count_params(teacher), kd=kd,
+        train_seconds=train_seconds, history=fitted.history, auto=auto,
+    )
+    if dcfg.compare_without_kd:
+        control = build_student(name, n_classes, dcfg.weights)
+        c_fit = train_student(control, x, y, vx, vy, kd=None, desc=f"control, no KD ({name})", **common)
+        result.without_kd = WithoutKD(accuracy(predict_logits(control, tx), ty), c_fit.best_val_accuracy)
+    teacher.cpu()  # ONNX export (cost measurement) traces on the CPU
+    if dcfg.measure_cost:
+        costs = onnx_costs({"student": student, "teacher": teacher}, spec.crop)
+        result.student_cost, result.teacher_cost = costs["student"], costs["teacher"]
+    del teacher
+
+    path = run.checkpoint("student")
+    meta = CheckpointMeta(arch=name, class_names=split.class_names, preprocess=spec, role="student",
+                          extra={"teacher": tmeta.arch, "temperature": dcfg.temperature, "alpha": dcfg.alpha})
+    save_checkpoint(student, meta, path)
+    result.size_mb = path.stat().st_size / 1e6
+    run.update_metrics("student", result.to_metrics())
+    return result
