@@ -9,7 +9,7 @@
 Backends live in runtime.backends (a named backend that cannot run is an
 error, never a fallback — except that `tensorrt-engine` may run the bundle's
 ONNX model, with a warning, when the caller passes allow_engine_fallback=True);
-the HTTP server in runtime.server (docs/deploy.md).
+the HTTP server in runtime.serve (docs/deploy.md).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def test_serve_image_runs_as_non_root_with_a_healthcheck_on_a_real_route():
     m = re.search(r"http://127\.0\.0\.1:8000(/[\w/]+)", ops["HEALTHCHECK"])
     assert m and m.group(1) == "/v2/health/ready"
     pytest.importorskip("fastapi")
-    from runtime.server import ServeSettings, create_app
+    from runtime.serve import ServeSettings, create_app
 
     app = create_app(ServeSettings(bundle_dir="unused"), classifier=object())
     assert m.group(1) in {getattr(r, "path", None) for r in app.routes}

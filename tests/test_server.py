@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import runtime
-from runtime.server import ServeSettings, create_app
+from runtime.serve import ServeSettings, create_app
 
 MODEL = "edgekiln"
 
@@ -384,8 +384,8 @@ def test_serving_never_imports_torch(bundle_dir, images):
         import sys
         from click.testing import CliRunner
         import pipeline.cli, pipeline.cli_serve
-        import runtime, runtime.server
-        from runtime.server import ServeSettings, create_app
+        import runtime, runtime.serve
+        from runtime.serve import ServeSettings, create_app
         assert CliRunner().invoke(pipeline.cli.cli, ["serve", "--help"]).exit_code == 0
         from starlette.testclient import TestClient
         app = create_app(ServeSettings(bundle_dir={str(bundle_dir)!r}, backend="auto"))
@@ -420,3 +420,20 @@ def test_serve_self_tests_a_bundle_with_golden_images(run_copy, tiny_data):
     bundle = _bundle_with_golden(run_copy, tiny_data)  # correct golden logits: the lifespan self-test passes
     with TestClient(create_app(_settings(bundle))) as c:
         assert c.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_model_metadata_names_the_platform_that_runs(bundle_dir, clf):
+    """Triton's platform names: an ONNX model is onnxruntime_onnx, a native engine tensorrt_plan."""
+    from starlette.testclient import TestClient
+
+    class EngineLike:  # the classifier as the tensorrt-engine backend reports itself
+        def __init__(self, inner):
+            self.inner, self.backend, self.provider = inner, "tensorrt-engine", "TensorRT 10.0"
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    for served, platform in ((clf, "onnxruntime_onnx"), (EngineLike(clf), "tensorrt_plan")):
+        with TestClient(create_app(_settings(bundle_dir, self_test=False), classifier=served)) as c:
+            meta = c.get(f"/v2/models/{MODEL}").json()
+        assert meta["platform"] == platform and meta["parameters"]["backend"] == served.backend
