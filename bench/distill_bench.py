@@ -24,7 +24,7 @@ from pipeline.adapt_stage import run_adapt
 from pipeline.distill_stage import run_distill
 from pipeline.rundir import load_split
 from pipeline.checkpoint import load_checkpoint
-from pipeline.train import accuracy, predict_logits
+from pipeline.training import accuracy, predict_logits
 
 
 def main() -> None:

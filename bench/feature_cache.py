@@ -4,7 +4,7 @@ frozen backbone every epoch, side by side in one run.
     python bench/feature_cache.py                 # digits demo data, EfficientNet-Lite0 at 96 px, 20 epochs
     python bench/feature_cache.py --limit 300     # fewer training images, for a quick look
 
-Both arms use the same `pipeline.train.fit` (same optimizer, schedule, seed, and a
+Both arms use the same `pipeline.training.fit` (same optimizer, schedule, seed, and a
 validation pass every epoch); the only difference is whether the backbone runs
 once (and its features are cached on disk) or in every epoch. Printed: the time of
 each arm and the speed-up, with and without the one-time extraction, and both
@@ -37,7 +37,7 @@ def main() -> None:
     from pipeline.data import demo_data_dir, make_split
     from pipeline.features import cached_features, weights_digest
     from pipeline.models import create_model
-    from pipeline.train import TrainSettings, fit, set_seed, tensor_loader
+    from pipeline.training import TrainSettings, fit, set_seed, tensor_loader
     from pipeline.strategies import AdaptData
 
     split = make_split(demo_data_dir(), 0.15, 0.2, seed=0)

@@ -118,7 +118,7 @@ def make_run_split(cfg: PipelineConfig, run: RunDir) -> "Split":
 
 
 def _check_resume(cfg: PipelineConfig, run: RunDir) -> None:
-    from pipeline.train import load_resume_state
+    from pipeline.training import load_resume_state
 
     saved = load_resume_state(run.adapt_resume)[0].get("config", {})
     if saved and (saved.get("adapt", {}).get("strategy"), saved.get("model")) != (
@@ -156,7 +156,7 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
     from pipeline.checkpoint import CheckpointMeta, save_checkpoint
     from pipeline.models import count_params, create_model
     from pipeline.strategies import AdaptContext, AdaptData, adapt_model
-    from pipeline.train import init_distributed, set_seed
+    from pipeline.training import init_distributed, set_seed
 
     a, run = cfg.adapt, cfg.run
     info = init_distributed()
@@ -211,7 +211,7 @@ def _baselines(cfg: PipelineConfig, data, ctx) -> tuple[dict[str, Baseline], lis
     from pipeline import evaluation
     from pipeline.models import create_model
     from pipeline.strategies import linear_probe_baseline, train_from_scratch
-    from pipeline.train import set_seed
+    from pipeline.training import set_seed
 
     y_test, names = data.y("test"), data.class_names
     set_seed(cfg.seed)

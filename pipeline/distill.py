@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.errors import EdgekilnError
 from pipeline.models import EdgeClassifier, create_model
-from pipeline.train import FitResult, fit, kd_loss, set_seed, tensor_loader
+from pipeline.training import FitResult, fit, kd_loss, set_seed, tensor_loader
 
 # Candidate students for `--student auto`, smallest first.
 STUDENTS = (

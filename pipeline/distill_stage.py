@@ -122,7 +122,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     from pipeline.data import load_tensors
     from pipeline.distill import KDSettings, build_student, onnx_costs, teacher_outputs, train_student
     from pipeline.models import count_params
-    from pipeline.train import accuracy, predict_logits, set_seed, train_device
+    from pipeline.training import accuracy, predict_logits, set_seed, train_device
 
     dcfg, run = cfg.distill, cfg.run
     set_seed(cfg.seed)

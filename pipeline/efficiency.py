@@ -26,7 +26,7 @@ from pipeline.models import create_model
 from pipeline.report import write_run_report
 from pipeline.rundir import load_split
 from pipeline.strategies import AdaptContext, AdaptData, adapt_model, list_strategies, train_from_scratch
-from pipeline.train import accuracy, set_seed
+from pipeline.training import accuracy, set_seed
 from runtime.files import atomic_write_text
 
 log = logging.getLogger("edgekiln")

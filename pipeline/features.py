@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.data import cache_dir, load_tensors
-from pipeline.train import accuracy
-from pipeline.train import predict_logits
+from pipeline.training import accuracy, predict_logits
 from runtime.preprocess import PreprocessSpec
 
 log = logging.getLogger("edgekiln")

@@ -31,7 +31,7 @@ from pipeline.data import Split, eval_transform, load_tensors
 from pipeline.errors import ConfigError, EdgekilnError, ModelError, ParityError
 from pipeline.features import cached_features, fit_logistic_regression, weights_digest
 from pipeline.models import EdgeClassifier, create_model
-from pipeline.train import FitResult, TrainSettings, accuracy, fit, param_groups, predict_logits, tensor_loader
+from pipeline.training import FitResult, TrainSettings, accuracy, fit, param_groups, predict_logits, tensor_loader
 from runtime.files import atomic_dir
 from runtime.preprocess import PreprocessSpec, open_image
 

@@ -28,7 +28,7 @@ def test_strategy_options_are_validated_per_strategy():
 
 
 def test_optimizer_by_name_lists_the_valid_names():
-    from pipeline.train import make_optimizer
+    from pipeline.training import make_optimizer
 
     with pytest.raises(ConfigError, match="unknown optimizer 'adam'; valid: adamw, sgd"):
         make_optimizer("adam", [], 0.1, 0.0)

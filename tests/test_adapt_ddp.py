@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from pipeline.models import create_model
-    from pipeline.train import TrainSettings, fit, init_distributed, tensor_loader
+    from pipeline.training import TrainSettings, fit, init_distributed, tensor_loader
 
     info = init_distributed()
     assert info.world_size == 2 and dist.get_backend() == "gloo"

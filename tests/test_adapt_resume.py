@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 from torch import nn
 
-from pipeline.train import (
+from pipeline.training import (
     TrainingDiverged,
     TrainingInterrupted,
     TrainSettings,
@@ -90,8 +90,8 @@ def test_early_stopping_restores_the_best_epoch():
 
 
 def test_cli_ctrl_c_then_resume(tiny_data, tmp_path, monkeypatch):
-    from pipeline import train
     from pipeline.cli import cli
+    from pipeline.training import loop
 
     d = tiny_config_dict(tiny_data, tmp_path / "runs")
     d["adapt"] = {"epochs": 6}
@@ -103,7 +103,7 @@ def test_cli_ctrl_c_then_resume(tiny_data, tmp_path, monkeypatch):
     assert r.exit_code == 1
     assert r.output == f"error: no resumable checkpoint in {run / 'checkpoints' / 'adapt-resume'}; run without --resume to start training\n"
 
-    real = train.train_one_epoch
+    real = loop.train_one_epoch
     calls = []
 
     def interrupted(*a, **k):
@@ -112,7 +112,7 @@ def test_cli_ctrl_c_then_resume(tiny_data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
     r = CliRunner().invoke(cli, ["adapt", str(cfg)])
     assert r.exit_code == 130
     assert r.output == (
@@ -120,7 +120,7 @@ def test_cli_ctrl_c_then_resume(tiny_data, tmp_path, monkeypatch):
         "Continue with: edgekiln adapt CONFIG --resume\n"
     )
     assert not (run / "checkpoints" / "teacher.safetensors").exists()
-    monkeypatch.setattr(train, "train_one_epoch", real)
+    monkeypatch.setattr(loop, "train_one_epoch", real)
     r = CliRunner().invoke(cli, ["adapt", str(cfg), "--resume"])
     assert r.exit_code == 0, r.output
     assert (run / "checkpoints" / "teacher.safetensors").is_file()

@@ -138,7 +138,7 @@ def test_block_groups_run_from_stem_to_head_and_cover_the_backbone():
 
 
 def test_layer_wise_lr_decays_from_head_to_stem():
-    from pipeline.train import make_optimizer
+    from pipeline.training import make_optimizer
 
     model = create_model("compact_cnn_w0.5", 3, "none")
     opt = make_optimizer("sgd", finetune_param_groups(model, 0.5, 1e-4), lr=0.1, weight_decay=1e-4)

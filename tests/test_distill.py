@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.distill import KDSettings, build_student, choose_student, train_student
-from pipeline.train import kd_loss
+from pipeline.training import kd_loss
 
 
 def test_kd_loss_is_hinton():
