@@ -1,0 +1,90 @@
+"""One registry of adapt strategies (after timm's `register_model`): a strategy is
+`fn(model, data, cfg, ctx) -> AdaptOutcome`; it trains the pretrained `EdgeClassifier` it is
+given and returns a plain `EdgeClassifier` (no extra modules, so export sees an ordinary graph)
+with its test logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.config import AdaptConfig
+from pipeline.errors import ConfigError
+from pipeline.models import EdgeClassifier
+from pipeline.strategies.data import AdaptData, train_loader
+from pipeline.training import FitResult, TrainSettings, fit
+
+
+@dataclass
+class AdaptContext:
+    """What a strategy needs besides the model, the data and its config."""
+
+    arch: str
+    seed: int = 0
+    batch_size: int = 64
+    num_workers: int = 0
+    adapter_dir: Path | None = None  # where the LoRA adapter is saved (None: not saved)
+    checkpoint_dir: Path | None = None  # resumable checkpoint (None: none)
+    resume: bool = False
+    run_config: dict | None = None
+    is_main: bool = True
+    desc: str = "adapt"
+
+
+@dataclass
+class AdaptOutcome:
+    model: EdgeClassifier  # trained, plain (no adapters), eval mode, on the CPU
+    test_logits: torch.Tensor
+    val_accuracy: float
+    fit: FitResult | None
+    trainable_params: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def loader_for(data: AdaptData, augment: str, ctx: AdaptContext) -> DataLoader:
+    return train_loader(data, augment, ctx.batch_size, ctx.seed, ctx.num_workers)
+
+
+def fit_adapt(model: nn.Module, loader, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext, val_x=None, **kw) -> FitResult:
+    """pipeline.training.fit with the adapt settings, validated on the val split (or `val_x`, e.g. its features)."""
+    return fit(
+        model, loader, data.x("val") if val_x is None else val_x, data.y("val"),
+        settings=TrainSettings.from_adapt(cfg), desc=ctx.desc, checkpoint_dir=ctx.checkpoint_dir,
+        resume=ctx.resume, run_config=ctx.run_config, **kw,
+    )
+
+
+Strategy = Callable[[EdgeClassifier, AdaptData, AdaptConfig, AdaptContext], AdaptOutcome]
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str):
+    """Decorator: register `fn(model, data, cfg, ctx) -> AdaptOutcome` under `name`."""
+
+    def deco(fn: Strategy) -> Strategy:
+        if name in _STRATEGIES:
+            raise ValueError(f"strategy '{name}' is already registered")
+        _STRATEGIES[name] = fn
+        return fn
+
+    return deco
+
+
+def list_strategies() -> list[str]:
+    return list(_STRATEGIES)
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in _STRATEGIES:
+        raise ConfigError(f"adapt.strategy: unknown strategy '{name}'; valid: {', '.join(_STRATEGIES)}")
+    return _STRATEGIES[name]
+
+
+def adapt_model(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext) -> AdaptOutcome:
+    """Run the strategy `cfg.strategy` names."""
+    return get_strategy(cfg.strategy)(model, data, cfg, ctx)
