@@ -33,7 +33,7 @@ def main() -> None:
 
     from exporters.bench import bench_bundle, ratios, write_outputs
     from pipeline.config import build_config
-    from pipeline.stages import run_export
+    from pipeline.export_stage import run_export
 
     if args.workdir.exists():
         shutil.rmtree(args.workdir)

@@ -44,7 +44,9 @@ def ort_runner(path: Path, x: np.ndarray, device: str):
     providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise SystemExit(f"onnxruntime-gpu's CUDAExecutionProvider is missing (have {ort.get_available_providers()})")
-    sess = ort.InferenceSession(str(path), providers=providers)
+    from runtime.backends.ort import open_onnx
+
+    sess = open_onnx(path, providers=providers)
     name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
     if device != "cuda":
         return lambda: sess.run([out], {name: x})
@@ -106,7 +108,6 @@ def main() -> None:
     # FP16 parity on the demo test split, through the bundle's preprocessing.
     from exporters.parity import Thresholds, compare_logits
     from pipeline.data import Split, load_tensors
-    import onnxruntime as ort
 
     split = Split.load(args.run_dir / "split.json")
     xt, yt = load_tensors(split.paths("test"), split.labels("test"), meta.preprocess)
@@ -116,8 +117,9 @@ def main() -> None:
     with torch.inference_mode():
         ref = model.cpu()(xt).numpy()
     providers = ["CUDAExecutionProvider"] if dev == "cuda" else ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(fp16_demo), providers=providers)
-    cand = sess.run(None, {sess.get_inputs()[0].name: xt.numpy()})[0]
+    from runtime.backends.ort import onnx_runner
+
+    cand = onnx_runner(fp16_demo, providers=providers).run(xt.numpy())
     rep = compare_logits("fp16.onnx", ref, cand, yt.numpy(), Thresholds(min_agreement=0.995, max_abs_logit_diff=None))
     print(f"fp16 parity on {rep.n_images} test images: agreement {rep.agreement:.4f} (target >= 0.995), "
           f"accuracy {rep.artifact_accuracy:.4f} vs {rep.reference_accuracy:.4f}, max |Δlogit| {rep.max_abs_logit_diff:.3g}")

@@ -18,9 +18,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exporters.parity import artifact_runner
-from runtime.bundle import atomic_write_text, read_bundle
-from runtime.preprocess import PreprocessSpec, preprocess
+from runtime.backends import session_for_artifact
+from runtime.bundle import Bundle, read_bundle
+from runtime.files import atomic_write_text
+from runtime.preprocess import preprocess
 
 
 @dataclass
@@ -42,18 +43,17 @@ class BenchRow:
         return "—" if self.parity is None else ("✅" if self.parity else "❌")
 
 
-def _artifact_bytes(root: Path, meta: dict, key: str) -> int:
-    f = root / meta["artifacts"][key]["file"]
+def _artifact_bytes(bundle: Bundle, key: str) -> int:
+    f = bundle.path(key)
     data = f.with_name(f.name + ".data")
     return f.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _inputs(root: Path, meta: dict, n: int) -> np.ndarray:
+def _inputs(bundle: Bundle, n: int) -> np.ndarray:
     """Real images when the bundle has golden ones (repeated to n), else a fixed random batch."""
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
-    files = [root / f for f in meta.get("golden", {}).get("files", [])]
-    if files:
-        x = preprocess(files, spec)
+    spec = bundle.preprocess
+    if bundle.manifest.golden:
+        x = preprocess(bundle.golden()[1], spec)
         return np.concatenate([x] * (n // len(x) + 1))[:n]
     return np.random.default_rng(0).standard_normal((n, 3, spec.crop, spec.crop)).astype(np.float32)
 
@@ -83,51 +83,38 @@ def alternating_latency(runners: dict[str, Callable], x: np.ndarray, blocks: int
 
 def bench_bundle(bundle_dir: Path, rounds: int = 200, throughput_batch: int = 32,
                  throughput_rounds: int = 10, threads: int | None = None) -> list[BenchRow]:
-    """Benchmark every artifact of a bundle that can run here (ONNX on onnxruntime's CPU provider;
-    TensorRT engines where tensorrt and a GPU are present)."""
+    """Benchmark every artifact of a bundle that can run here, each on the runtime backend its format
+    needs (runtime.backends.session_for_artifact: ONNX on onnxruntime's CPU provider with `threads`
+    intra-op threads; TensorRT engines where tensorrt and a matching GPU are present)."""
     bundle = read_bundle(bundle_dir, verify=True)
-    root, meta = bundle.root, bundle.meta
+    arts = bundle.manifest.artifacts
     runners: dict[str, Callable] = {}
     backends: dict[str, str] = {}
-    for key, art in meta["artifacts"].items():
+    for key, art in arts.items():
         try:
-            runners[key] = _runner(root, meta, key, threads)
-            backends[key] = "onnxruntime-cpu" if art["format"] == "onnx" else art["format"]
+            runners[key] = session_for_artifact(bundle, key, intra_op_threads=threads).run
+            backends[key] = "onnxruntime-cpu" if art.format == "onnx" else art.format
         except Exception as e:  # e.g. no tensorrt here: benchmark the rest, say why
             backends[key] = f"unavailable ({str(e).splitlines()[0][:80]})"
-    x1 = _inputs(root, meta, 1)
-    xb = _inputs(root, meta, throughput_batch)
+    x1 = _inputs(bundle, 1)
+    xb = _inputs(bundle, throughput_batch)
     blocks = min(10, rounds)
     lat = alternating_latency(runners, x1, blocks=blocks, per_block=rounds // blocks)
     # Throughput from the median batch time, in two alternating blocks per artifact.
     tb = alternating_latency(runners, xb, blocks=2, per_block=max(1, throughput_rounds // 2), warmup=1)
     thr = {k: throughput_batch / float(np.median(v)) for k, v in tb.items()}
-    parity = meta.get("parity", {}).get("artifacts", {})
     rows = []
-    for key, art in meta["artifacts"].items():
-        p = parity.get(key, {})
+    for key, art in arts.items():
+        p = art.parity or {}
         t = np.asarray(lat.get(key, [np.nan])) * 1e3
         rows.append(BenchRow(
-            artifact=key, format=art["format"], precision=art.get("precision", "fp32"), backend=backends[key],
-            size_mb=_artifact_bytes(root, meta, key) / 1e6,
+            artifact=key, format=art.format, precision=art.precision, backend=backends[key],
+            size_mb=_artifact_bytes(bundle, key) / 1e6,
             accuracy=p.get("artifact_accuracy"), agreement=p.get("agreement"),
             latency_p50_ms=float(np.percentile(t, 50)), latency_p95_ms=float(np.percentile(t, 95)),
             throughput_ips=float(thr.get(key, np.nan)), parity=p.get("passed"),
         ))
     return rows
-
-
-def _runner(root: Path, meta: dict, key: str, threads: int | None) -> Callable:
-    art = meta["artifacts"][key]
-    if art["format"] == "onnx" and threads:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(root / art["file"]), sess_options=opts, providers=["CPUExecutionProvider"])
-        i, o = meta["input"]["name"], meta["output"]["name"]
-        return lambda x: sess.run([o], {i: x})[0]
-    return artifact_runner(root, meta, key)
 
 
 def ratios(rows: list[BenchRow], base: str = "onnx") -> dict[str, dict[str, float]]:

@@ -28,12 +28,20 @@ class CalibrationSet:
         return {"split": "train", "images": len(self.files), "per_class": self.per_class}
 
 
-def stratified_indices(labels: list[int], size: int, n_classes: int, seed: int = 0) -> list[int]:
+def stratified_indices(labels: list[int], size: int, n_classes: int, seed: int | None = 0,
+                       interleave: bool = False) -> list[int]:
     """`size` indices spread as evenly as possible over the classes (a class with too few images
-    gives all it has and the rest goes to the others), chosen with a seeded RNG."""
+    gives all it has and the rest goes to the others). Each class's images are drawn in a seeded
+    random order, or in file order with seed=None. Returned sorted by position, or with
+    `interleave` one class after another (the first of every class, then the second, ...).
+
+    The one per-class sampler: INT8/TensorRT calibration (seeded) and golden images (file order).
+    """
     labels_a = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    pools = [list(rng.permutation(np.nonzero(labels_a == c)[0])) for c in range(n_classes)]
+    rng = np.random.default_rng(seed) if seed is not None else None
+    pools = [np.nonzero(labels_a == c)[0] for c in range(n_classes)]
+    if rng is not None:
+        pools = [rng.permutation(p) for p in pools]
     take = [0] * n_classes
     remaining = min(size, len(labels_a))
     # Round-robin over classes that still have images: even shares, no class over-represented.
@@ -46,6 +54,8 @@ def stratified_indices(labels: list[int], size: int, n_classes: int, seed: int =
                 progressed = True
         if not progressed:
             break
+    if interleave:
+        return [int(pools[c][d]) for d in range(max(take, default=0)) for c in range(n_classes) if d < take[c]]
     return sorted(int(i) for c in range(n_classes) for i in pools[c][: take[c]])
 
 

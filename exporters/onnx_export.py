@@ -4,31 +4,25 @@ same outputs."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
-import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
 
-import numpy as np
-
+from exporters.errors import ExportError  # noqa: F401  (raised here; importable from here as before)
+from exporters.quiet import quiet
 from exporters.specs import ExportSpec
-from pipeline.errors import EdgekilnError
+from runtime.backends.ort import onnx_runner
 
 INPUT_NAME = ExportSpec.input_names[0]
-OUTPUT_NAME = ExportSpec.output_names[0]
 # protobuf cannot serialize a message over 2 GiB: larger models keep their
 # weights in an external-data file beside the .onnx (onnx's external data format).
 PROTOBUF_LIMIT = 2**31 - 1
-
-
-class ExportError(EdgekilnError):
-    pass
+# The exporter logs progress and warnings of its own; the CLI output stays ours.
+_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir", "torch.fx")
 
 
 def needs_external_data(model: nn.Module, margin: float = 0.9) -> bool:
@@ -58,11 +52,8 @@ def export_onnx(
     batch_axis = spec.dynamic_axes.get(spec.input_name(), {}).get(0, "batch")
     dynamic_shapes = ({0: torch.export.Dim(batch_axis, min=1, max=4096)},) if dynamic_batch else None
     external = needs_external_data(model)
-    # The exporter prints progress and warnings of its own; keep the CLI output ours.
-    sink = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), _quiet_loggers():
-            warnings.simplefilter("ignore")
+        with quiet(*_EXPORTER_LOGGERS):
             program = torch.onnx.export(
                 model,
                 (example,),
@@ -85,19 +76,6 @@ def export_onnx(
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-@contextlib.contextmanager
-def _quiet_loggers():
-    names = ["torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir", "torch.fx"]
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
-    for lg, _ in saved:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, lvl in saved:
-            lg.setLevel(lvl)
-
-
 def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
     """Save, switching to the external-data format when the message would pass 2 GiB."""
     big = proto.ByteSize() > PROTOBUF_LIMIT * 0.9
@@ -106,10 +84,7 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return onnx_runner(path).run(x)
 
 
 def simplify_onnx(path: Path, check_input: np.ndarray, atol: float = 1e-5) -> dict:
@@ -120,10 +95,8 @@ def simplify_onnx(path: Path, check_input: np.ndarray, atol: float = 1e-5) -> di
     except ImportError:
         return {"tool": "onnxslim", "applied": False, "reason": "onnxslim is not installed (pip install onnxslim)"}
     before_nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
-    sink = io.StringIO()
     try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             slim = onnxslim.slim(str(path))
     except Exception as e:  # a simplifier bug must never break an export: keep the original graph
         return {"tool": "onnxslim", "applied": False, "reason": f"onnxslim failed: {e.__class__.__name__}"}

@@ -3,32 +3,32 @@ artifact's logits on the same labeled images, collect every failed check.
 
 `compare_logits` is the routine (accuracy of each, accuracy delta, top-1
 agreement, max and mean |Δlogit|, KL divergence of the probabilities,
-per-class accuracy delta, flipped images); `artifact_logits` runs any bundle
-artifact on image files through the runtime's own preprocessing; `GateResult`
-collects the reports of every artifact of a bundle.
+per-class accuracy delta, flipped images); `parity_gate` runs every artifact of
+a bundle through the runtime's own backends (runtime.backends.session_for_artifact,
+the code that serves) and the runtime's preprocessing; `GateResult` collects the
+reports of every artifact of a bundle.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import ParityError
+from exporters.thresholds import Thresholds
 from runtime import softmax
+from runtime.backends import EngineUnavailable, session_for_artifact
+from runtime.bundle import Bundle
+from runtime.errors import ParityError
+from runtime.preprocess import preprocess
 
+log = logging.getLogger("edgekiln")
 
-@dataclass(frozen=True)
-class Thresholds:
-    """None disables a check. Accuracies are fractions (max_accuracy_drop 0.01 = 1 point)."""
-
-    min_agreement: float | None = 1.0
-    max_abs_logit_diff: float | None = 1e-3
-    min_accuracy: float | None = None
-    max_accuracy_drop: float | None = None
-    max_kl: float | None = None
+__all__ = ["GateResult", "ParityReport", "Thresholds", "compare_logits", "kl_divergence", "open_runners",
+           "parity_gate"]
 
 
 def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -65,10 +65,6 @@ class ParityReport:
         d = asdict(self)
         d["passed"] = self.passed
         return d
-
-    def raise_on_failure(self) -> None:
-        if self.failures:
-            raise ParityError(f"{self.artifact}: parity failed: " + "; ".join(self.failures))
 
 
 def compare_logits(
@@ -173,33 +169,44 @@ class GateResult:
                 "artifacts": {k: r.to_dict() for k, r in self.reports.items()}, "golden": self.golden}
 
 
-def artifact_session(path: Path, providers: list[str] | None = None):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+Runner = Callable[[np.ndarray], np.ndarray]
 
 
-def artifact_runner(bundle_root: Path, meta: dict, key: str):
-    """A function float32 NCHW batch -> float32 logits for the bundle artifact `key`."""
-    art = meta["artifacts"][key]
-    path = Path(bundle_root) / art["file"]
-    if art["format"] == "onnx":
-        sess = artifact_session(path)
-        in_name, out_name = meta["input"]["name"], meta["output"]["name"]
-        return lambda x: np.asarray(sess.run([out_name], {in_name: x})[0], dtype=np.float32)
-    if art["format"] == "tensorrt":
-        from exporters.tensorrt import TensorRTRunner
-
-        # Refuses an engine whose fingerprint (TensorRT version, GPU, compute capability) is not this machine's.
-        return TensorRTRunner(path, meta["input"]["name"], meta["output"]["name"], fingerprint=art.get("fingerprint"))
-    raise ParityError(f"{path}: no runner for artifact format '{art['format']}'")
+def open_runners(bundle: Bundle, keys: list[str] | None = None) -> tuple[dict[str, Runner], dict[str, str]]:
+    """Every artifact of `bundle` (or `keys`) opened on the runtime backend its format needs, as
+    float32 NCHW batch -> logits functions, and {key: why} for the engines that cannot run on
+    this machine (left out with a warning)."""
+    runners, skipped = {}, {}
+    for key in keys if keys is not None else list(bundle.manifest.artifacts):
+        try:
+            runners[key] = session_for_artifact(bundle, key).run
+        except EngineUnavailable as e:  # e.g. a TensorRT engine on a machine without tensorrt or this GPU
+            log.warning("parity: %s not checked on this machine: %s", key, e)
+            skipped[key] = str(e)
+    return runners, skipped
 
 
-def artifact_logits(bundle_root: Path, meta: dict, key: str, images: list, batch: int = 64) -> np.ndarray:
-    """Logits of artifact `key` on image files, preprocessed exactly as the runtime does (bundle.json)."""
-    from runtime.preprocess import PreprocessSpec, preprocess
+def parity_gate(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, paths: list[Path], names: list[str],
+                thresholds_for: Callable[[str], Thresholds], batch: int = 64) -> GateResult:
+    """Check every artifact of `bundle` against the PyTorch `reference` logits on the image files `paths`.
 
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
-    run = artifact_runner(bundle_root, meta, key)
-    outs = [run(preprocess(images[i : i + batch], spec)) for i in range(0, len(images), batch)]
-    return np.concatenate(outs) if outs else np.zeros((0, len(meta["class_names"])), np.float32)
+    Each chunk of images is decoded and preprocessed once (bundle.json's preprocessing) and fed to
+    every artifact, and the golden-image self-test reuses the same sessions (each loads once).
+    """
+    from exporters.golden import self_test
+
+    m = bundle.manifest
+    runners, _ = open_runners(bundle)
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in runners}
+    for i in range(0, len(paths), batch):
+        x = preprocess(paths[i : i + batch], bundle.preprocess)
+        for key, run in runners.items():
+            outs[key].append(np.asarray(run(x), dtype=np.float32))
+    reports = {}
+    for key, chunks in outs.items():
+        art = m.artifacts[key]
+        cand = np.concatenate(chunks) if chunks else np.zeros((0, len(m.class_names)), np.float32)
+        reports[key] = compare_logits(art.file, reference, cand, labels, thresholds_for(art.precision), names,
+                                      precision=art.precision, class_names=list(m.class_names))
+    golden = self_test(bundle, runners=runners) if m.golden else {}
+    return GateResult(reports=reports, golden=golden)

@@ -14,25 +14,12 @@ float). Exporters never special-case an architecture; they read its spec.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 from typing import ClassVar
 
-from pipeline.errors import EdgekilnError
+from exporters.thresholds import Thresholds
+from runtime.errors import EdgekilnError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Default parity thresholds for one precision; the config's `validate` section overrides them.
-
-    None disables a check. Accuracy figures are fractions (0.01 = 1 point).
-    """
-
-    min_agreement: float | None = None
-    max_abs_logit_diff: float | None = None
-    max_accuracy_drop: float | None = None
-    max_kl: float | None = None
 
 
 class ExportSpec:
@@ -47,10 +34,12 @@ class ExportSpec:
     dynamic_axes: ClassVar[dict[str, dict[int, str]]] = {"input": {0: "batch"}, "logits": {0: "batch"}}
     opset: ClassVar[int] = 18
     min_opset: ClassVar[int] = 17
-    tolerances: ClassVar[dict[str, Tolerance]] = {
-        "fp32": Tolerance(min_agreement=1.0, max_abs_logit_diff=1e-3),
-        "fp16": Tolerance(min_agreement=0.995),
-        "int8": Tolerance(max_accuracy_drop=0.01),
+    # Parity thresholds per precision; the config's `validate` section overrides them
+    # (exporters.thresholds.resolve_thresholds).
+    tolerances: ClassVar[dict[str, Thresholds]] = {
+        "fp32": Thresholds.only(min_agreement=1.0, max_abs_logit_diff=1e-3),
+        "fp16": Thresholds.only(min_agreement=0.995),
+        "int8": Thresholds.only(max_accuracy_drop=0.01),
     }
     # Golden-image self-test tolerance on the FP32 artifact's logits.
     golden_atol: ClassVar[float] = 1e-3
@@ -123,7 +112,7 @@ class MobileNetV3Spec(ExportSpec):
     tolerances = {
         **ExportSpec.tolerances,
         # FP16 logits of hard-swish networks move more; agreement is what matters.
-        "fp16": Tolerance(min_agreement=0.995),
+        "fp16": Thresholds.only(min_agreement=0.995),
     }
 
 

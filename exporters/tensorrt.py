@@ -45,9 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import EdgekilnError
-from runtime.backends import run_in_profile_batches
-from runtime.gpu_info import engine_fingerprint, fingerprint_mismatch  # one comparison for the exporter and the runtime's engine backend
+from exporters.errors import TensorRTBuildError, TensorRTUnavailable
+from runtime.gpu_info import engine_fingerprint, fingerprint_mismatch  # noqa: F401  (one comparison, exporter and runtime)
 
 log = logging.getLogger("edgekiln")
 
@@ -55,14 +54,6 @@ INSTALL_HINT = (
     "the 'tensorrt' target needs NVIDIA TensorRT 10 and a CUDA GPU: "
     "pip install 'tensorrt>=10,<11' (Linux x86_64/aarch64 with an NVIDIA driver), then re-run the export"
 )
-
-
-class TensorRTUnavailable(EdgekilnError):
-    """tensorrt (or a CUDA GPU) is missing on this machine."""
-
-
-class TensorRTBuildError(EdgekilnError):
-    pass
 
 
 def require_tensorrt():
@@ -226,59 +217,3 @@ def build_engine(
         "workspace_mb": settings.workspace_mb,
         "fingerprint": gpu_fingerprint(),
     }
-
-
-class TensorRTRunner:
-    """Runs a serialized engine on float32 NCHW batches (used by the parity gate and bench)."""
-
-    def __init__(self, engine_path: Path, input_name: str, output_name: str, fingerprint: dict | None = None):
-        trt = require_tensorrt()
-        self.torch = _cuda_device()
-        if fingerprint:
-            diff = fingerprint_mismatch(fingerprint, gpu_fingerprint())
-            if diff:
-                raise TensorRTUnavailable(f"{engine_path.name} does not match this GPU: {'; '.join(diff)}")
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # [PY "Deserializing a Plan"]
-        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())  # [PY]
-        if self.engine is None:
-            raise TensorRTBuildError(f"{engine_path}: TensorRT could not deserialize the engine")
-        self.context = self.engine.create_execution_context()  # [ENG]
-        if self.context is None:
-            raise TensorRTBuildError(f"{engine_path}: TensorRT could not create an execution context")
-        self.input_name, self.output_name = input_name, output_name
-        # The bundle's tensor names and float32 buffers must match the engine's IO tensors
-        # (ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_dtype).
-        io = {self.engine.get_tensor_name(i): self.engine.get_tensor_mode(self.engine.get_tensor_name(i))
-              for i in range(self.engine.num_io_tensors)}
-        for name, mode in ((input_name, trt.TensorIOMode.INPUT), (output_name, trt.TensorIOMode.OUTPUT)):
-            if io.get(name) != mode:
-                raise TensorRTBuildError(f"{engine_path}: no {mode.name.lower()} tensor '{name}' (engine IO: {', '.join(io)})")
-            if self.engine.get_tensor_dtype(name) != trt.float32:
-                raise TensorRTBuildError(f"{engine_path}: tensor '{name}' is {self.engine.get_tensor_dtype(name)}, not float32")
-        # set_input_shape fails outside the optimization profile, so batches are split to at most its max
-        # (parity runs batches of 64, the default profile max is 32) and padded up to its min [ENG].
-        shape_min, _, shape_max = self.engine.get_tensor_profile_shape(input_name, 0)
-        self.min_batch, self.max_batch = int(shape_min[0]), int(shape_max[0])
-        # A stream of our own: enqueueV3 on the legacy default stream (torch's current stream unless
-        # changed) makes TensorRT add device-wide synchronizations, documented as a performance issue.
-        self.stream = self.torch.cuda.Stream()
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return run_in_profile_batches(x, self.min_batch, self.max_batch, self._run)
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        with torch.cuda.stream(self.stream):
-            inp = torch.from_numpy(x).cuda()
-            if not self.context.set_input_shape(self.input_name, tuple(inp.shape)):  # [ENG]: False = rejected
-                raise TensorRTBuildError(f"TensorRT rejected input shape {tuple(inp.shape)} "
-                                         f"(engine batch range {self.min_batch}..{self.max_batch})")
-            out_shape = tuple(self.context.get_tensor_shape(self.output_name))  # [ENG]
-            out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
-            self.context.set_tensor_address(self.input_name, inp.data_ptr())  # [ENG]
-            self.context.set_tensor_address(self.output_name, out.data_ptr())  # [ENG]
-            if not self.context.execute_async_v3(self.stream.cuda_stream):  # [ENG]
-                raise TensorRTBuildError("TensorRT execution failed")
-            self.stream.synchronize()
-        return out.cpu().numpy()

@@ -14,16 +14,11 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any
-
-from pipeline.errors import EdgekilnError
-from runtime.bundle import atomic_write_text, read_bundle
+from exporters.errors import TritonError
+from runtime.bundle import BundleManifest, read_bundle
+from runtime.files import atomic_write_text
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
-
-
-class TritonError(EdgekilnError):
-    pass
 
 
 def _dims(shape: list) -> str:
@@ -85,20 +80,20 @@ def write_triton_repo(
 ) -> Path:
     """Write (or replace) one model of a Triton repository from a verified bundle; return its directory."""
     bundle = read_bundle(bundle_dir, verify=True)
-    meta = bundle.meta
-    arts = meta["artifacts"]
-    if artifact not in arts:
-        raise TritonError(f"{bundle_dir}: no '{artifact}' artifact to put in a Triton repository (has: {', '.join(arts)})")
-    fmt = arts[artifact]["format"]
+    m = bundle.manifest
+    if artifact not in m.artifacts:
+        raise TritonError(f"{bundle_dir}: no '{artifact}' artifact to put in a Triton repository "
+                          f"(has: {', '.join(m.artifacts)})")
+    fmt = m.artifacts[artifact].format
     if fmt not in PLATFORMS:
         raise TritonError(f"artifact '{artifact}' has format '{fmt}'; Triton platforms here: {', '.join(PLATFORMS)}")
     platform, filename = PLATFORMS[fmt]
-    name = model_name or _model_name(meta)
+    name = model_name or _model_name(m)
     preferred = sorted({b for b in (preferred_batch_sizes or [max(1, max_batch_size // 4), max_batch_size])
                         if 1 <= b <= max_batch_size})
     if max_batch_size < 1 or not preferred:
         raise TritonError("triton max_batch_size must be >= 1 and preferred batch sizes within 1..max_batch_size")
-    chw = [int(d) for d in meta["input"]["shape"][1:]]
+    chw = [int(d) for d in m.input.shape[1:]]
     model_dir = Path(repo) / name
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -108,17 +103,16 @@ def write_triton_repo(
     data = src.with_name(src.name + ".data")  # external weights travel with the model file
     if data.exists():
         shutil.copyfile(data, model_dir / "1" / data.name)
-    atomic_write_text(model_dir / "labels.txt", "".join(f"{c}\n" for c in meta["class_names"]))
+    atomic_write_text(model_dir / "labels.txt", "".join(f"{c}\n" for c in m.class_names))
     atomic_write_text(
         model_dir / "config.pbtxt",
-        config_pbtxt(name, platform, meta["input"]["name"], chw, meta["output"]["name"], len(meta["class_names"]),
-                     max_batch_size, preferred),
+        config_pbtxt(name, platform, m.input.name, chw, m.output.name, len(m.class_names), max_batch_size, preferred),
     )
     return model_dir
 
 
-def _model_name(meta: dict[str, Any]) -> str:
-    arch = meta.get("model", {}).get("arch", "model")
+def _model_name(m: BundleManifest) -> str:
+    arch = m.model.arch or "model"
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", arch.split("/")[-1]) or "model"
 
 

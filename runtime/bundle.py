@@ -255,11 +255,6 @@ class Bundle:
     def output_name(self) -> str:
         return self.manifest.output.name
 
-    @property
-    def meta(self) -> dict[str, Any]:
-        """TRANSITIONAL (removed once every reader uses `manifest`): bundle.json in schema-1 shape."""
-        return _downgrade_v1(self.manifest)
-
     def artifact(self, key: str = "onnx") -> Artifact:
         arts = self.manifest.artifacts
         if key not in arts:
@@ -346,21 +341,9 @@ def write_manifest(root: Path, manifest: BundleManifest) -> BundleManifest:
 # ----------------------------------------------------------------- TRANSITIONAL shims, removed in this change
 
 
-def _downgrade_v1(m: BundleManifest) -> dict[str, Any]:
-    d = m.model_dump(mode="json")
-    d["schema_version"] = 1
-    arts = {}
-    for key, a in d["artifacts"].items():
-        arts[key] = {"file": a["file"], "format": a["format"], "precision": a["precision"], **a["details"]}
-        if a.get("fingerprint"):
-            arts[key]["fingerprint"] = a["fingerprint"]
-    d["artifacts"] = arts
-    if m.parity:
-        d["parity"] = {**d["parity"], "artifacts": {k: a.parity for k, a in m.artifacts.items() if a.parity}}
-    return d
-
-
 def write_bundle_json(root: Path, meta: dict[str, Any]) -> None:
+    """TRANSITIONAL (tests/test_runtime_backends.py, tests/test_runtime_trt_engine.py still re-hash a hand-edited
+    dict with it): write_manifest(root, parse_manifest(meta)) is the way."""
     meta = dict(meta)
     meta.pop("files", None)
     if meta.get("schema_version") in (None, 1):

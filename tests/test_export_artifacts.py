@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from runtime.bundle import read_bundle, write_bundle_json
+from runtime.bundle import parse_manifest, read_bundle, write_manifest
 
 
 _EXPORTED: dict = {}
@@ -43,43 +43,43 @@ def _export(tiny_run, tmp_path_factory):
 
 def test_export_writes_every_requested_artifact_with_parity(exported):
     _, run_dir, _, output = exported
-    meta = read_bundle(run_dir / "bundle").meta  # verifies every sha256
-    arts = meta["artifacts"]
-    assert {k: (a["file"], a["format"], a["precision"]) for k, a in arts.items()} == {
+    m = read_bundle(run_dir / "bundle").manifest  # verifies every sha256
+    arts = m.artifacts
+    assert {k: (a.file, a.format, a.precision) for k, a in arts.items()} == {
         "onnx": ("model.onnx", "onnx", "fp32"),
         "onnx_fp16": ("model.fp16.onnx", "onnx", "fp16"),
         "onnx_int8": ("model.int8.onnx", "onnx", "int8"),
     }
-    parity = meta["parity"]["artifacts"]
+    parity = {k: a.parity for k, a in arts.items()}
     assert set(parity) == set(arts) and all(p["passed"] for p in parity.values())
     assert parity["onnx"]["agreement"] == 1.0 and parity["onnx"]["max_abs_logit_diff"] <= 1e-3
     assert parity["onnx_fp16"]["agreement"] >= 0.995
     assert parity["onnx_int8"]["artifact_accuracy"] >= parity["onnx_int8"]["reference_accuracy"] - 0.01
     for p in parity.values():
         assert {"kl_divergence", "per_class_accuracy_delta", "flipped", "accuracy_delta"} <= set(p)
-        assert set(p["per_class_accuracy_delta"]) == set(meta["class_names"])
-    assert meta["parity"]["test"]["artifact"] == "model.onnx"  # the FP32 report, as before
+        assert set(p["per_class_accuracy_delta"]) == set(m.class_names)
+    assert m.parity.test["artifact"] == "model.onnx"  # the FP32 report, as before
     assert "✅ onnx_int8: model.int8.onnx" in output and "✅ onnx_fp16: model.fp16.onnx" in output
 
 
 def test_int8_is_qdq_per_channel_and_reports_calibration(exported):
     _, run_dir, _, output = exported
-    meta = read_bundle(run_dir / "bundle").meta
-    q = meta["artifacts"]["onnx_int8"]["quantization"]
+    m = read_bundle(run_dir / "bundle").manifest
+    q = m.artifacts["onnx_int8"].details["quantization"]
     cal = q["calibration"]
     # 20 images over 3 classes, stratified: 7/7/6, all from the training split.
     assert cal["split"] == "train" and cal["images"] == 20 and sorted(cal["per_class"].values()) == [6, 7, 7]
-    assert set(cal["per_class"]) == set(meta["class_names"])
+    assert set(cal["per_class"]) == set(m.class_names)
     assert "int8 calibration: 20 train images, per class digit0:7, digit1:7, digit2:6" in output
     assert q["format"] == "QDQ" and q["guard"]["split"] == "val" and q["guard"]["budget"] == 0.01
-    m = onnx.load(str(run_dir / "bundle" / "model.int8.onnx"))
-    ops = [n.op_type for n in m.graph.node]
+    g = onnx.load(str(run_dir / "bundle" / "model.int8.onnx")).graph
+    ops = [n.op_type for n in g.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
-    inits = {t.name: t for t in m.graph.initializer}
-    conv_w = [inits[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    inits = {t.name: t for t in g.initializer}
+    conv_w = [inits[n.input[0]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
               and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
     assert conv_w, "conv weights should be stored as int8"
-    scales = [inits[n.input[1]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    scales = [inits[n.input[1]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
               and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
     assert all(len(s.dims) == 1 and s.dims[0] > 1 for s in scales), "weights should be quantized per channel"
     # Clip/Relu after a quantized conv are folded into the quantized range.
@@ -99,16 +99,16 @@ def test_fp16_keeps_float32_io(exported):
 def test_golden_images_in_bundle_match_format_and_self_test(exported):
     _, run_dir, _, _ = exported
     bundle = run_dir / "bundle"
-    meta = read_bundle(bundle).meta
-    g = meta["golden"]
-    assert set(g) == {"files", "logits", "atol"} and g["atol"] == 1e-3
-    assert g["files"] == [f"golden-{i:02d}.png" for i in range(5)]
-    assert all((bundle / f).is_file() and f in meta["files"] for f in g["files"])  # hashed like every file
-    assert np.asarray(g["logits"]).shape == (5, len(meta["class_names"]))
+    m = read_bundle(bundle).manifest
+    g = m.golden
+    assert set(g.model_dump()) == {"files", "logits", "atol"} and g.atol == 1e-3
+    assert g.files == [f"golden-{i:02d}.png" for i in range(5)]
+    assert all((bundle / f).is_file() and f in m.files for f in g.files)  # hashed like every file
+    assert np.asarray(g.logits).shape == (5, len(m.class_names))
     # One golden image per class first (round-robin over the test split).
     split = json.loads((run_dir / "split.json").read_text())
     first = [next(p for p, y in split["test"] if y == c) for c in range(3)]
-    for name, src in zip(g["files"], first):
+    for name, src in zip(g.files, first):
         assert (bundle / name).read_bytes() == (__import__("pathlib").Path(split["root"]) / src).read_bytes()
     r = CliRunner().invoke(cli, ["validate", "--bundle", str(bundle)])
     assert r.exit_code == 0, r.output
@@ -121,7 +121,7 @@ def test_self_test_fails_when_golden_logits_disagree(exported, tmp_path):
     shutil.copytree(run_dir / "bundle", bundle)
     meta = json.loads((bundle / "bundle.json").read_text())
     meta["golden"]["logits"][0] = [-x for x in meta["golden"]["logits"][0]]
-    write_bundle_json(bundle, meta)
+    write_manifest(bundle, parse_manifest(meta))
     r = CliRunner().invoke(cli, ["validate", "--bundle", str(bundle)])
     assert r.exit_code == 1
     assert "error: self-test failed: onnx (model.onnx): max |Δlogit|" in r.output
@@ -154,7 +154,7 @@ def test_broken_artifact_fails_validate_naming_artifact_and_flipped_images(expor
     bundle = tmp_path / "broken"
     shutil.copytree(run_dir / "bundle", bundle)
     _scale_input(run_dir / "bundle" / "model.int8.onnx", bundle / "model.int8.onnx", -3.0)
-    write_bundle_json(bundle, json.loads((bundle / "bundle.json").read_text()))  # re-hash: the file is "valid"
+    write_manifest(bundle, read_bundle(bundle, verify=False).manifest)  # re-hash: the file is "valid"
     r = CliRunner().invoke(cli, ["validate", str(cfg), "--bundle", str(bundle)])
     assert r.exit_code == 1
     assert "❌ onnx_int8 (model.int8.onnx, int8)" in r.output and "✅ onnx (model.onnx, fp32)" in r.output
@@ -171,11 +171,10 @@ def test_int8_guard_excludes_sensitive_nodes_until_budget_holds(exported, tmp_pa
     ranks nodes by the noise they add and keeps the worst in float until the budget holds."""
     from exporters.quantize import quantize_int8
     from pipeline.data import Split
-    from runtime.preprocess import PreprocessSpec, preprocess
+    from runtime.preprocess import preprocess
 
     _, run_dir, _, _ = exported
-    meta = read_bundle(run_dir / "bundle").meta
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    spec = read_bundle(run_dir / "bundle").preprocess
     split = Split.load(run_dir / "split.json")
     calib = preprocess(split.paths("train")[:12], spec) * 0.05
     gx = preprocess(split.paths("val"), spec)

@@ -54,7 +54,7 @@ def test_unknown_family_lists_valid_ones():
 
 
 def test_thresholds_resolve_config_over_spec():
-    from exporters.artifacts import resolve_thresholds
+    from exporters.thresholds import resolve_thresholds
     from pipeline.config import ValidateConfig
 
     spec = export_spec_for("efficientnet_lite0")

@@ -57,12 +57,11 @@ def test_engine_builds_passes_parity_and_records_fingerprint(run_copy, precision
     cfg.write_text(yaml.safe_dump(d))
     r = CliRunner().invoke(cli, ["export", str(cfg)])
     assert r.exit_code == 0, r.output
-    meta = read_bundle(run_dir / "bundle").meta
-    art = meta["artifacts"]["tensorrt"]
-    assert art["file"] == "model.plan" and art["precision"] == precision
-    assert set(art["fingerprint"]) == {"tensorrt", "gpu", "compute_capability"}
-    assert art["profile"] == {"min": 1, "opt": 4, "max": 16}
-    assert meta["parity"]["artifacts"]["tensorrt"]["passed"]
+    art = read_bundle(run_dir / "bundle").manifest.artifacts["tensorrt"]
+    assert art.file == "model.plan" and art.precision == precision
+    assert set(art.fingerprint) == {"tensorrt", "gpu", "compute_capability"}
+    assert art.details["profile"] == {"min": 1, "opt": 4, "max": 16}
+    assert art.parity["passed"]
     assert (run_dir / "tensorrt-cache" / "timing.cache").is_file()
     if precision == "int8":
         assert (run_dir / "tensorrt-cache" / "student.calib").is_file()

@@ -21,7 +21,7 @@ PROTOS = [
 @pytest.mark.parametrize("minimal", PROTOS)
 def test_config_pbtxt_is_a_valid_model_config(exported, minimal):  # noqa: F811
     _, run_dir, repo, output = exported
-    meta = read_bundle(run_dir / "bundle").meta
+    m = read_bundle(run_dir / "bundle").manifest
     model_dir = repo / "compact_cnn_w0.5"
     assert f"triton model: {model_dir}" in output
     assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()) == [
@@ -34,9 +34,9 @@ def test_config_pbtxt_is_a_valid_model_config(exported, minimal):  # noqa: F811
     type_name = type(cfg).DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type
     assert inp.name == "input" and type_name.values_by_number[inp.data_type].name == "TYPE_FP32"
     assert list(inp.dims) == [3, 32, 32]  # no batch axis: max_batch_size > 0 makes it implicit
-    assert out.name == "logits" and list(out.dims) == [len(meta["class_names"])]
+    assert out.name == "logits" and list(out.dims) == [len(m.class_names)]
     assert out.label_filename == "labels.txt"
-    assert (model_dir / "labels.txt").read_text().splitlines() == meta["class_names"]
+    assert (model_dir / "labels.txt").read_text().splitlines() == m.class_names
 
 
 def test_triton_model_loads_in_onnxruntime_with_the_declared_dims(exported):  # noqa: F811

@@ -3,7 +3,7 @@ import json
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from runtime.bundle import read_bundle, sha256_file, write_bundle_json
+from runtime.bundle import parse_manifest, read_bundle, sha256_file, write_manifest
 
 
 def test_run_directory_layout_and_metrics(tiny_run):
@@ -51,7 +51,7 @@ def test_stage_commands_rerun_alone(run_copy):
     cfg, run_dir = run_copy
     r = CliRunner().invoke(cli, ["export", str(cfg), "--model", "teacher", "--out", str(run_dir / "teacher-bundle")])
     assert r.exit_code == 0, r.output
-    assert read_bundle(run_dir / "teacher-bundle").meta["model"]["role"] == "teacher"
+    assert read_bundle(run_dir / "teacher-bundle").manifest.model.role == "teacher"
     r = CliRunner().invoke(cli, ["validate", str(cfg), "--bundle", str(run_dir / "teacher-bundle")])
     assert r.exit_code == 0, r.output
     assert "agreement 100.00%" in r.output and r.output.strip().endswith("parity: OK")
@@ -63,7 +63,7 @@ def test_validate_fails_on_wrong_normalization_and_names_flipped_images(run_copy
     meta = json.loads((bundle / "bundle.json").read_text())
     meta["preprocess"]["mean"] = [0.0, 0.0, 0.0]  # the classic mismatch: wrong normalization
     meta["preprocess"]["std"] = [1.0, 1.0, 1.0]
-    write_bundle_json(bundle, meta)  # re-hashed, so it is the preprocessing that is wrong
+    write_manifest(bundle, parse_manifest(meta))  # re-hashed, so it is the preprocessing that is wrong
     r = CliRunner().invoke(cli, ["validate", str(cfg)])
     assert r.exit_code == 1
     assert "error: parity check failed: top-1 agreement" in r.output and "max |Δlogit|" in r.output

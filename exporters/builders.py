@@ -1,0 +1,168 @@
+"""The artifact-builder registry: one builder per bundle artifact, keyed by its name in
+bundle.json's "artifacts".
+
+    onnx        model.onnx        fp32   (always; the others are built from it)
+    onnx_fp16   model.fp16.onnx   fp16   (export.precisions)
+    onnx_int8   model.int8.onnx   int8   (export.precisions; QDQ, accuracy-guarded)
+    tensorrt    model.plan        fp32|fp16|int8 (export.tensorrt.enabled; fingerprinted)
+
+A builder is a function `build(ctx: BuildContext) -> runtime.bundle.Artifact` that writes its
+file into `ctx.out_dir`; `register_builder` adds it with its file name, when the export settings
+want it, and whether it needs the calibration set. Adding an artifact (OpenVINO, say) is one
+registered function; exporters.bundle.build_bundle builds whatever is registered and wanted,
+in registration order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from exporters.calibration import CalibrationSet
+from exporters.config import ExportConfig, ValidateConfig
+from exporters.errors import BuilderError
+from exporters.specs import ExportSpec
+from exporters.thresholds import resolve_thresholds
+from runtime.bundle import Artifact
+from runtime.preprocess import PreprocessSpec, preprocess
+
+log = logging.getLogger("edgekiln")
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What every builder gets: the checkpoint, the FP32 ONNX model, the bundle being built,
+    the calibration set, the export settings and the architecture's export spec."""
+
+    model: Any  # the checkpoint's torch.nn.Module, in eval mode
+    arch: str
+    preprocess: PreprocessSpec
+    role: str
+    out_dir: Path  # the temporary bundle directory
+    fp32_onnx: Path  # the FP32 ONNX model (written by the 'onnx' builder, first)
+    settings: ExportConfig
+    validate: ValidateConfig
+    spec: type[ExportSpec]
+    check_images: list[Path]  # a few test images: the FP32 simplification check
+    guard_images: list[Path]  # labeled validation images: the INT8 accuracy guard
+    guard_labels: list[int]
+    cache_dir: Path  # TensorRT timing and calibration caches, kept across exports
+    calibration: CalibrationSet | None = None
+
+    def guard_set(self) -> tuple[np.ndarray, np.ndarray]:
+        return preprocess(self.guard_images, self.preprocess), np.asarray(self.guard_labels)
+
+
+@dataclass(frozen=True)
+class BuilderSpec:
+    name: str  # the artifact's key in bundle.json
+    file: str  # its file name in the bundle
+    build: Callable[[BuildContext], Artifact]
+    wanted: Callable[[ExportConfig], bool]
+    needs_calibration: Callable[[ExportConfig], bool] = field(default=lambda s: False)
+
+
+_BUILDERS: dict[str, BuilderSpec] = {}
+
+
+def register_builder(name: str, file: str, wanted: Callable[[ExportConfig], bool],
+                     needs_calibration: Callable[[ExportConfig], bool] = lambda s: False):
+    """Decorator: register `build(ctx) -> Artifact` as the builder of artifact `name`; a duplicate name raises."""
+
+    def deco(fn: Callable[[BuildContext], Artifact]) -> Callable[[BuildContext], Artifact]:
+        if name in _BUILDERS:
+            raise ValueError(f"artifact builder '{name}' is already registered")
+        _BUILDERS[name] = BuilderSpec(name, file, fn, wanted, needs_calibration)
+        return fn
+
+    return deco
+
+
+def builder_names() -> list[str]:
+    return list(_BUILDERS)
+
+
+def get_builder(name: str) -> BuilderSpec:
+    if name not in _BUILDERS:
+        raise BuilderError(f"unknown artifact builder '{name}'; valid: {', '.join(_BUILDERS)}")
+    return _BUILDERS[name]
+
+
+def wanted_builders(settings: ExportConfig) -> list[BuilderSpec]:
+    """The builders these export settings ask for, in registration order ('onnx' first)."""
+    return [b for b in _BUILDERS.values() if b.wanted(settings)]
+
+
+# --------------------------------------------------------------------------- the builders
+
+
+@register_builder("onnx", "model.onnx", wanted=lambda s: True)
+def build_onnx(ctx: BuildContext) -> Artifact:
+    """FP32 ONNX with a dynamic batch axis, simplified only when outputs stay within the FP32 tolerance."""
+    from exporters.onnx_export import export_onnx, simplify_onnx
+
+    export_onnx(ctx.model, ctx.preprocess.crop, ctx.fp32_onnx, ctx.settings.opset, ctx.settings.dynamic_batch, ctx.spec)
+    simplified = None
+    if ctx.settings.simplify:
+        check_x = preprocess(ctx.check_images, ctx.preprocess)
+        simplified = simplify_onnx(ctx.fp32_onnx, check_x, atol=ctx.validate.max_abs_logit_diff / 10)
+    return Artifact(file=ctx.fp32_onnx.name, format="onnx", precision="fp32", details={"simplify": simplified})
+
+
+@register_builder("onnx_fp16", "model.fp16.onnx", wanted=lambda s: "fp16" in s.precisions)
+def build_onnx_fp16(ctx: BuildContext) -> Artifact:
+    from exporters.fp16 import convert_fp16
+
+    file = get_builder("onnx_fp16").file
+    info = convert_fp16(ctx.fp32_onnx, ctx.out_dir / file, keep_io_types=ctx.settings.fp16_keep_io_types)
+    return Artifact(file=file, format="onnx", precision="fp16", details=info)
+
+
+@register_builder("onnx_int8", "model.int8.onnx", wanted=lambda s: "int8" in s.precisions,
+                  needs_calibration=lambda s: "int8" in s.precisions)
+def build_onnx_int8(ctx: BuildContext) -> Artifact:
+    """onnxruntime static QDQ quantization, accuracy-guarded on the validation split (exporters.quantize)."""
+    from exporters.quantize import quantize_int8
+
+    s, calib, file = ctx.settings, ctx.calibration, get_builder("onnx_int8").file
+    budget = resolve_thresholds(ctx.validate, "int8", ctx.spec).max_accuracy_drop
+    vx, vy = ctx.guard_set()
+    log.info("int8: calibrating on %d train images (%s per class: %s)", len(calib.files), s.calibration_method,
+             ", ".join(f"{k}={v}" for k, v in calib.per_class.items()))
+    res = quantize_int8(ctx.fp32_onnx, ctx.out_dir / file, calib.images, vx, vy,
+                        max_accuracy_drop=budget if budget is not None else 1.0, method=s.calibration_method,
+                        per_channel=ctx.spec.int8_per_channel, max_excluded_nodes=s.max_excluded_nodes,
+                        op_types_to_keep_float=ctx.spec.int8_keep_float_op_types)
+    if not res.budget_met:
+        log.warning("int8: accuracy drop %.2f points on the validation split exceeds the budget %.2f even with %d "
+                    "node(s) kept in float; the parity gate will judge it on the test split",
+                    res.accuracy_drop * 100, res.budget * 100, len(res.excluded_nodes))
+    quantization = {
+        "tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+        "weights": "int8, per-channel" if ctx.spec.int8_per_channel else "int8, per-tensor", "activations": "uint8",
+        "calibration": {**calib.summary(), "method": s.calibration_method},
+        "guard": {"split": "val", **res.to_dict()},
+    }
+    return Artifact(file=file, format="onnx", precision="int8", details={"quantization": quantization})
+
+
+@register_builder("tensorrt", "model.plan", wanted=lambda s: s.tensorrt.enabled,
+                  needs_calibration=lambda s: s.tensorrt.enabled and s.tensorrt.precision == "int8")
+def build_tensorrt(ctx: BuildContext) -> Artifact:
+    """A TensorRT engine from the FP32 ONNX model, fingerprinted to this GPU (exporters.tensorrt)."""
+    from exporters.tensorrt import EngineSettings, build_engine
+
+    t, file = ctx.settings.tensorrt, get_builder("tensorrt").file
+    ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+    info = build_engine(ctx.fp32_onnx, ctx.out_dir / file, ctx.spec.input_name(),
+                        (3, ctx.preprocess.crop, ctx.preprocess.crop),
+                        EngineSettings(t.precision, t.min_batch, t.opt_batch, t.max_batch, t.workspace_mb),
+                        calibration=ctx.calibration.images if ctx.calibration else None,
+                        timing_cache_path=ctx.cache_dir / "timing.cache",
+                        calibration_cache_path=ctx.cache_dir / f"{ctx.role}.calib")
+    precision, fingerprint = info.pop("precision"), info.pop("fingerprint")
+    return Artifact(file=file, format="tensorrt", precision=precision, fingerprint=fingerprint, details=info)

@@ -1,0 +1,176 @@
+"""Build a bundle from a checkpoint: every wanted artifact (exporters.builders), golden images,
+the typed manifest (runtime.bundle.BundleManifest) and the parity gate over every artifact,
+assembled in a temporary directory and renamed into place (runtime.files.atomic_dir), so a
+failed export never leaves a bundle that looks complete.
+
+    result = build_bundle(out_dir, ExportJob(model=..., checkpoint=meta, role="student", split=split, ...))
+    result.gate.passed, result.manifest.artifacts["onnx_int8"].parity
+
+The caller (pipeline.export_stage) loads the checkpoint and computes the PyTorch reference
+logits; everything here takes the export/validate config sections and plain values.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from exporters.builders import BuildContext, get_builder, wanted_builders
+from exporters.calibration import calibration_set
+from exporters.config import ExportConfig, ValidateConfig
+from exporters.golden import pick_golden, write_golden
+from exporters.parity import GateResult, parity_gate
+from exporters.specs import ExportSpec, export_spec_for
+from exporters.thresholds import resolve_thresholds
+from runtime.bundle import (
+    Artifact, Bundle, BundleManifest, Golden, ModelInfo, ParitySummary, Preprocess, TensorSpec, read_bundle,
+    write_manifest,
+)
+from runtime.files import atomic_dir
+from runtime.preprocess import PreprocessSpec
+
+
+class LabeledSplit(Protocol):
+    """The train/val/test split the export reads (pipeline.data.Split has this shape)."""
+
+    root: Path
+    class_names: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+    def paths(self, part: str) -> list[Path]: ...
+
+    def labels(self, part: str) -> list[int]: ...
+
+
+class CheckpointInfo(Protocol):
+    """What the export needs from a checkpoint's metadata (pipeline.checkpoint.CheckpointMeta)."""
+
+    arch: str
+    class_names: list[str]
+    preprocess: PreprocessSpec
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """One export: the model and its metadata, the data, the export/validate settings, plain values."""
+
+    model: Any  # torch.nn.Module
+    checkpoint: CheckpointInfo
+    role: str
+    split: LabeledSplit
+    settings: ExportConfig
+    validate: ValidateConfig
+    reference: tuple[np.ndarray, np.ndarray]  # PyTorch logits and labels on the test split
+    seed: int = 0
+    cache_dir: Path = Path(".")  # TensorRT timing/calibration caches
+    version: str = ""  # the edgekiln version writing the bundle
+    metrics: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training metrics, for bundle.json
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    manifest: BundleManifest
+    gate: GateResult
+
+
+def check_export_options(settings: ExportConfig) -> None:
+    """Fail on what cannot work before any slow step starts."""
+    if settings.tensorrt.enabled:
+        from exporters.tensorrt import TensorRTUnavailable, tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise TensorRTUnavailable(why)
+
+
+def check_bundle(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, split: LabeledSplit,
+                 validate: ValidateConfig, part: str = "test") -> GateResult:
+    """The parity gate: every artifact of `bundle` (its bundle.json preprocessing, numpy) against the
+    PyTorch `reference` logits (the checkpoint's own preprocessing, torchvision) on the same image
+    files, with the config's thresholds over the architecture spec's."""
+    spec = export_spec_for(bundle.manifest.model.arch)
+    return parity_gate(bundle, reference, labels, split.paths(part), [p for p, _ in getattr(split, part)],
+                       thresholds_for=lambda precision: resolve_thresholds(validate, precision, spec))
+
+
+def build_bundle(out: Path, job: ExportJob) -> BuildResult:
+    """Build every artifact `job.settings` asks for into a new bundle at `out` (replacing one there),
+    with golden images and the parity of every artifact recorded in bundle.json."""
+    check_export_options(job.settings)
+    spec = export_spec_for(job.checkpoint.arch)
+    with atomic_dir(out) as tmp:
+        artifacts = _build_artifacts(tmp, job, spec)
+        opset = onnx_opset(tmp / artifacts["onnx"].file)
+        manifest = write_manifest(tmp, _manifest(job, spec, artifacts, _golden(tmp, job, spec), opset))
+        reference, labels = job.reference
+        gate = check_bundle(read_bundle(tmp, verify=True), reference, labels, job.split, job.validate)
+        manifest = write_manifest(tmp, with_parity(manifest, gate))
+    return BuildResult(out=Path(out), manifest=manifest, gate=gate)
+
+
+def _build_artifacts(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> dict[str, Artifact]:
+    s, split, meta = job.settings, job.split, job.checkpoint
+    builders = wanted_builders(s)
+    calib = None
+    if any(b.needs_calibration(s) for b in builders):
+        calib = calibration_set(split.train, split.root, split.class_names, meta.preprocess, s.calibration_size,
+                                job.seed)
+    ctx = BuildContext(
+        model=job.model, arch=meta.arch, preprocess=meta.preprocess, role=job.role, out_dir=tmp,
+        fp32_onnx=tmp / get_builder("onnx").file, settings=s, validate=job.validate, spec=spec,
+        check_images=split.paths("test")[:16], guard_images=split.paths("val"), guard_labels=split.labels("val"),
+        cache_dir=job.cache_dir, calibration=calib,
+    )
+    return {b.name: b.build(ctx) for b in builders}
+
+
+def _golden(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> Golden | None:
+    split = job.split
+    idx = pick_golden(split.test, len(split.class_names), job.settings.golden_images)
+    if not idx:
+        return None
+    test_paths = split.paths("test")
+    return write_golden(tmp, [test_paths[i] for i in idx], job.reference[0][idx], spec.golden_atol)
+
+
+def with_parity(manifest: BundleManifest, gate: GateResult) -> BundleManifest:
+    """The manifest with the gate's report on each artifact it checked and its verdict for the bundle."""
+    artifacts = {k: a.model_copy(update={"parity": gate.reports[k].to_dict()}) if k in gate.reports else a
+                 for k, a in manifest.artifacts.items()}
+    summary = ParitySummary(passed=gate.passed, test=gate.primary.to_dict(), golden=gate.golden)
+    return manifest.model_copy(update={"artifacts": artifacts, "parity": summary})
+
+
+def onnx_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file was written with."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _manifest(job: ExportJob, spec: type[ExportSpec], artifacts: dict[str, Artifact], golden: Golden | None,
+              opset: int) -> BundleManifest:
+    meta, crop = job.checkpoint, job.checkpoint.preprocess.crop
+    params = sum(p.numel() for p in job.model.parameters())
+    return BundleManifest(
+        edgekiln_version=job.version,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=ModelInfo.model_validate({"arch": meta.arch, "role": job.role, "params": params, **meta.extra}),
+        class_names=meta.class_names,
+        preprocess=Preprocess.of(meta.preprocess),
+        input=TensorSpec(name=spec.input_name(), shape=["batch", 3, crop, crop]),
+        output=TensorSpec(name=spec.output_name(), shape=["batch", len(meta.class_names)]),
+        opset=opset,
+        export_spec=spec.family,
+        artifacts=artifacts,
+        golden=golden,
+        metrics=job.metrics,
+    )

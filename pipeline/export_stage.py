@@ -1,0 +1,134 @@
+"""The export and validate stages: load the checkpoint, compute its PyTorch reference logits,
+hand both to the exporters (exporters.bundle.build_bundle / check_bundle), and record the
+result in the run's metrics.json. Everything about artifacts, golden images, bundle.json and
+the parity gate lives in exporters/.
+
+    metrics = run_export(cfg, role="teacher", out=Path("/tmp/teacher-bundle"))
+    gate = run_validate(cfg)          # exporters.parity.GateResult; gate.passed, gate.failures
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from exporters.parity import GateResult
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import PipelineConfig
+from pipeline.data import Split, load_tensors
+from pipeline.errors import EdgekilnError
+from pipeline.rundir import load_split
+from runtime.bundle import read_bundle
+
+
+def pytorch_reference(model: nn.Module, split: Split, spec, part: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """The checkpoint's logits on a split part, with its own (torchvision) preprocessing, and the labels."""
+    from pipeline.training import predict_logits
+
+    x, y = load_tensors(split.paths(part), split.labels(part), spec, desc=f"loading {part} images")
+    return predict_logits(model, x, desc="pytorch logits").numpy(), y.numpy()
+
+
+def default_export_role(cfg: PipelineConfig) -> str:
+    return "student" if cfg.distill.enabled else "teacher"
+
+
+def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = None,
+               triton_repo: Path | None = None) -> dict[str, Any]:
+    """Export a checkpoint to a bundle directory (every artifact the config asks for, golden
+    images, parity of each artifact), written in a temp dir and renamed into place."""
+    return _export(cfg, role, out, triton_repo)[0]
+
+
+def _export(cfg: PipelineConfig, role: str | None, out: Path | None,
+            triton_repo: Path | None) -> tuple[dict[str, Any], GateResult]:
+    """run_export's work; also returns the parity gate it ran."""
+    from pipeline import __version__
+    from exporters.bundle import ExportJob, build_bundle, check_export_options
+
+    check_export_options(cfg.export)
+    run = cfg.run
+    role = role or default_export_role(cfg)
+    model, meta = load_checkpoint(run.checkpoint(role))
+    split = load_split(run)
+    trained = {k: v for k, v in run.read_metrics().get(role, {}).items() if k != "history"}
+    job = ExportJob(model=model, checkpoint=meta, role=role, split=split, settings=cfg.export,
+                    validate=cfg.validate_, reference=pytorch_reference(model, split, meta.preprocess),
+                    seed=cfg.seed, cache_dir=run.tensorrt_cache, version=__version__, metrics=trained)
+    result = build_bundle(Path(out) if out else run.bundle, job)
+    metrics = export_metrics(result, role)
+    if triton_repo:
+        from exporters.triton import write_triton_repo
+
+        metrics["triton_model"] = str(write_triton_repo(result.out, Path(triton_repo)))
+    run.update_metrics("onnx", metrics)
+    return metrics, result.gate
+
+
+def export_metrics(result, role: str) -> dict[str, Any]:
+    """metrics.json's "onnx" section for a built bundle (an exporters.bundle.BuildResult)."""
+    out, m, gate = result.out, result.manifest, result.gate
+    report = gate.primary
+    metrics = {
+        "role": role,
+        "bundle": str(out),
+        "size_mb": _size_mb(out / m.artifacts["onnx"].file),
+        "opset": m.opset,
+        "accuracy": report.artifact_accuracy,
+        "agreement": report.agreement,
+        "max_abs_logit_diff": report.max_abs_logit_diff,
+        "artifacts": {
+            k: {"file": m.artifacts[k].file, "precision": m.artifacts[k].precision,
+                "size_mb": _size_mb(out / m.artifacts[k].file), "accuracy": r.artifact_accuracy,
+                "accuracy_delta": r.accuracy_delta, "agreement": r.agreement, "passed": r.passed}
+            for k, r in gate.reports.items()
+        },
+        "passed": gate.passed,
+        "failures": gate.failures,
+    }
+    if "onnx_int8" in m.artifacts:
+        metrics["int8"] = m.artifacts["onnx_int8"].details["quantization"]
+    return metrics
+
+
+def _size_mb(path: Path) -> float:
+    return path.stat().st_size / 1e6
+
+
+def run_validate(cfg: PipelineConfig, bundle_dir: Path | None = None, role: str | None = None) -> GateResult:
+    """Re-check every artifact of a bundle against its PyTorch checkpoint on the test split
+    (and the bundle's golden images)."""
+    from exporters.bundle import check_bundle
+
+    run = cfg.run
+    bundle_dir = Path(bundle_dir) if bundle_dir else run.bundle
+    bundle = read_bundle(bundle_dir, verify=True)
+    role = role or bundle.manifest.model.role or default_export_role(cfg)
+    model, meta = load_checkpoint(run.checkpoint(role))
+    if meta.class_names != bundle.class_names:
+        raise EdgekilnError(f"{bundle_dir}: class names differ from the {role} checkpoint's")
+    split = load_split(run)
+    reference, labels = pytorch_reference(model, split, meta.preprocess)
+    gate = check_bundle(bundle, reference, labels, split, cfg.validate_)
+    run.update_metrics("validate", gate.to_dict())
+    return gate
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every stage in order: adapt, distill (when enabled), export (whose parity gate is the validation)."""
+    from pipeline.adapt_stage import run_adapt
+    from pipeline.distill_stage import run_distill
+    from pipeline.report import write_run_report
+
+    run_adapt(cfg)
+    if cfg.distill.enabled:
+        run_distill(cfg)
+    # The export's own gate is the validation: the bundle it checked is the one renamed into place,
+    # so running run_validate here would only recompute the same parity over again.
+    _, gate = _export(cfg, None, None, None)
+    cfg.run.update_metrics("validate", gate.to_dict())
+    write_run_report(cfg.run, cfg.run.read_metrics())
+    return {"metrics": cfg.run.read_metrics(), "parity": gate}
