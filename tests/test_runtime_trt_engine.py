@@ -63,8 +63,9 @@ def _add_engine(bundle, data: bytes = b"not a TensorRT engine", fingerprint=BUIL
     """A 'tensorrt' artifact as exporters/artifacts.py records it (hash-verified like every file)."""
     (bundle / "model.plan").write_bytes(data)
     meta = json.loads((bundle / "bundle.json").read_text())
-    meta["artifacts"]["tensorrt"] = {"file": "model.plan", "precision": "fp16", "workspace_mb": 1024,
-                                     "profile": {"min": 1, "opt": 8, "max": 32}, "fingerprint": fingerprint}
+    meta["artifacts"]["tensorrt"] = {"file": "model.plan", "format": "tensorrt", "precision": "fp16",
+                                     "details": {"workspace_mb": 1024, "profile": {"min": 1, "opt": 8, "max": 32}},
+                                     "fingerprint": fingerprint}
     write_bundle_json(bundle, meta)
     return bundle
 

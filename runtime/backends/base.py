@@ -12,7 +12,7 @@ allowed fallback from a native engine to the bundle's ONNX model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -67,16 +67,8 @@ def backend_spec(name: str) -> BackendSpec:
     return _BACKENDS[name]
 
 
-def artifact_entry(bundle: Bundle, key: str) -> dict[str, Any]:
-    """bundle.json's entry for artifact `key` (file, format, precision, fingerprint...); BundleError when absent."""
-    arts = bundle.meta.get("artifacts", {})
-    if key not in arts:
-        raise BundleError(f"{bundle.root}: bundle has no '{key}' artifact (has: {', '.join(sorted(arts)) or 'none'})")
-    return arts[key]
-
-
 def has_artifact(bundle: Bundle, key: str) -> bool:
-    return key in bundle.meta.get("artifacts", {})
+    return key in bundle.manifest.artifacts
 
 
 def create_session(backend: str, bundle: Bundle, artifact: str = "onnx", intra_op_threads: int | None = None,
@@ -112,7 +104,7 @@ def session_for_artifact(bundle: Bundle, key: str, *, backend: str | None = None
     measure is the serving code. intra_op_threads=None keeps onnxruntime's default (one thread
     per physical core); engines ignore it.
     """
-    fmt = artifact_entry(bundle, key).get("format", "onnx")
+    fmt = bundle.artifact(key).format
     if fmt not in _FORMAT_BACKEND:
         raise BundleError(f"{bundle.root}: artifact '{key}' has format '{fmt}', which no backend runs "
                           f"(runnable formats: {', '.join(_FORMAT_BACKEND)})")

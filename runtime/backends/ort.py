@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.backends.base import artifact_entry, register_backend
+from runtime.backends.base import register_backend
 from runtime.bundle import Bundle
 from runtime.errors import BackendError, BundleError
 
@@ -162,7 +162,7 @@ def onnx_runner(path: str | os.PathLike, input_name: str | None = None, output_n
 def _bundle_session(name: str, providers: list, bundle: Bundle, artifact: str, intra_op_threads: int | None,
                     io_binding: bool, device_id: int) -> OrtSession:
     require_provider(name, _provider_name(providers[0]))
-    path = bundle.root / artifact_entry(bundle, artifact)["file"]
+    path = bundle.path(artifact)  # BundleError when absent or outside the bundle
     sess = _create(path, providers, _session_options(intra_op_threads, None, "all"), f"backend '{name}'")
     if io_binding:
         return IOBindingSession(sess, bundle.input_name, bundle.output_name, name, device_id, model_file=path.name)

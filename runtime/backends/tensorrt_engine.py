@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends.base import artifact_entry, register_backend
+from runtime.backends.base import register_backend
 from runtime.backends.ort import available_providers
 from runtime.bundle import Bundle
 from runtime.errors import BackendError, BundleError
@@ -209,8 +209,8 @@ def _tensorrt_engine(bundle: Bundle, artifact: str = "onnx", intra_op_threads: i
     from runtime.gpu_info import CudaDevice, engine_fingerprint
 
     key = engine_key(artifact)
-    entry = artifact_entry(bundle, key)  # BundleError when the bundle has no engine
-    engine = bundle.root / entry["file"]
+    entry = bundle.artifact(key)  # BundleError when the bundle has no engine
+    engine = bundle.path(key)
     trt = import_tensorrt()
     available = available_providers()
     if "CUDAExecutionProvider" not in available:
@@ -222,7 +222,7 @@ def _tensorrt_engine(bundle: Bundle, artifact: str = "onnx", intra_op_threads: i
     if current is None:
         raise EngineUnavailable("no CUDA GPU here (the NVIDIA driver library is missing or reports no device)",
                                 "run it on a machine with the GPU it was built for, " + _FALLBACK_HINT)
-    check_engine_fingerprint(engine.name, entry.get("fingerprint"), current)
+    check_engine_fingerprint(engine.name, entry.fingerprint, current)
     chw = (3, bundle.preprocess.crop, bundle.preprocess.crop)
     # the session closes the device if it fails to load
     return TensorRTEngineSession(trt, engine, bundle.input_name, bundle.output_name, chw, CudaDevice(device_id))

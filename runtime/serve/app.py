@@ -86,7 +86,7 @@ def _handle(request: Request) -> ModelHandle:
 
 def wants_self_test(settings: ServeSettings, clf: Any) -> bool:
     """settings.self_test, or by default: whenever the bundle has golden images."""
-    return settings.self_test if settings.self_test is not None else bool(clf.bundle.meta.get("golden"))
+    return settings.self_test if settings.self_test is not None else clf.bundle.manifest.golden is not None
 
 
 def load_classifier(settings: ServeSettings) -> Any:
@@ -149,7 +149,7 @@ def _model_metadata(h: ModelHandle) -> ModelMetadataResponse:
         inputs=[MetadataTensor(name=clf.bundle.input_name, datatype="FP32", shape=[-1, c, height, width])],
         outputs=[MetadataTensor(name=clf.bundle.output_name, datatype="FP32", shape=[-1, len(clf.class_names)])],
         parameters={"backend": clf.backend, "provider": clf.provider, "class_names": clf.class_names,
-                    "preprocess": clf.bundle.meta["preprocess"], "max_batch": h.settings.max_batch},
+                    "preprocess": clf.bundle.manifest.preprocess.model_dump(mode="json"), "max_batch": h.settings.max_batch},
     )
 
 
