@@ -383,7 +383,7 @@ def test_serving_never_imports_torch(bundle_dir, images):
         f"""
         import sys
         from click.testing import CliRunner
-        import pipeline.cli, pipeline.cli_serve
+        import pipeline.cli, pipeline.cli.serve
         import runtime, runtime.serve
         from runtime.serve import ServeSettings, create_app
         assert CliRunner().invoke(pipeline.cli.cli, ["serve", "--help"]).exit_code == 0

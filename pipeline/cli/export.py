@@ -4,9 +4,6 @@
     edgekiln validate my.yaml                                        # parity gate on every artifact
     edgekiln validate --bundle runs/my/bundle                        # golden-image self-test, no config
     edgekiln bench runs/my/bundle                                    # the table, JSON and a PNG chart
-
-`register(cli)` installs them on the main group (replacing the first-generation
-`export` / `validate` commands of pipeline/cli.py).
 """
 
 from __future__ import annotations
@@ -15,13 +12,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli_errors import _fail, handle_errors
-
-
-def _load(config: Path):
-    from pipeline.config import load_config
-
-    return load_config(config)
+from pipeline.cli.app import bundle_argument, cli, config_argument, load
+from pipeline.cli.errors import fail, handle_errors
 
 
 def _print_gate(gate) -> None:
@@ -43,8 +35,8 @@ def _print_gate(gate) -> None:
         click.echo(f"golden self-test: {g['images']} images, " + ("OK" if not g["failures"] else "FAILED"))
 
 
-@click.command()
-@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@cli.command()
+@config_argument
 @click.option("--model", "role", type=click.Choice(["teacher", "student"]), default=None,
               help="Which checkpoint to export (default: student when distillation is enabled).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -65,7 +57,7 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
     """
     from pipeline.stages import run_export
 
-    cfg = _load(config)
+    cfg = load(config)
     if precisions:
         cfg.export.precisions = list(dict.fromkeys([*cfg.export.precisions, *precisions]))
     if tensorrt:
@@ -84,10 +76,10 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
     if m.get("triton_model"):
         click.echo(f"triton model: {m['triton_model']}")
     if not m["passed"]:
-        _fail("parity check failed: " + "; ".join(m["failures"]), 1)
+        fail("parity check failed: " + "; ".join(m["failures"]), 1)
 
 
-@click.command()
+@cli.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Bundle to check (default: runs/<name>/bundle). Without CONFIG: golden-image self-test only.")
@@ -99,6 +91,8 @@ def validate(config: Path | None, bundle_dir: Path | None) -> None:
     Without CONFIG, `--bundle DIR` runs the self-test on the bundle's golden images alone
     (no training side needed). Exits 1 when a threshold of the config's `validate` section
     is violated, naming the check and the artifact.
+
+    Example: edgekiln validate my.yaml   (or: edgekiln validate --bundle runs/my/bundle)
     """
     if config is None:
         if bundle_dir is None:
@@ -107,7 +101,7 @@ def validate(config: Path | None, bundle_dir: Path | None) -> None:
         from runtime.bundle import read_bundle
 
         b = read_bundle(bundle_dir, verify=True)
-        res = self_test(b.root, b.meta)
+        res = self_test(b)
         for key, a in res.get("artifacts", {}).items():
             if "skipped" in a:
                 click.echo(f"— {key}: skipped ({a['skipped']})")
@@ -115,12 +109,12 @@ def validate(config: Path | None, bundle_dir: Path | None) -> None:
             click.echo(f"{'✅' if a['passed'] else '❌'} {key}: max |Δlogit| {a['max_abs_logit_diff']:.2e}, "
                        f"agreement {a['agreement']:.0%}" + ("" if a["strict"] else " (reported, not gated)"))
         if res["failures"]:
-            _fail("self-test failed: " + "; ".join(res["failures"]), 1)
+            fail("self-test failed: " + "; ".join(res["failures"]), 1)
         click.echo(f"self-test: OK ({res['images']} golden images)")
         return
     from pipeline.stages import run_validate
 
-    gate = run_validate(_load(config), bundle_dir)
+    gate = run_validate(load(config), bundle_dir)
     r = gate.primary
     click.echo(
         f"pytorch accuracy {r.reference_accuracy:.4f} | onnx accuracy {r.artifact_accuracy:.4f} | "
@@ -128,12 +122,12 @@ def validate(config: Path | None, bundle_dir: Path | None) -> None:
     )
     _print_gate(gate)
     if not gate.passed:
-        _fail("parity check failed: " + "; ".join(gate.failures), 1)
+        fail("parity check failed: " + "; ".join(gate.failures), 1)
     click.echo("parity: OK")
 
 
-@click.command()
-@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@cli.command()
+@bundle_argument
 @click.option("--out", "out_prefix", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write <out>.json and <out>.png (default: BUNDLE/../bench).")
 @click.option("--rounds", default=200, show_default=True, type=click.IntRange(5), help="Timed runs per artifact.")
@@ -168,8 +162,3 @@ def bench(bundle_dir: Path, out_prefix: Path | None, rounds: int, threads: int |
     prefix = out_prefix or Path(bundle_dir).resolve().parent / "bench"
     json_path, png_path = write_outputs(rows, prefix)
     click.echo(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no PNG: matplotlib is not installed)"))
-
-
-def register(cli: click.Group) -> None:
-    for cmd in (export, validate, bench):
-        cli.add_command(cmd)

@@ -1,4 +1,4 @@
-"""`edgekiln serve`: the bundle behind an HTTP server (torch-free; runtime.server)."""
+"""`edgekiln serve`: the bundle behind an HTTP server (torch-free; runtime.serve)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli_errors import handle_errors
+from pipeline.cli.app import bundle_argument, cli
+from pipeline.cli.errors import handle_errors
 
 
-@click.command()
-@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@cli.command()
+@bundle_argument
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 for every interface, e.g. in a container).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))

@@ -1,6 +1,4 @@
-"""How every edgekiln command reports failure: one line on stderr and an exit code,
-never a traceback. A module of its own so that pipeline.cli and the command modules
-it registers (cli_adapt, cli_export, cli_serve) can all import it at import time."""
+"""How every edgekiln command reports failure: one line on stderr and an exit code, never a traceback."""
 
 from __future__ import annotations
 
@@ -12,7 +10,8 @@ import click
 from runtime.errors import EdgekilnError
 
 
-def _fail(msg: str, code: int) -> None:
+def fail(msg: str, code: int) -> None:
+    """Print `error: msg` on stderr and exit with `code`."""
     click.echo(f"error: {msg}" if "\n" not in msg else "error:\n" + msg, err=True)
     sys.exit(code)
 
@@ -25,12 +24,12 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except EdgekilnError as e:
-            _fail(str(e), e.exit_code)
+            fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            fail("interrupted", 130)
         except MemoryError:
-            _fail("out of memory: lower data.batch_size or model.input_size", 1)
+            fail("out of memory: lower data.batch_size or model.input_size", 1)
         except OSError as e:  # disk full, permissions, ...: the OS message names the file
-            _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
+            fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
 
     return wrapper
