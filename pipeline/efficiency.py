@@ -37,16 +37,17 @@ DEFAULT_LR = {"feature_extraction": 3e-3, "finetune": 1e-3, "lora": 3e-3, SCRATC
 
 
 def few_shot_indices(labels: list[int], k: int | None, seed: int) -> list[int]:
-    """k indices per class (all of a class that has fewer), seeded; k=None keeps everything."""
+    """k indices per class (all of a class that has fewer), seeded, sorted; k=None keeps everything.
+
+    The one per-class sampler (exporters.calibration.stratified_indices) with a total of
+    sum(min(k, class size)): its round-robin then stops after exactly k rounds, so every class
+    gets min(k, its size) and nothing is redistributed."""
     if k is None:
         return list(range(len(labels)))
-    rng = np.random.default_rng(seed)
-    y = np.asarray(labels)
-    out: list[int] = []
-    for c in np.unique(y):
-        idx = np.nonzero(y == c)[0]
-        out += sorted(rng.permutation(idx)[:k].tolist())
-    return sorted(out)
+    from exporters.calibration import stratified_indices
+
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    return stratified_indices(labels, int(np.minimum(counts, k).sum()), len(counts), seed)
 
 
 def data_efficiency(
