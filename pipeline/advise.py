@@ -107,7 +107,7 @@ def advise(
 ) -> Advice:
     """Data statistics + a logistic-regression probe on the model's (cached) features -> a strategy."""
     from pipeline.features import linear_probe, weights_digest
-    from pipeline.models import create_model
+    from pipeline.models import count_params, create_model
     from pipeline.strategies import AdaptData
 
     stats = data_stats(root)
@@ -120,7 +120,7 @@ def advise(
     f = {p: data.features(p, model.backbone, model_name, digest) for p in ("train", "val")}
     probe, _ = linear_probe(f["train"], data.y("train"), f["val"], data.y("val"), data.num_classes, seed=seed)
     per_class = statistics.median(Counter(data.labels("train")).values())
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(model)
     strategy, reasons = recommend(per_class, probe, stats.classes, params, tight_budget)
     notes = []
     if stats.imbalance >= 3:

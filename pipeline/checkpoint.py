@@ -4,8 +4,6 @@ preprocessing) inside, so any stage can rebuild the model from the file alone.""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import ModelError
 from pipeline.models import EdgeClassifier, _strict_load, create_model
+from runtime.files import atomic_path
 from runtime.preprocess import PreprocessSpec
 
 
@@ -40,18 +39,9 @@ class CheckpointMeta:
 
 def save_checkpoint(model: EdgeClassifier, meta: CheckpointMeta, path: Path) -> None:
     """Write atomically: a crash mid-write never leaves a file that looks complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"edgekiln": meta.to_json()})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"edgekiln": meta.to_json()})
 
 
 def load_checkpoint(path: Path) -> tuple[EdgeClassifier, CheckpointMeta]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from pipeline.errors import DataError
-from runtime.bundle import atomic_write_text
+from runtime.files import atomic_dir, atomic_write_text
 from runtime.preprocess import PreprocessSpec, open_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -36,21 +34,17 @@ def demo_data_dir() -> Path:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=dest.parent))
     try:
-        for i, (img, label) in enumerate(zip(digits.images, digits.target)):
-            d = tmp / str(label)
-            d.mkdir(exist_ok=True)
-            pixels = np.round(img * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
-            Image.fromarray(pixels, mode="L").save(d / f"{i:04d}.png")
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process won the race; theirs is complete too
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(dest, replace=False) as tmp:
+            for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+                d = tmp / str(label)
+                d.mkdir(exist_ok=True)
+                pixels = np.round(img * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+                Image.fromarray(pixels, mode="L").save(d / f"{i:04d}.png")
+    except OSError:
+        if not dest.is_dir():
+            raise
+        # another process won the race; theirs is complete too
     return dest
 
 

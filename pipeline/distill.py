@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.errors import EdgekilnError
-from pipeline.models import EdgeClassifier, create_model
+from pipeline.models import EdgeClassifier, count_params, create_model
 from pipeline.training import FitResult, fit, kd_loss, set_seed, tensor_loader
 
 # Candidate students for `--student auto`, smallest first.
@@ -193,7 +193,7 @@ def onnx_costs(models: dict[str, EdgeClassifier], input_size: int, blocks: int =
             times = alternating_latency(runners, x, blocks=blocks, per_block=per_block, warmup=3 if b == 1 else 1)
             lat[b] = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
     return {
-        k: OnnxCost(sum(p.numel() for p in m.parameters()), sizes[k], lat[1][k], lat[32][k])
+        k: OnnxCost(count_params(m), sizes[k], lat[1][k], lat[32][k])
         for k, m in models.items()
     }
 

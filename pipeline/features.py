@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.data import cache_dir, load_tensors
 from pipeline.training import accuracy, predict_logits
+from runtime.files import atomic_path
 from runtime.preprocess import PreprocessSpec
 
 log = logging.getLogger("edgekiln")
@@ -88,15 +89,11 @@ def cached_features(
             log.warning("ignoring unreadable feature cache entry %s (%s)", path, e)
     x = images if images is not None else load_tensors(paths, labels, spec, desc=f"loading {desc} images")[0]
     f = predict_logits(backbone, x, desc=f"backbone {desc}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({"features": f.contiguous()}, str(tmp), metadata={"arch": arch, "n": str(len(paths))})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"features": f.contiguous()}, str(tmp), metadata={"arch": arch, "n": str(len(paths))})
     except OSError as e:  # a read-only or full cache must not fail the run
         log.warning("could not write the feature cache %s (%s)", path, e)
-        Path(tmp).unlink(missing_ok=True)
     return f
 
 

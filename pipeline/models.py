@@ -9,7 +9,7 @@ traces `forward`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -95,10 +95,6 @@ def register_model(name: str, defaults: ModelDefaults = ModelDefaults(), has_pre
 
 def list_models() -> list[str]:
     return sorted(_REGISTRY) + ["torchvision/<name>"]
-
-
-def model_defaults(name: str) -> ModelDefaults:
-    return _entry(name).defaults
 
 
 def _entry(name: str) -> _Entry:
@@ -332,7 +328,3 @@ def _compact(width: float):
 
 for _w in (0.5, 1.0):
     register_model(f"compact_cnn_w{_w}", has_pretrained=False)(_compact(_w))
-
-
-def with_defaults(defaults: ModelDefaults, **changes) -> ModelDefaults:
-    return replace(defaults, **changes)

@@ -33,8 +33,8 @@ def default_lora_targets(model: EdgeClassifier) -> list[str]:
     named = [(f"backbone.{n}", m) for n, m in model.backbone.named_modules()]
     linear_like = [(n, m) for n, m in named if isinstance(m, (nn.Conv2d, nn.Linear))]
     chosen = [(n, m) for n, m in linear_like if _is_pointwise(m) or isinstance(m, nn.Linear)]
-    total = sum(m.weight.numel() for _, m in linear_like)
-    if sum(m.weight.numel() for _, m in chosen) < 0.5 * total:
+    total = count_params(m.weight for _, m in linear_like)
+    if count_params(m.weight for _, m in chosen) < 0.5 * total:
         chosen = [(n, m) for n, m in linear_like if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
     if not chosen:
         raise ModelError(f"{model.arch}: no convolution or linear layer to put LoRA adapters on")
