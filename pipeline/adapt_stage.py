@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,11 @@ class Baseline:
     auc_roc_ovr: float | None
     train_seconds: float
     trainable_params: int | None = None  # the linear probe trains no network parameters
+
+    @classmethod
+    def from_metrics(cls, d: dict[str, Any]) -> "Baseline":
+        return cls(d.get("val_accuracy"), d.get("test_accuracy"), d.get("macro_f1"), d.get("auc_roc_ovr"),
+                   d.get("train_seconds", 0), d.get("trainable_params"))
 
     def to_metrics(self) -> dict[str, Any]:
         d: dict[str, Any] = {"val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
@@ -73,12 +78,28 @@ class AdaptResult:
     plots: dict[str, str] | None = None  # plot name -> file in the run directory (rank 0 only)
 
     @property
-    def trainable_fraction(self) -> float:
-        return self.trainable_params / self.params
+    def trainable_fraction(self) -> float | None:
+        return self.trainable_params / self.params if self.params else None
 
     @property
     def lora(self) -> dict[str, Any] | None:
         return self.extra.get("lora")
+
+    @classmethod
+    def from_metrics(cls, d: dict[str, Any]) -> "AdaptResult":
+        """Back from a `teacher` section of metrics.json (the strategy's own keys land in `extra`)."""
+        named = {f.name for f in fields(cls)} - {"extra"}
+        b = d.get("baselines")
+        return cls(
+            model=d["model"], strategy=d.get("strategy", "?"), val_accuracy=d.get("val_accuracy"),
+            test_accuracy=d.get("test_accuracy"), macro_f1=d.get("macro_f1"), auc_roc_ovr=d.get("auc_roc_ovr"),
+            best_epoch=d.get("best_epoch"), stopped_early=d.get("stopped_early", False), params=d.get("params", 0),
+            trainable_params=d.get("trainable_params", 0), train_seconds=d.get("train_seconds", 0),
+            extra={k: v for k, v in d.items() if k not in named and k != "trainable_fraction"},
+            per_class=d.get("per_class") or {}, confusion_matrix=d.get("confusion_matrix") or [],
+            history=d.get("history") or [], baselines={k: Baseline.from_metrics(v) for k, v in b.items()} if b else None,
+            size_mb=d.get("size_mb"), plots=d.get("plots"),
+        )
 
     def to_metrics(self) -> dict[str, Any]:
         m: dict[str, Any] = {

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.adapt_stage import AdaptResult
 from pipeline.rundir import RunDir
 from runtime.files import atomic_write_text
 
@@ -98,6 +99,50 @@ def efficiency_table_rows(eff: dict[str, Any]) -> tuple[list[str], list[list[str
     return ["method \\ examples per class"] + shots, rows
 
 
+def _adapt_section(run: RunDir, t: AdaptResult) -> list[str]:
+    """The adapt result, its baselines side by side, per-class numbers and the plots."""
+    lines = [f"## Adapt: {t.model} ({t.strategy})", ""]
+    rows = [
+        ["test accuracy", _fmt(t.test_accuracy)],
+        ["test macro-F1", _fmt(t.macro_f1)],
+        ["test AUC-ROC (one-vs-rest, macro)", _fmt(t.auc_roc_ovr)],
+        ["val accuracy (best epoch)", f"{_fmt(t.val_accuracy)} ({_fmt(t.best_epoch)})"],
+        ["trainable parameters", f"{t.trainable_params:,} of {t.params:,} ({_fmt(t.trainable_fraction, True)})"],
+        ["train seconds", f"{t.train_seconds:.1f}"],
+    ]
+    lo = t.lora
+    if lo:
+        rows += [
+            ["LoRA rank / alpha / targets", f"{lo['rank']} / {lo['alpha']} / {lo['target_modules']} modules"],
+            ["LoRA adapter params / backbone", f"{lo['adapter_params']:,} / {lo['backbone_params']:,} ({lo['trainable_fraction_of_backbone']:.2%})"],
+            ["merged vs adapters max abs Δlogit", f"{lo['merge_max_abs_logit_diff']:.2e}"],
+        ]
+    lines += _md_table(["", "value"], rows)
+    if t.baselines:
+        lines += ["### Compared with baselines (same architecture, test split)", ""]
+        cols = [(t.strategy, t), ("scratch (random init, same budget)", t.baselines["scratch"]),
+                ("linear probe", t.baselines["linear_probe"])]
+        rows = [
+            ["test accuracy"] + [_fmt(m.test_accuracy) for _, m in cols],
+            ["macro-F1"] + [_fmt(m.macro_f1) for _, m in cols],
+            ["AUC-ROC"] + [_fmt(m.auc_roc_ovr) for _, m in cols],
+            ["val accuracy"] + [_fmt(m.val_accuracy) for _, m in cols],
+            ["train seconds"] + [f"{m.train_seconds:.1f}" for _, m in cols],
+        ]
+        lines += _md_table([""] + [c for c, _ in cols], rows)
+    if t.per_class:
+        lines += ["### Per class (test split)", ""]
+        lines += _md_table(
+            ["class", "precision", "recall", "F1", "support"],
+            [[name, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), str(v["support"])] for name, v in t.per_class.items()],
+        )
+    for key, title in (("confusion_matrix", "Confusion matrix"), ("training_curves", "Training curves")):
+        f = (t.plots or {}).get(key)
+        if f and (run.root / f).is_file():
+            lines += [f"### {title}", "", f"![{title}]({f})", ""]
+    return lines
+
+
 def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
     """Markdown: the adapt result, its baselines side by side, per-class numbers, the plots,
     the data-efficiency table when `edgekiln efficiency` has run, and the pipeline summary."""
@@ -105,48 +150,8 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
 
     run = RunDir(run)
     lines = [f"# edgekiln run report — {run.name}", ""]
-    t = metrics.get("teacher")
-    if t:
-        lines += [f"## Adapt: {t['model']} ({t.get('strategy', '?')})", ""]
-        rows = [
-            ["test accuracy", _fmt(t.get("test_accuracy"))],
-            ["test macro-F1", _fmt(t.get("macro_f1"))],
-            ["test AUC-ROC (one-vs-rest, macro)", _fmt(t.get("auc_roc_ovr"))],
-            ["val accuracy (best epoch)", f"{_fmt(t.get('val_accuracy'))} ({_fmt(t.get('best_epoch'))})"],
-            ["trainable parameters", f"{t.get('trainable_params', 0):,} of {t.get('params', 0):,} ({_fmt(t.get('trainable_fraction'), True)})"],
-            ["train seconds", f"{t.get('train_seconds', 0):.1f}"],
-        ]
-        lo = t.get("lora")
-        if lo:
-            rows += [
-                ["LoRA rank / alpha / targets", f"{lo['rank']} / {lo['alpha']} / {lo['target_modules']} modules"],
-                ["LoRA adapter params / backbone", f"{lo['adapter_params']:,} / {lo['backbone_params']:,} ({lo['trainable_fraction_of_backbone']:.2%})"],
-                ["merged vs adapters max abs Δlogit", f"{lo['merge_max_abs_logit_diff']:.2e}"],
-            ]
-        lines += _md_table(["", "value"], rows)
-        b = t.get("baselines")
-        if b:
-            lines += ["### Compared with baselines (same architecture, test split)", ""]
-            cols = [(t.get("strategy", "adapted"), t), ("scratch (random init, same budget)", b["scratch"]), ("linear probe", b["linear_probe"])]
-            rows = [
-                ["test accuracy"] + [_fmt(m.get("test_accuracy")) for _, m in cols],
-                ["macro-F1"] + [_fmt(m.get("macro_f1")) for _, m in cols],
-                ["AUC-ROC"] + [_fmt(m.get("auc_roc_ovr")) for _, m in cols],
-                ["val accuracy"] + [_fmt(m.get("val_accuracy")) for _, m in cols],
-                ["train seconds"] + [f"{m.get('train_seconds', 0):.1f}" for _, m in cols],
-            ]
-            lines += _md_table([""] + [c for c, _ in cols], rows)
-        pc = t.get("per_class")
-        if pc:
-            lines += ["### Per class (test split)", ""]
-            lines += _md_table(
-                ["class", "precision", "recall", "F1", "support"],
-                [[name, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), str(v["support"])] for name, v in pc.items()],
-            )
-        for key, title in (("confusion_matrix", "Confusion matrix"), ("training_curves", "Training curves")):
-            f = (t.get("plots") or {}).get(key)
-            if f and (run.root / f).is_file():
-                lines += [f"### {title}", "", f"![{title}]({f})", ""]
+    if metrics.get("teacher"):
+        lines += _adapt_section(run, AdaptResult.from_metrics(metrics["teacher"]))
     if run.efficiency_json.is_file():
         eff = json.loads(run.efficiency_json.read_text())
         header, rows = efficiency_table_rows(eff)
