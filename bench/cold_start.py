@@ -72,8 +72,9 @@ def main() -> None:
 
         image = str(Path(tmp) / "digit.png")
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8), mode="L").save(image)
-        meta = json.loads((args.bundle / "bundle.json").read_text())
-        role = meta.get("model", {}).get("role", "student")
+        from runtime.bundle import read_bundle
+
+        role = read_bundle(args.bundle, verify=False).manifest.model.role
         ckpt = args.bundle.parent / "checkpoints" / f"{role}.safetensors"
         variants = {
             "runtime": RUNTIME.format(bundle=str(args.bundle), image=image),

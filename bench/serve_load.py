@@ -43,8 +43,10 @@ def free_port() -> int:
 def make_payload(bundle: Path, endpoint: str) -> tuple[str, bytes, dict]:
     import numpy as np
 
-    meta = json.loads((bundle / "bundle.json").read_text())
-    crop = meta["preprocess"]["crop"]
+    from runtime.bundle import read_bundle
+
+    m = read_bundle(bundle, verify=False).manifest
+    crop = m.preprocess.crop
     if endpoint == "classify":
         import io
 
@@ -55,9 +57,9 @@ def make_payload(bundle: Path, endpoint: str) -> tuple[str, bytes, dict]:
         img.save(buf, format="PNG")
         return "/v1/classify", buf.getvalue(), {"Content-Type": "image/png"}
     x = np.random.default_rng(0).normal(size=(1, 3, crop, crop)).astype("<f4")
-    head = json.dumps({"inputs": [{"name": meta["input"]["name"], "shape": list(x.shape), "datatype": "FP32",
+    head = json.dumps({"inputs": [{"name": m.input.name, "shape": list(x.shape), "datatype": "FP32",
                                    "parameters": {"binary_data_size": x.nbytes}}],
-                       "outputs": [{"name": meta["output"]["name"], "parameters": {"binary_data": True}}]}).encode()
+                       "outputs": [{"name": m.output.name, "parameters": {"binary_data": True}}]}).encode()
     return ("/v2/models/edgekiln/infer", head + x.tobytes(),
             {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))})
 

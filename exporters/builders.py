@@ -29,6 +29,7 @@ from exporters.specs import ExportSpec
 from exporters.thresholds import resolve_thresholds
 from runtime.bundle import Artifact
 from runtime.preprocess import PreprocessSpec, preprocess
+from runtime.registry import Registry
 
 log = logging.getLogger("edgekiln")
 
@@ -66,7 +67,7 @@ class BuilderSpec:
     needs_calibration: Callable[[ExportConfig], bool] = field(default=lambda s: False)
 
 
-_BUILDERS: dict[str, BuilderSpec] = {}
+BUILDERS: Registry[BuilderSpec] = Registry("artifact builder", BuilderError)
 
 
 def register_builder(name: str, file: str, wanted: Callable[[ExportConfig], bool],
@@ -74,27 +75,23 @@ def register_builder(name: str, file: str, wanted: Callable[[ExportConfig], bool
     """Decorator: register `build(ctx) -> Artifact` as the builder of artifact `name`; a duplicate name raises."""
 
     def deco(fn: Callable[[BuildContext], Artifact]) -> Callable[[BuildContext], Artifact]:
-        if name in _BUILDERS:
-            raise ValueError(f"artifact builder '{name}' is already registered")
-        _BUILDERS[name] = BuilderSpec(name, file, fn, wanted, needs_calibration)
+        BUILDERS.add(name, BuilderSpec(name, file, fn, wanted, needs_calibration))
         return fn
 
     return deco
 
 
 def builder_names() -> list[str]:
-    return list(_BUILDERS)
+    return BUILDERS.names()
 
 
 def get_builder(name: str) -> BuilderSpec:
-    if name not in _BUILDERS:
-        raise BuilderError(f"unknown artifact builder '{name}'; valid: {', '.join(_BUILDERS)}")
-    return _BUILDERS[name]
+    return BUILDERS.get(name)
 
 
 def wanted_builders(settings: ExportConfig) -> list[BuilderSpec]:
     """The builders these export settings ask for, in registration order ('onnx' first)."""
-    return [b for b in _BUILDERS.values() if b.wanted(settings)]
+    return [b for b in BUILDERS.values() if b.wanted(settings)]
 
 
 # --------------------------------------------------------------------------- the builders

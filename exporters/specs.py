@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from exporters.thresholds import Thresholds
 from runtime.errors import EdgekilnError
+from runtime.registry import Registry
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -57,35 +58,30 @@ class ExportSpec:
         return cls.output_names[0]
 
 
-_SPECS: dict[str, type[ExportSpec]] = {}
+SPECS: Registry[type[ExportSpec]] = Registry("export spec family", EdgekilnError, sort_names=True)
 
 
 def register_export_spec(cls: type[ExportSpec]) -> type[ExportSpec]:
     """Class decorator: register a spec under its `family`; a duplicate family raises."""
-    if cls.family in _SPECS:
-        raise ValueError(f"export spec family '{cls.family}' is already registered")
     if cls.opset < cls.min_opset:
         raise ValueError(f"{cls.__name__}: opset {cls.opset} < minimum {cls.min_opset}")
-    _SPECS[cls.family] = cls
-    return cls
+    return SPECS.add(cls.family, cls)
 
 
 def list_export_specs() -> dict[str, type[ExportSpec]]:
-    return dict(_SPECS)
+    return {name: SPECS.get(name) for name in SPECS}
 
 
 def get_export_spec(family: str) -> type[ExportSpec]:
-    if family not in _SPECS:
-        raise EdgekilnError(f"unknown export spec family '{family}'; valid: {', '.join(sorted(_SPECS))}")
-    return _SPECS[family]
+    return SPECS.get(family)
 
 
 def export_spec_for(arch: str) -> type[ExportSpec]:
     """The spec of the family `arch` (a model registry name) belongs to; `generic` when none claims it."""
-    for spec in _SPECS.values():
+    for spec in SPECS.values():
         if any(fnmatch.fnmatchcase(arch, p) for p in spec.arch_patterns):
             return spec
-    return _SPECS["generic"]
+    return SPECS.get("generic")
 
 
 register_export_spec(ExportSpec)

@@ -174,10 +174,9 @@ class OnnxCost:
 def onnx_costs(models: dict[str, EdgeClassifier], input_size: int, blocks: int = 10) -> dict[str, OnnxCost]:
     """Export each model to a temp ONNX file and time ONNX Runtime (CPU, default threads) at batch 1
     and 32, side by side in alternating blocks (exporters.bench.alternating_latency); medians."""
-    import onnxruntime as ort
-
     from exporters.bench import alternating_latency
     from exporters.onnx_export import INPUT_NAME, export_onnx
+    from runtime.backends.ort import open_onnx
 
     with tempfile.TemporaryDirectory() as d:
         runners, sizes = {}, {}
@@ -185,7 +184,7 @@ def onnx_costs(models: dict[str, EdgeClassifier], input_size: int, blocks: int =
             path = Path(d) / f"{len(runners)}.onnx"
             export_onnx(model.eval(), input_size, path)
             sizes[name] = path.stat().st_size / 1e6
-            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            sess = open_onnx(path)
             runners[name] = lambda x, sess=sess: sess.run(None, {INPUT_NAME: x})
         lat = {}
         for b, per_block in ((1, 20), (32, 2)):

@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.errors import ModelError
 from runtime.preprocess import PreprocessSpec
+from runtime.registry import Registry
 
 log = logging.getLogger("edgekiln")
 
@@ -78,28 +79,26 @@ class _Entry:
     has_pretrained: bool
 
 
-_REGISTRY: dict[str, _Entry] = {}
+MODELS: Registry[_Entry] = Registry("model", ModelError)
 
 
 def register_model(name: str, defaults: ModelDefaults = ModelDefaults(), has_pretrained: bool = True):
     """Decorator: register a builder `fn(num_classes, weights) -> EdgeClassifier` under `name`."""
 
     def deco(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"model '{name}' is already registered")
-        _REGISTRY[name] = _Entry(fn, defaults, has_pretrained)
+        MODELS.add(name, _Entry(fn, defaults, has_pretrained))
         return fn
 
     return deco
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY) + ["torchvision/<name>"]
+    return sorted(MODELS) + ["torchvision/<name>"]
 
 
 def _entry(name: str) -> _Entry:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in MODELS:
+        return MODELS.get(name)
     if name.startswith("torchvision/"):
         return _torchvision_entry(name.split("/", 1)[1])
     raise ModelError(f"unknown model '{name}'; valid: {', '.join(list_models())}")

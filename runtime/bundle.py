@@ -336,16 +336,3 @@ def write_manifest(root: Path, manifest: BundleManifest) -> BundleManifest:
     manifest = manifest.model_copy(update={"files": files, "schema_version": SCHEMA_VERSION, "format": FORMAT})
     atomic_write_text(root / BUNDLE_FILE, manifest.to_json())
     return manifest
-
-
-# ----------------------------------------------------------------- TRANSITIONAL shims, removed in this change
-
-
-def write_bundle_json(root: Path, meta: dict[str, Any]) -> None:
-    """TRANSITIONAL (tests/test_runtime_backends.py, tests/test_runtime_trt_engine.py still re-hash a hand-edited
-    dict with it): write_manifest(root, parse_manifest(meta)) is the way."""
-    meta = dict(meta)
-    meta.pop("files", None)
-    if meta.get("schema_version") in (None, 1):
-        meta = _upgrade_v1({**meta, "schema_version": 1})
-    write_manifest(root, parse_manifest(meta, Path(root) / BUNDLE_FILE))

@@ -92,10 +92,10 @@ def test_int8_is_qdq_per_channel_and_reports_calibration(exported):
 
 
 def test_fp16_keeps_float32_io(exported):
-    import onnxruntime as ort
+    from runtime.backends.ort import open_onnx
 
     _, run_dir, _, _ = exported
-    sess = ort.InferenceSession(str(run_dir / "bundle" / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    sess = open_onnx(str(run_dir / "bundle" / "model.fp16.onnx"))
     assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
     m = onnx.load(str(run_dir / "bundle" / "model.fp16.onnx"))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer)

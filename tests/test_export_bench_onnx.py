@@ -47,7 +47,7 @@ def test_simplify_is_kept_only_when_outputs_match(exported, tmp_path):  # noqa: 
 
 
 def test_large_models_use_external_data(tmp_path, monkeypatch):
-    import onnxruntime as ort
+    from runtime.backends.ort import open_onnx
     import torch
 
     from exporters import onnx_export
@@ -62,6 +62,6 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
     assert any(t.data_location == onnx.TensorProto.EXTERNAL
                for t in onnx.load(str(path), load_external_data=False).graph.initializer)
     x = torch.randn(2, 3, 32, 32)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = open_onnx(str(path))
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-4)

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.data import eval_transform
 from pipeline.errors import ModelError
-from pipeline.models import _REGISTRY, create_model, list_models
+from pipeline.models import MODELS, create_model, list_models
 from runtime.preprocess import open_image
 
 # Every registered model must appear here; test_every_registered_model_is_tested enforces it.
@@ -14,7 +14,7 @@ TESTED = {"efficientnet_lite0", "compact_cnn_w0.5", "compact_cnn_w1.0"}
 
 
 def test_every_registered_model_is_tested():
-    assert set(_REGISTRY) == TESTED
+    assert set(MODELS) == TESTED
 
 
 @pytest.mark.parametrize("name", sorted(TESTED) + ["torchvision/resnet18", "torchvision/mobilenet_v3_small"])

@@ -5,7 +5,6 @@ All but the last tests run without TensorRT or a GPU; those need both and skip e
 """
 
 import importlib
-import json
 import logging
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 
 import runtime
 from runtime.backends import ENGINE_FALLBACK_ENV, check_engine_fingerprint
-from runtime.bundle import write_bundle_json
+from runtime.bundle import Artifact, read_bundle, write_manifest
 from runtime.errors import BackendError, BundleError, ConfigError
 from runtime.gpu_info import CudaDevice, _driver, engine_fingerprint, fingerprint_mismatch, gpu_info
 
@@ -62,11 +61,10 @@ def _only_cpu_provider() -> bool:
 def _add_engine(bundle, data: bytes = b"not a TensorRT engine", fingerprint=BUILT):
     """A 'tensorrt' artifact as exporters/artifacts.py records it (hash-verified like every file)."""
     (bundle / "model.plan").write_bytes(data)
-    meta = json.loads((bundle / "bundle.json").read_text())
-    meta["artifacts"]["tensorrt"] = {"file": "model.plan", "format": "tensorrt", "precision": "fp16",
-                                     "details": {"workspace_mb": 1024, "profile": {"min": 1, "opt": 8, "max": 32}},
-                                     "fingerprint": fingerprint}
-    write_bundle_json(bundle, meta)
+    m = read_bundle(bundle, verify=False).manifest
+    engine = Artifact(file="model.plan", format="tensorrt", precision="fp16", fingerprint=fingerprint,
+                      details={"workspace_mb": 1024, "profile": {"min": 1, "opt": 8, "max": 32}})
+    write_manifest(bundle, m.model_copy(update={"artifacts": {**m.artifacts, "tensorrt": engine}}))
     return bundle
 
 
@@ -302,11 +300,11 @@ def test_real_engine_matches_cpu_and_auto_prefers_it(real_engine_bundle, tiny_da
 @pytest.mark.gpu
 @needs_engine
 def test_real_engine_for_another_gpu_is_refused_unless_fallback_is_allowed(real_engine_bundle, runtime_logs):
-    meta = json.loads((real_engine_bundle / "bundle.json").read_text())
-    here = meta["artifacts"]["tensorrt"]["fingerprint"]
+    m = read_bundle(real_engine_bundle).manifest
+    here = m.artifacts["tensorrt"].fingerprint
     assert here == engine_fingerprint(here["tensorrt"], 0)  # the exporter (torch) and the runtime (driver) agree
-    meta["artifacts"]["tensorrt"]["fingerprint"] = dict(here, gpu="NVIDIA Imaginary 9000")
-    write_bundle_json(real_engine_bundle, meta)
+    engine = m.artifacts["tensorrt"].model_copy(update={"fingerprint": dict(here, gpu="NVIDIA Imaginary 9000")})
+    write_manifest(real_engine_bundle, m.model_copy(update={"artifacts": {**m.artifacts, "tensorrt": engine}}))
     with pytest.raises(BackendError, match=r"model.plan was built for another machine \(gpu: engine built for "
                                            r"'NVIDIA Imaginary 9000', this machine has "):
         runtime.load(real_engine_bundle, backend="tensorrt-engine")

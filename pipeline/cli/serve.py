@@ -53,7 +53,7 @@ def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fal
     from pydantic import ValidationError
 
     from runtime.errors import ConfigError
-    from runtime.server import ServeSettings, serve as run_server
+    from runtime.serve import ServeSettings, serve as run_server
 
     if allow_engine_fallback and backend != "tensorrt-engine":
         raise ConfigError(f"--allow-engine-fallback applies only to --backend tensorrt-engine "

@@ -18,6 +18,7 @@ from pipeline.errors import ConfigError
 from pipeline.models import EdgeClassifier
 from pipeline.strategies.data import AdaptData, train_loader
 from pipeline.training import FitResult, TrainSettings, fit
+from runtime.registry import Registry
 
 
 @dataclass
@@ -60,29 +61,20 @@ def fit_adapt(model: nn.Module, loader, data: AdaptData, cfg: AdaptConfig, ctx: 
 
 
 Strategy = Callable[[EdgeClassifier, AdaptData, AdaptConfig, AdaptContext], AdaptOutcome]
-_STRATEGIES: dict[str, Strategy] = {}
+STRATEGIES: Registry[Strategy] = Registry("strategy", ConfigError, prefix="adapt.strategy: ")
 
 
 def register_strategy(name: str):
     """Decorator: register `fn(model, data, cfg, ctx) -> AdaptOutcome` under `name`."""
-
-    def deco(fn: Strategy) -> Strategy:
-        if name in _STRATEGIES:
-            raise ValueError(f"strategy '{name}' is already registered")
-        _STRATEGIES[name] = fn
-        return fn
-
-    return deco
+    return lambda fn: STRATEGIES.add(name, fn)
 
 
 def list_strategies() -> list[str]:
-    return list(_STRATEGIES)
+    return STRATEGIES.names()
 
 
 def get_strategy(name: str) -> Strategy:
-    if name not in _STRATEGIES:
-        raise ConfigError(f"adapt.strategy: unknown strategy '{name}'; valid: {', '.join(_STRATEGIES)}")
-    return _STRATEGIES[name]
+    return STRATEGIES.get(name)
 
 
 def adapt_model(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext) -> AdaptOutcome:

@@ -18,6 +18,7 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.errors import BackendError, BundleError
+from runtime.registry import Registry
 
 
 @runtime_checkable
@@ -41,16 +42,14 @@ class BackendSpec:
     make: Callable[..., Session]
 
 
-_BACKENDS: dict[str, BackendSpec] = {}
+BACKENDS: Registry[BackendSpec] = Registry("backend", BackendError, extra_names=("auto",))
 
 
 def register_backend(name: str, provider: str, description: str):
     """Decorator: register `make(bundle, artifact, intra_op_threads, device_id) -> Session` as backend `name`."""
 
     def deco(fn: Callable[..., Session]) -> Callable[..., Session]:
-        if name in _BACKENDS or name == "auto":
-            raise ValueError(f"backend '{name}' is already registered")
-        _BACKENDS[name] = BackendSpec(name, provider, description, fn)
+        BACKENDS.add(name, BackendSpec(name, provider, description, fn))
         return fn
 
     return deco
@@ -58,13 +57,11 @@ def register_backend(name: str, provider: str, description: str):
 
 def backend_names() -> list[str]:
     """Every backend name `create_session` accepts (including `auto`)."""
-    return [*_BACKENDS, "auto"]
+    return BACKENDS.names()
 
 
 def backend_spec(name: str) -> BackendSpec:
-    if name not in _BACKENDS:
-        raise BackendError(f"unknown backend '{name}'; valid: {', '.join(backend_names())}")
-    return _BACKENDS[name]
+    return BACKENDS.get(name)
 
 
 def has_artifact(bundle: Bundle, key: str) -> bool:

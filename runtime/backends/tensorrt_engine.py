@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends.base import register_backend
+from runtime.backends.base import Session, register_backend
 from runtime.backends.ort import available_providers
 from runtime.bundle import Bundle
 from runtime.errors import BackendError, BundleError
