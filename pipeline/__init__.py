@@ -1,3 +1,3 @@
 """edgekiln's training side: config, data, models, stages, CLI."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
