@@ -46,7 +46,7 @@ def main() -> None:
     summary = {}
     for role in args.roles.split(","):
         t0 = time.perf_counter()
-        m = run_export(cfg, role=role, out=run / f"bundle-{role}")
+        m = run_export(cfg, role=role, out=run / f"bundle-{role}").to_metrics()
         export_s = time.perf_counter() - t0
         print(f"\n== {role} ({m['bundle']}), export {export_s:.0f}s")
         summary[role] = {"export_seconds": export_s, "int8": m.get("int8"), "artifacts": m["artifacts"],

@@ -3,12 +3,13 @@ hand both to the exporters (exporters.bundle.build_bundle / check_bundle), and r
 result in the run's metrics.json. Everything about artifacts, golden images, bundle.json and
 the parity gate lives in exporters/.
 
-    metrics = run_export(cfg, role="teacher", out=Path("/tmp/teacher-bundle"))
+    result = run_export(cfg, role="teacher", out=Path("/tmp/teacher-bundle"))   # an ExportResult
     gate = run_validate(cfg)          # exporters.parity.GateResult; gate.passed, gate.failures
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,51 @@ def default_export_role(cfg: PipelineConfig) -> str:
     return "student" if cfg.distill.enabled else "teacher"
 
 
+@dataclass
+class ArtifactSummary:
+    """One artifact of an exported bundle, as the export stage reports it."""
+
+    file: str
+    precision: str
+    size_mb: float
+    accuracy: float
+    accuracy_delta: float
+    agreement: float
+    passed: bool
+
+
+@dataclass
+class ExportResult:
+    """What the export stage built and measured; `to_metrics()` is the `onnx` section of metrics.json."""
+
+    role: str
+    bundle: str
+    size_mb: float  # of the FP32 ONNX model
+    opset: int | None
+    accuracy: float
+    agreement: float
+    max_abs_logit_diff: float
+    artifacts: dict[str, ArtifactSummary]
+    passed: bool
+    failures: list[str]
+    int8: dict[str, Any] | None = None  # the INT8 artifact's quantization record (calibration, guard)
+    triton_model: str | None = None
+    gate: GateResult | None = field(default=None, repr=False)
+
+    def to_metrics(self) -> dict[str, Any]:
+        m = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("gate", "int8", "triton_model")}
+        m["artifacts"] = {k: asdict(a) for k, a in self.artifacts.items()}
+        if self.int8 is not None:
+            m["int8"] = self.int8
+        if self.triton_model is not None:
+            m["triton_model"] = self.triton_model
+        return m
+
+
 def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = None,
-               triton_repo: Path | None = None) -> dict[str, Any]:
+               triton_repo: Path | None = None) -> ExportResult:
     """Export a checkpoint to a bundle directory (every artifact the config asks for, golden
     images, parity of each artifact), written in a temp dir and renamed into place."""
-    return _export(cfg, role, out, triton_repo)[0]
-
-
-def _export(cfg: PipelineConfig, role: str | None, out: Path | None,
-            triton_repo: Path | None) -> tuple[dict[str, Any], GateResult]:
-    """run_export's work; also returns the parity gate it ran."""
     from pipeline import __version__
     from exporters.bundle import ExportJob, build_bundle, check_export_options
 
@@ -58,40 +94,31 @@ def _export(cfg: PipelineConfig, role: str | None, out: Path | None,
     job = ExportJob(model=model, checkpoint=meta, role=role, split=split, settings=cfg.export,
                     validate=cfg.validate_, reference=pytorch_reference(model, split, meta.preprocess),
                     seed=cfg.seed, cache_dir=run.tensorrt_cache, version=__version__, metrics=trained)
-    result = build_bundle(Path(out) if out else run.bundle, job)
-    metrics = export_metrics(result, role)
+    built = build_bundle(Path(out) if out else run.bundle, job)
+    result = export_result(built, role)
     if triton_repo:
         from exporters.triton import write_triton_repo
 
-        metrics["triton_model"] = str(write_triton_repo(result.out, Path(triton_repo)))
-    run.update_metrics("onnx", metrics)
-    return metrics, result.gate
+        result.triton_model = str(write_triton_repo(built.out, Path(triton_repo)))
+    run.update_metrics("onnx", result.to_metrics())
+    return result
 
 
-def export_metrics(result, role: str) -> dict[str, Any]:
-    """metrics.json's "onnx" section for a built bundle (an exporters.bundle.BuildResult)."""
-    out, m, gate = result.out, result.manifest, result.gate
+def export_result(built, role: str) -> ExportResult:
+    """The export stage's report of a built bundle (an exporters.bundle.BuildResult)."""
+    out, m, gate = built.out, built.manifest, built.gate
     report = gate.primary
-    metrics = {
-        "role": role,
-        "bundle": str(out),
-        "size_mb": _size_mb(out / m.artifacts["onnx"].file),
-        "opset": m.opset,
-        "accuracy": report.artifact_accuracy,
-        "agreement": report.agreement,
-        "max_abs_logit_diff": report.max_abs_logit_diff,
-        "artifacts": {
-            k: {"file": m.artifacts[k].file, "precision": m.artifacts[k].precision,
-                "size_mb": _size_mb(out / m.artifacts[k].file), "accuracy": r.artifact_accuracy,
-                "accuracy_delta": r.accuracy_delta, "agreement": r.agreement, "passed": r.passed}
-            for k, r in gate.reports.items()
-        },
-        "passed": gate.passed,
-        "failures": gate.failures,
-    }
-    if "onnx_int8" in m.artifacts:
-        metrics["int8"] = m.artifacts["onnx_int8"].details["quantization"]
-    return metrics
+    return ExportResult(
+        role=role, bundle=str(out), size_mb=_size_mb(out / m.artifacts["onnx"].file), opset=m.opset,
+        accuracy=report.artifact_accuracy, agreement=report.agreement, max_abs_logit_diff=report.max_abs_logit_diff,
+        artifacts={k: ArtifactSummary(file=m.artifacts[k].file, precision=m.artifacts[k].precision,
+                                      size_mb=_size_mb(out / m.artifacts[k].file), accuracy=r.artifact_accuracy,
+                                      accuracy_delta=r.accuracy_delta, agreement=r.agreement, passed=r.passed)
+                   for k, r in gate.reports.items()},
+        passed=gate.passed, failures=gate.failures,
+        int8=m.artifacts["onnx_int8"].details["quantization"] if "onnx_int8" in m.artifacts else None,
+        gate=gate,
+    )
 
 
 def _size_mb(path: Path) -> float:
@@ -128,7 +155,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         run_distill(cfg)
     # The export's own gate is the validation: the bundle it checked is the one renamed into place,
     # so running run_validate here would only recompute the same parity over again.
-    _, gate = _export(cfg, None, None, None)
+    gate = run_export(cfg).gate
     cfg.run.update_metrics("validate", gate.to_dict())
     write_run_report(cfg.run, cfg.run.read_metrics())
     return {"metrics": cfg.run.read_metrics(), "parity": gate}

@@ -62,21 +62,21 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
         cfg.export.precisions = list(dict.fromkeys([*cfg.export.precisions, *precisions]))
     if tensorrt:
         cfg.export.tensorrt.enabled = True
-    m = run_export(cfg, role=role, out=out, triton_repo=triton_repo)
-    click.echo(f"bundle {m['bundle']}: {m['size_mb']:.2f} MB, agreement {m['agreement']:.2%}, "
-               f"max |Δlogit| {m['max_abs_logit_diff']:.2e}")
-    for key, a in m["artifacts"].items():
-        click.echo(f"  {'✅' if a['passed'] else '❌'} {key}: {a['file']} {a['size_mb']:.2f} MB, accuracy "
-                   f"{a['accuracy']:.4f} (Δ {a['accuracy_delta'] * 100:+.2f} pts), agreement {a['agreement']:.2%}")
-    if "int8" in m:
-        cal, guard = m["int8"]["calibration"], m["int8"]["guard"]
+    r = run_export(cfg, role=role, out=out, triton_repo=triton_repo)
+    click.echo(f"bundle {r.bundle}: {r.size_mb:.2f} MB, agreement {r.agreement:.2%}, "
+               f"max |Δlogit| {r.max_abs_logit_diff:.2e}")
+    for key, a in r.artifacts.items():
+        click.echo(f"  {'✅' if a.passed else '❌'} {key}: {a.file} {a.size_mb:.2f} MB, accuracy "
+                   f"{a.accuracy:.4f} (Δ {a.accuracy_delta * 100:+.2f} pts), agreement {a.agreement:.2%}")
+    if r.int8 is not None:
+        cal, guard = r.int8["calibration"], r.int8["guard"]
         click.echo(f"  int8 calibration: {cal['images']} train images, per class "
                    + ", ".join(f"{k}:{v}" for k, v in cal["per_class"].items())
                    + f"; {len(guard['excluded_nodes'])} node(s) kept in float")
-    if m.get("triton_model"):
-        click.echo(f"triton model: {m['triton_model']}")
-    if not m["passed"]:
-        fail("parity check failed: " + "; ".join(m["failures"]), 1)
+    if r.triton_model:
+        click.echo(f"triton model: {r.triton_model}")
+    if not r.passed:
+        fail("parity check failed: " + "; ".join(r.failures), 1)
 
 
 @cli.command()
