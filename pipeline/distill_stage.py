@@ -74,6 +74,22 @@ class DistillResult:
     def latency_b32_ratio(self) -> float:
         return self.student_cost.latency_b32_ms / self.teacher_cost.latency_b32_ms
 
+    @classmethod
+    def from_metrics(cls, d: dict[str, Any]) -> "DistillResult":
+        """Back from a `student` section of metrics.json."""
+        from pipeline.distill import KDSettings, OnnxCost
+
+        cost = d.get("onnx_cost")
+        return cls(
+            model=d["model"], val_accuracy=d["val_accuracy"], test_accuracy=d["test_accuracy"],
+            teacher_model=d["teacher_model"], teacher_test_accuracy=d["teacher_test_accuracy"],
+            best_epoch=d["best_epoch"], params=d["params"], teacher_params=d["teacher_params"],
+            kd=KDSettings(**d["kd"]), train_seconds=d.get("train_seconds", 0.0), history=d.get("history") or [],
+            auto=d.get("auto"), without_kd=WithoutKD(**d["without_kd"]) if d.get("without_kd") else None,
+            student_cost=OnnxCost(**cost["student"]) if cost else None,
+            teacher_cost=OnnxCost(**cost["teacher"]) if cost else None, size_mb=d.get("size_mb", 0.0),
+        )
+
     def to_metrics(self) -> dict[str, Any]:
         m: dict[str, Any] = {
             "model": self.model, "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -22,6 +22,10 @@ from pipeline.config import PipelineConfig
 from pipeline.data import Split, load_tensors
 from pipeline.errors import EdgekilnError
 from pipeline.rundir import load_split
+
+if TYPE_CHECKING:
+    from pipeline.adapt_stage import AdaptResult
+    from pipeline.distill_stage import DistillResult
 from runtime.bundle import read_bundle
 
 
@@ -68,6 +72,13 @@ class ExportResult:
     triton_model: str | None = None
     gate: GateResult | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_metrics(cls, d: dict[str, Any]) -> "ExportResult":
+        """Back from the `onnx` section of metrics.json (without the gate object)."""
+        named = {f.name for f in fields(cls)} - {"artifacts", "gate"}
+        return cls(artifacts={k: ArtifactSummary(**a) for k, a in d["artifacts"].items()},
+                   **{k: v for k, v in d.items() if k in named})
+
     def to_metrics(self) -> dict[str, Any]:
         m = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("gate", "int8", "triton_model")}
         m["artifacts"] = {k: asdict(a) for k, a in self.artifacts.items()}
@@ -76,6 +87,29 @@ class ExportResult:
         if self.triton_model is not None:
             m["triton_model"] = self.triton_model
         return m
+
+
+@dataclass
+class PipelineResult:
+    """Every stage's result of one `run_pipeline`; `parity` is the export's gate (the validation)."""
+
+    adapt: "AdaptResult | None"
+    distill: "DistillResult | None"
+    export: ExportResult | None
+
+    @property
+    def parity(self) -> GateResult | None:
+        return self.export.gate if self.export else None
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any]) -> "PipelineResult":
+        """Back from metrics.json (sections that are missing stay None)."""
+        from pipeline.adapt_stage import AdaptResult
+        from pipeline.distill_stage import DistillResult
+
+        return cls(adapt=AdaptResult.from_metrics(metrics["teacher"]) if metrics.get("teacher") else None,
+                   distill=DistillResult.from_metrics(metrics["student"]) if metrics.get("student") else None,
+                   export=ExportResult.from_metrics(metrics["onnx"]) if metrics.get("onnx") else None)
 
 
 def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = None,
@@ -144,18 +178,17 @@ def run_validate(cfg: PipelineConfig, bundle_dir: Path | None = None, role: str 
     return gate
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     """Every stage in order: adapt, distill (when enabled), export (whose parity gate is the validation)."""
     from pipeline.adapt_stage import run_adapt
     from pipeline.distill_stage import run_distill
     from pipeline.report import write_run_report
 
-    run_adapt(cfg)
-    if cfg.distill.enabled:
-        run_distill(cfg)
+    adapted = run_adapt(cfg)
+    distilled = run_distill(cfg) if cfg.distill.enabled else None
     # The export's own gate is the validation: the bundle it checked is the one renamed into place,
     # so running run_validate here would only recompute the same parity over again.
-    gate = run_export(cfg).gate
-    cfg.run.update_metrics("validate", gate.to_dict())
+    exported = run_export(cfg)
+    cfg.run.update_metrics("validate", exported.gate.to_dict())
     write_run_report(cfg.run, cfg.run.read_metrics())
-    return {"metrics": cfg.run.read_metrics(), "parity": gate}
+    return PipelineResult(adapted, distilled, exported)

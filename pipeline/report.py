@@ -10,33 +10,29 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.adapt_stage import AdaptResult
+from pipeline.export_stage import PipelineResult
 from pipeline.rundir import RunDir
 from runtime.files import atomic_write_text
 
 
-def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, ...]]:
-    rows = []
-    v = metrics.get("validate", {})
-    for key in ("teacher", "student"):
-        m = metrics.get(key)
-        if m:
-            rows.append((key, m["model"], f"{m['test_accuracy']:.4f}", f"{m['size_mb']:.2f}", "—", "—"))
-    o = metrics.get("onnx")
+def summary_rows(result: PipelineResult) -> list[tuple[str, ...]]:
+    """One row per stage: teacher, student, the FP32 ONNX model with its parity figures."""
+    rows = [(key, r.model, f"{r.test_accuracy:.4f}", f"{r.size_mb:.2f}", "—", "—")
+            for key, r in (("teacher", result.adapt), ("student", result.distill)) if r is not None]
+    o = result.export
     if o:
-        agree = v.get("agreement", o["agreement"])
-        diff = v.get("max_abs_logit_diff", o["max_abs_logit_diff"])
-        rows.append(("ONNX", f"{o['role']}, fp32, opset {o['opset']}", f"{v.get('artifact_accuracy', o['accuracy']):.4f}",
-                     f"{o['size_mb']:.2f}", f"{agree:.2%}", f"{diff:.2e}"))
+        rows.append(("ONNX", f"{o.role}, fp32, opset {o.opset}", f"{o.accuracy:.4f}", f"{o.size_mb:.2f}",
+                     f"{o.agreement:.2%}", f"{o.max_abs_logit_diff:.2e}"))
     return rows
 
 
-def print_summary(metrics: dict[str, Any], run: RunDir, console: Console | None = None) -> None:
+def print_summary(result: PipelineResult, run: RunDir, console: Console | None = None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 110)
     run = RunDir(run)
     table = Table(title=f"edgekiln summary — {run.root}")
     for col in ("", "model", "test accuracy", "size MB", "top-1 agreement", "max |Δlogit|"):
         table.add_column(col, justify="left" if col in ("", "model") else "right", no_wrap=True)
-    for row in summary_rows(metrics):
+    for row in summary_rows(result):
         table.add_row(*row)
     console.print(table)
     console.print(f"bundle: {run.bundle}   metrics: {run.metrics}")
@@ -158,7 +154,7 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
         lines += ["## Data efficiency (test accuracy)", ""] + _md_table(header, rows)
         if (run.root / eff.get("plot", "")).is_file():
             lines += [f"![data efficiency]({eff['plot']})", ""]
-    rows = summary_rows(metrics)
+    rows = summary_rows(PipelineResult.from_metrics(metrics))
     if rows and (metrics.get("student") or metrics.get("onnx")):
         lines += ["## Pipeline", ""]
         lines += _md_table(["", "model", "test accuracy", "size MB", "top-1 agreement", "max abs Δlogit"], [list(r) for r in rows])

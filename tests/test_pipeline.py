@@ -20,7 +20,7 @@ def test_run_directory_layout_and_metrics(tiny_run):
     assert m["validate"]["agreement"] == 1.0
     assert m["validate"]["max_abs_logit_diff"] <= 1e-4
     assert abs(m["onnx"]["accuracy"] - m["student"]["test_accuracy"]) < 1e-6
-    assert out["parity"].passed
+    assert out.parity.passed and out.export.agreement == 1.0 and out.distill.model == "compact_cnn_w0.5"
 
 
 def test_bundle_json_is_self_describing(tiny_run):

@@ -48,7 +48,7 @@ def _run(cfg) -> None:
 
     click.echo(f"edgekiln: run '{cfg.name}' -> {cfg.run_dir}", err=True)
     out = run_pipeline(cfg)
-    print_summary(out["metrics"], cfg.run)
-    report = out["parity"]
+    print_summary(out, cfg.run)
+    report = out.parity
     if not report.passed:
         fail("parity check failed: " + "; ".join(report.failures), 1)
