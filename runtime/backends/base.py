@@ -16,7 +16,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from runtime.bundle import Bundle
+from runtime.bundle import DEFAULT_RUNTIMES, Bundle
 from runtime.errors import BackendError, BundleError
 from runtime.registry import Registry
 
@@ -88,32 +88,26 @@ def create_session(backend: str, bundle: Bundle, artifact: str = "onnx", intra_o
     return sess
 
 
-# The backend each artifact format runs on when the caller names none (ONNX) or always (engines).
-_FORMAT_BACKEND = {"onnx": None, "tensorrt": "tensorrt-engine"}
-
-
 def session_for_artifact(bundle: Bundle, key: str, *, backend: str | None = None,
                          intra_op_threads: int | None = None, device_id: int = 0) -> Session:
-    """Open bundle artifact `key` on the backend its format needs: ONNX artifacts on `backend`
-    (default 'cpu'), TensorRT engines on 'tensorrt-engine' (fingerprint-checked, never a fallback).
+    """Open bundle artifact `key` on `backend`, which must be one its bundle.json entry lists in
+    `runtimes` (default: the first: 'cpu' for ONNX artifacts, 'tensorrt-engine' for TensorRT engines,
+    fingerprint-checked, never a fallback); 'auto' picks the best onnxruntime backend for an ONNX artifact.
 
     The parity gate, bench, INT8 guard and golden self-test open artifacts here, so what they
     measure is the serving code. intra_op_threads=None keeps onnxruntime's default (one thread
     per physical core); engines ignore it.
     """
-    fmt = bundle.artifact(key).format
-    if fmt not in _FORMAT_BACKEND:
-        raise BundleError(f"{bundle.root}: artifact '{key}' has format '{fmt}', which no backend runs "
-                          f"(runnable formats: {', '.join(_FORMAT_BACKEND)})")
-    name = _FORMAT_BACKEND[fmt] or backend or "cpu"
-    if fmt == "tensorrt" and backend not in (None, name):
-        raise BackendError(f"artifact '{key}' is a TensorRT engine, which only backend '{name}' runs "
-                           f"(asked for '{backend}')")
-    if fmt == "onnx" and name == "tensorrt-engine":
-        raise BackendError(f"artifact '{key}' is an ONNX model; backend 'tensorrt-engine' runs only engines "
-                           f"(valid for ONNX: {', '.join(n for n in backend_names() if n != 'tensorrt-engine')})")
-    if name == "auto":  # the best onnxruntime backend for this very artifact, never the bundle's engine
+    art = bundle.artifact(key)
+    if not art.runtimes:  # bundle.json records the backends each artifact runs on (runtime.bundle.DEFAULT_RUNTIMES)
+        raise BundleError(f"{bundle.root}: artifact '{key}' has format '{art.format}', which no backend runs "
+                          f"(runnable formats: {', '.join(DEFAULT_RUNTIMES)})")
+    if backend == "auto" and "cpu" in art.runtimes:  # the best onnxruntime backend for this very artifact
         from runtime.backends import policy
 
         return policy.auto_session(bundle, key, intra_op_threads, device_id, try_engine=False)
+    name = backend or art.runtimes[0]
+    if name not in art.runtimes:
+        raise BackendError(f"artifact '{key}' ({art.format}) runs on backend {', '.join(art.runtimes)}, "
+                           f"not on '{name}'")
     return create_session(name, bundle, artifact=key, intra_op_threads=intra_op_threads, device_id=device_id)
