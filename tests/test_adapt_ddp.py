@@ -1,4 +1,5 @@
-"""Training under torchrun: 2 CPU processes with gloo end with identical weights."""
+"""Training under torchrun: 2 CPU processes with gloo end with identical weights; at world size 1 the
+same distributed path (process group, DDP, collectives) runs, as `torchrun --nproc_per_node=1` on one GPU."""
 
 import subprocess
 import sys
@@ -16,7 +17,7 @@ SCRIPT = textwrap.dedent(
     from pipeline.training import TrainSettings, fit, init_distributed, tensor_loader
 
     info = init_distributed()
-    assert info.world_size == 2 and dist.get_backend() == "gloo"
+    assert info.enabled and info.world_size == int(sys.argv[2]) and dist.get_backend() == "gloo"
     torch.manual_seed(100 + info.rank)  # different initial weights per rank: DDP must sync them
     model = create_model("compact_cnn_w0.5", 3, "none")
     g = torch.Generator().manual_seed(0)
@@ -30,16 +31,26 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+def _torchrun(tmp_path, world: int) -> None:
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), str(script),
+         str(tmp_path), str(world)],
         capture_output=True, text=True, timeout=240, cwd=root,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_world_size_one_under_torchrun_runs_the_distributed_path(tmp_path):
+    _torchrun(tmp_path, 1)
+    assert (tmp_path / "rank0.pt").is_file()
+
+
+def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+    _torchrun(tmp_path, 2)
     a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
     fresh = {k: v for k, v in a.items()}
     assert a.keys() == b.keys()

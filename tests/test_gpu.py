@@ -59,3 +59,19 @@ def test_gpu_train_bench_runs_on_cpu():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(a) resnet50 synthetic:" in r.stdout and "images/s" in r.stdout
+
+
+def test_training_autocast_dtype_is_bf16_where_the_gpu_has_it():
+    from pipeline.training.loop import amp_dtype
+
+    assert amp_dtype(torch.device("cpu")) is None
+    assert amp_dtype(torch.device("cuda"), bf16_supported=True) == torch.bfloat16  # no GradScaler, no skipped steps
+    assert amp_dtype(torch.device("cuda"), bf16_supported=False) == torch.float16
+
+
+def test_cuda_fp16_artifacts_run_with_nhwc_kernels():
+    from runtime.backends.ort import cuda_options
+
+    assert cuda_options("fp16", 1) == {"device_id": 1, "prefer_nhwc": "1"}
+    assert cuda_options("fp32", 0) == {"device_id": 0}
+    assert cuda_options("int8", 0) == {"device_id": 0}

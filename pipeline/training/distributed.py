@@ -3,6 +3,7 @@ collective steps the loop needs so that every rank stops together and holds the 
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -16,10 +17,13 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: bool = False  # joined a torch.distributed process group (launched by torchrun)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """The distributed code path (sampler, DDP, collectives) runs: under torchrun, at any world size,
+        so `torchrun --nproc_per_node=1` exercises on one GPU exactly what N GPUs run."""
+        return self.group
 
     @property
     def is_main(self) -> bool:
@@ -27,26 +31,29 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join the process group when launched by torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT), world size 1 included: NCCL on GPUs, gloo on CPU. A plain process runs alone."""
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         return DistInfo()
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        if backend == "nccl":  # bind the rank to its GPU up front: NCCL otherwise guesses from the rank
             torch.cuda.set_device(local)
-        dist.init_process_group(backend)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
+            dist.init_process_group(backend, device_id=torch.device("cuda", local))
+        else:
+            dist.init_process_group(backend)
+        atexit.register(dist.destroy_process_group)  # NCCL warns about (and may leak) a group left open
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, group=True)
 
 
 def dist_info() -> DistInfo:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), group=True)
     return DistInfo()
 
 

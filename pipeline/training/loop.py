@@ -101,18 +101,30 @@ def freeze_frozen_batchnorm(model: nn.Module) -> None:
                 m.eval()
 
 
+def amp_dtype(device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype for training on `device`: bfloat16 where the GPU has it (Ampere and later:
+    fp32's range, so no loss scaling and no skipped steps), float16 with a GradScaler on older GPUs,
+    None (full fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
 @dataclass
 class Amp:
-    """Mixed precision on CUDA only; a no-op on CPU."""
+    """Mixed precision on CUDA only (see amp_dtype); a no-op on CPU."""
 
     device: torch.device
 
     def __post_init__(self):
-        self.enabled = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if self.enabled else None
+        self.dtype = amp_dtype(self.device)
+        self.enabled = self.dtype is not None
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.enabled else contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.dtype) if self.enabled else contextlib.nullcontext()
 
 
 class _NonFinite(Exception):

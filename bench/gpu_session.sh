@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Issue 19's measurements on a lent GPU machine, as one prepared script per device call.
+# The device image has torch (CUDA 13) but lacks some of edgekiln's dependencies and onnxruntime-gpu;
+# they travel as wheels (.whl/) and as an xz tarball of the onnxruntime-gpu package split in parts
+# (.gpuparts/pN, each call's transfer is limited), gathered in /tmp/parts while the machine stays warm.
+#
+#   bash bench/gpu_session.sh torch   # versions; training throughput; torchrun NCCL at world size 1
+#   bash bench/gpu_session.sh ddp     # only edgekiln's training under torchrun
+#   bash bench/gpu_session.sh part    # only stash this call's part
+#   bash bench/gpu_session.sh ort     # assemble onnxruntime-gpu; CUDA EP inference bench; pytest -m gpu
+# Every step has its own time limit and its output goes to $OUT/<stage>.log as well.
+set -uo pipefail
+stage=${1:?torch|part|ort}
+OUT=${OUT:-/tmp/out}
+log=$OUT/$stage.log
+export PYTHONUNBUFFERED=1
+mkdir -p /tmp/parts /tmp/site
+cp -n .gpuparts/p* /tmp/parts/ 2>/dev/null
+ls -la /tmp/parts
+[ "$stage" = part ] && exit 0
+
+step() {  # step SECONDS CMD...: run with a limit, keep the log, never stop the script
+    local limit=$1; shift
+    echo "### [$(date -u +%H:%M:%S)] $*" | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    echo "### rc=${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+# CUDA 13 user-space libraries come as pip packages beside torch; onnxruntime's CUDA EP looks for them too.
+nvlib=$(python3 -c "import glob,os,site;print(':'.join(sorted({os.path.dirname(p) for p in glob.glob(site.getsitepackages()[0]+'/nvidia/**/lib*.so*',recursive=True)})))")
+export LD_LIBRARY_PATH=$nvlib:${LD_LIBRARY_PATH:-}
+export EDGEKILN_CACHE=/tmp/ekcache
+
+step 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+step 60 python3 -c "import torch,sys;print('python',sys.version.split()[0],'torch',torch.__version__,'cuda',torch.version.cuda,'cudnn',torch.backends.cudnn.version(),torch.cuda.get_device_name())"
+step 120 python3 -c "from pipeline.data import demo_data_dir;print(demo_data_dir())"
+
+edgekiln_under_torchrun() {  # edgekiln's own training under torchrun, NCCL at world size 1, to its checkpoint
+cat >/tmp/ddp.yaml <<EOF
+name: gpu-ddp
+runs_dir: /tmp/runs
+data: {root: /tmp/ekcache/digits-v1, batch_size: 64, num_workers: 8}
+model: {name: efficientnet_lite0, weights: default}
+adapt: {strategy: finetune, epochs: 3}
+distill: {enabled: false}
+EOF
+step 150 torchrun --standalone --nproc_per_node=1 -m pipeline.cli adapt /tmp/ddp.yaml
+step 30 python3 -c "import json;m=json.load(open('/tmp/runs/gpu-ddp/metrics.json'))['teacher'];print('checkpoint ok; test accuracy',m['test_accuracy'],'train s',round(m['train_seconds'],1))"
+step 30 ls -la /tmp/runs/gpu-ddp/checkpoints
+}
+
+[ "$stage" = ddp ] && edgekiln_under_torchrun
+
+if [ "$stage" = torch ]; then
+    step 90 python3 bench/gpu_train.py --device cuda --amp bf16 --channels-last --only a --batch 256 --steps 60
+    step 90 python3 bench/gpu_train.py --device cuda --amp fp16 --channels-last --only a --batch 256 --steps 60
+    step 90 python3 bench/gpu_train.py --device cuda --amp bf16 --channels-last --only b --workers 12 --steps 40
+    step 90 torchrun --standalone --nproc_per_node=1 bench/gpu_train.py --device cuda --amp bf16 --channels-last --ddp --only a --steps 30
+    edgekiln_under_torchrun
+    step 200 python3 bench/gpu_train.py --device cuda --amp bf16 --channels-last --compile --only a --batch 256 --steps 60
+fi
+
+if [ "$stage" = ort ]; then
+    step 120 python3 -c "
+import lzma, tarfile, glob
+parts = sorted(glob.glob('/tmp/parts/p*'))
+print('parts', parts)
+with open('/tmp/ort.tar.xz', 'wb') as f:
+    for p in parts: f.write(open(p, 'rb').read())
+tarfile.open('/tmp/ort.tar.xz', 'r:xz').extractall('/tmp/ortsite')"
+    export PYTHONPATH=/tmp/ortsite:$PYTHONPATH
+    step 60 python3 -c "import torch, onnxruntime as o;print('onnxruntime',o.__version__,o.__file__,o.get_available_providers())"
+    mkdir -p /tmp/demo_run/checkpoints && cp .gpuparts/run/split.json /tmp/demo_run/ && cp .gpuparts/run/teacher.safetensors /tmp/demo_run/checkpoints/
+    sed -i 's#"/root/.cache/edgekiln/digits-v1"#"/tmp/ekcache/digits-v1"#' /tmp/demo_run/split.json
+    step 300 python3 bench/gpu_infer.py --run-dir /tmp/demo_run --iters 300
+    step 240 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py tests/test_runtime_backends.py
+fi
