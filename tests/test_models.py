@@ -10,7 +10,7 @@ from pipeline.models import MODELS, create_model, list_models
 from runtime.preprocess import open_image
 
 # Every registered model must appear here; test_every_registered_model_is_tested enforces it.
-TESTED = {"efficientnet_lite0", "compact_cnn_w0.5", "compact_cnn_w1.0"}
+TESTED = {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "compact_cnn_w0.5", "compact_cnn_w1.0"}
 
 
 def test_every_registered_model_is_tested():
@@ -34,8 +34,9 @@ def _skimage(name):
     return os.path.join(os.path.dirname(skimage.__file__), "data", name)
 
 
-def test_efficientnet_lite0_real_weights_classify_real_photos():
-    m = create_model("efficientnet_lite0", None, "default").eval()
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_real_weights_classify_real_photos(name):
+    m = create_model(name, None, "default").eval()
     tf = eval_transform(m.defaults.preprocess())
     with torch.no_grad():
         cat = m(tf(open_image(_skimage("chelsea.png")))[None]).argmax(1).item()
