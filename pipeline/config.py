@@ -115,7 +115,10 @@ class AdaptConfig(_Strict):
     """How the pretrained model is adapted. Options of the chosen strategy go in its own section."""
 
     strategy: StrategyName = "feature_extraction"
-    epochs: int = Field(30, ge=1)
+    epochs: int | None = Field(None, ge=1, description="Training length in epochs; None: sized to the data "
+                               "(pipeline.training.budget). Set epochs or steps, not both.")
+    steps: int | None = Field(None, ge=1, description="Training length in optimizer steps (rounded to whole epochs).")
+    min_steps: int | None = Field(None, ge=1, description="Floor of the automatic budget (default: per strategy).")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -124,7 +127,8 @@ class AdaptConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
     augment: Literal["none", "light", "strong"] = Field("none", description="Train-time augmentation preset.")
-    patience: int | None = Field(None, ge=1, description="Early stopping: epochs without a better val accuracy.")
+    patience: int | None = Field(10, ge=1, description="Early stopping: validations without a better val accuracy "
+                                 "(None: train the whole budget; the best validated weights are kept either way).")
     baselines: bool = Field(False, description="Also train from scratch and a linear probe, and compare.")
     feature_extraction: FeatureExtractionOptions = FeatureExtractionOptions()
     finetune: FinetuneOptions = FinetuneOptions()
@@ -136,7 +140,9 @@ class AdaptConfig(_Strict):
             # Default-valued sections are fine: config.yaml snapshots list every section.
             if other != self.strategy and other in self.model_fields_set and getattr(self, other) != type(getattr(self, other))():
                 raise ValueError(f"the `{other}` section is set but strategy is '{self.strategy}'")
-        if self.warmup_epochs >= self.epochs:
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("set epochs or steps, not both")
+        if self.epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError("warmup_epochs must be smaller than epochs")
         if self.strategy == "feature_extraction" and self.feature_extraction.head == "logistic_regression" and self.augment != "none":
             raise ValueError("feature_extraction.head 'logistic_regression' trains on cached features: set augment: none")
@@ -157,16 +163,33 @@ class DistillConfig(_Strict):
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KD term; 1-alpha goes to cross-entropy.")
     hint_weight: float = Field(0.0, ge=0, description="Weight of the feature (hint) loss; 0 turns it off.")
-    epochs: int = Field(15, ge=1)
+    epochs: int | None = Field(None, ge=1, description="Training length in epochs; None: sized to the data.")
+    steps: int | None = Field(None, ge=1, description="Training length in optimizer steps (set epochs or steps).")
+    min_steps: int | None = Field(None, ge=1, description="Floor of the automatic budget (default 600 steps).")
+    patience: int | None = Field(10, ge=1, description="Early stopping: validations without a better val accuracy.")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    cache_teacher: bool = Field(True, description="Compute teacher outputs once (inputs are deterministic).")
+    augment: Literal["none", "light", "strong"] = Field(
+        "light", description="Train-time augmentation; teacher and student see the same augmented view "
+        "(the teacher runs live on each batch). 'none': fixed inputs, teacher outputs computed once.")
+    mixup: float = Field(0.0, ge=0, description="Mixup of the inputs for the KD term: Beta(mixup, mixup); 0 = off.")
+    unlabeled: Path | None = Field(None, description="Folder of unlabeled images that feed the KD term (no labels needed).")
+    min_retention: float = Field(0.98, ge=0, le=1, description="Adopt the student only when it keeps this share of "
+                                 "the teacher's validation accuracy; otherwise the teacher is exported.")
+    cache_teacher: bool = Field(True, description="With augment 'none': compute teacher outputs once.")
     compare_without_kd: bool = Field(False, description="Also train the student without KD, same budget.")
-    measure_cost: bool = Field(True, description="Export teacher and student to ONNX here and time them.")
+    measure_cost: bool = Field(False, description="Also export teacher and student to ONNX here and time them "
+                               "(the export stage measures every deployable candidate anyway).")
     max_latency_ms: float | None = Field(None, gt=0, description="With student 'auto': ONNX Runtime CPU batch-1 budget.")
     max_size_mb: float | None = Field(None, gt=0, description="With student 'auto': ONNX file size budget.")
     candidates: list[str] | None = Field(None, description="With student 'auto': names to consider (default: all).")
     auto_max_trained: int = Field(2, ge=1, description="With student 'auto': how many fitting candidates to train.")
+
+    @model_validator(mode="after")
+    def _length(self) -> "DistillConfig":
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("set epochs or steps, not both")
+        return self
 
 
 class PipelineConfig(_Strict):
@@ -234,6 +257,8 @@ def load_config(path: str | Path) -> PipelineConfig:
     # Relative data paths are relative to the config file, like most tools do.
     if cfg.data.root is not None and not cfg.data.root.is_absolute():
         cfg.data.root = (path.parent / cfg.data.root).resolve()
+    if cfg.distill.unlabeled is not None and not cfg.distill.unlabeled.is_absolute():
+        cfg.distill.unlabeled = (path.parent / cfg.distill.unlabeled).resolve()
     return cfg
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.errors import EdgekilnError
 from pipeline.models import EdgeClassifier, count_params, create_model
-from pipeline.training import FitResult, fit, kd_loss, set_seed, tensor_loader
+from pipeline.training import FitResult, TrainSettings, fit, kd_loss, set_seed, tensor_loader
 
 # Candidate students for `--student auto`, smallest first.
 STUDENTS = (
@@ -102,38 +102,47 @@ def train_student(
     cache_teacher: bool = True,
     teacher_cache: tuple | None = None,
     desc: str = "distill (student)",
+    train_loader: DataLoader | None = None,
+    mixup: float = 0.0,
+    validate_every: int = 1,
+    patience: int | None = None,
 ) -> FitResult:
     """Train `student` with KD (kd=None: plain cross-entropy, the control run).
 
-    cache_teacher=True computes the teacher's outputs once (valid because inputs
-    are deterministic); False runs the teacher live on every batch. teacher_cache: those
-    outputs already computed, `teacher_outputs(teacher, x, features=hint)`, to share them
-    between several students.
+    train_loader: (image, label) batches to train on instead of (x, y), e.g. augmented views and
+    unlabeled images (label -1); the teacher then runs live on every batch, so teacher and student
+    see the same view ("patient and consistent", Beyer et al. 2022). mixup > 0 mixes each batch's
+    inputs (Beta(mixup, mixup)) before the teacher sees them.
+    cache_teacher=True (fixed inputs only) computes the teacher's outputs once; False runs the
+    teacher live on every batch. teacher_cache: those outputs already computed,
+    `teacher_outputs(teacher, x, features=hint)`, to share them between several students.
     """
     set_seed(seed)
+    settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=min(1.0, epochs / 10),
+                             patience=patience, validate_every=validate_every)
+    base = train_loader or tensor_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed)
     if kd is None:
-        loader = tensor_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed)
-        return fit(student, loader, vx, vy, F.cross_entropy, epochs, lr, weight_decay, desc, warmup_epochs=1.0)
+        return fit(student, base, vx, vy, settings=settings, desc=desc)
     if teacher is None:
         raise EdgekilnError("distillation needs a teacher")
     hint = kd.hint_weight > 0
     model: nn.Module = HintedStudent(student, teacher.num_features) if hint else student
 
-    def loss_fn(out, labels, t_logits, t_feats=None):
+    def loss_fn(out, labels, t_logits, labels2, lam, t_feats=None):
         s_logits, s_proj = out if hint else (out, None)
-        loss = kd_loss(s_logits, t_logits, labels, kd.temperature, kd.alpha)
+        loss = kd_loss(s_logits, t_logits, labels, kd.temperature, kd.alpha, labels2, lam)
         if hint:
             loss = loss + kd.hint_weight * F.mse_loss(s_proj, t_feats)
         return loss
 
-    if cache_teacher:
+    if cache_teacher and train_loader is None and mixup == 0:
         t_logits, t_feats = teacher_cache or teacher_outputs(teacher, x, features=hint)
-        tensors = (x, y, t_logits) + ((t_feats,) if hint else ())
+        tensors = (x, y, t_logits, y, torch.ones(len(y))) + ((t_feats,) if hint else ())
         loader = tensor_loader(*tensors, batch_size=batch_size, shuffle=True, seed=seed)
     else:
-        loader = _LiveTeacherLoader(tensor_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed), teacher, hint)
+        loader = _LiveTeacherLoader(base, teacher, hint, mixup, seed)
     val_model = student if not hint else _HeadOnly(model)
-    return fit(model, loader, vx, vy, loss_fn, epochs, lr, weight_decay, desc, warmup_epochs=1.0, eval_model=val_model)
+    return fit(model, loader, vx, vy, loss_fn, settings=settings, desc=desc, eval_model=val_model)
 
 
 class _HeadOnly(nn.Module):
@@ -146,18 +155,57 @@ class _HeadOnly(nn.Module):
 
 
 class _LiveTeacherLoader:
-    """Wraps a (x, y) loader and appends the teacher's outputs, computed per batch."""
+    """Wraps an (x, y) loader: mixes each batch's inputs when mixup > 0, then appends the teacher's
+    outputs on exactly those inputs: (x, y, teacher logits, y of the mixed-in rows, lam[, features])."""
 
-    def __init__(self, loader: DataLoader, teacher: EdgeClassifier, features: bool):
-        self.loader, self.teacher, self.features = loader, teacher, features
+    def __init__(self, loader: DataLoader, teacher: EdgeClassifier, features: bool, mixup: float = 0.0, seed: int = 0):
+        self.loader, self.teacher, self.features, self.mixup = loader, teacher, features, mixup
+        self.seed, self.g = seed, torch.Generator().manual_seed(seed)
+        self.sampler, self.generator = loader.sampler, getattr(loader, "generator", None)  # what fit reads
+
+    def rewrap(self, loader: DataLoader) -> "_LiveTeacherLoader":
+        """The same wrapper over another loader (fit's distributed shard of the wrapped one)."""
+        return _LiveTeacherLoader(loader, self.teacher, self.features, self.mixup, self.seed)
+
+    @property
+    def inner(self) -> DataLoader:
+        return self.loader
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
         for xb, yb in self.loader:
+            y2, lam = yb, torch.ones(len(yb))
+            if self.mixup > 0:
+                lam_v = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+                perm = torch.randperm(len(xb), generator=self.g)
+                xb = lam_v * xb + (1 - lam_v) * xb[perm]
+                y2, lam = yb[perm], torch.full((len(yb),), lam_v)
             t_logits, t_feats = teacher_outputs(self.teacher, xb, batch_size=len(xb), features=self.features)
-            yield (xb, yb, t_logits) + ((t_feats,) if self.features else ())
+            yield (xb, yb, t_logits, y2, lam) + ((t_feats,) if self.features else ())
+
+
+def unlabeled_paths(folder: Path) -> list[Path]:
+    """Every image under `folder` (flat or nested; folder names are ignored)."""
+    from pipeline.data import IMAGE_EXTENSIONS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgekilnError(f"distill.unlabeled: {folder} is not a directory")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not p.name.startswith("."))
+    if not paths:
+        raise EdgekilnError(f"distill.unlabeled: {folder} holds no images")
+    return paths
+
+
+def view_loader(x_uint8: torch.Tensor, y: torch.Tensor, spec, augment: str, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches of augmented views of uint8 crops (label -1 marks an unlabeled image)."""
+    from pipeline.strategies.data import AugmentedImages, train_transform
+
+    ds = AugmentedImages(x_uint8, y, train_transform(augment, spec))
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- cost on this machine

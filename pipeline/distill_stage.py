@@ -9,6 +9,7 @@ the `student` section of metrics.json.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from pipeline.rundir import load_split
 
 if TYPE_CHECKING:
     from pipeline.distill import KDSettings, OnnxCost
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +52,12 @@ class DistillResult:
     student_cost: "OnnxCost | None" = None
     teacher_cost: "OnnxCost | None" = None
     size_mb: float = 0.0  # of the student checkpoint
+    adopted: bool = True  # the retention gate: False = refused, the teacher is exported instead
+    retention: float | None = None  # student / teacher validation accuracy (same images)
+    teacher_val_accuracy: float | None = None
+    val_drop: dict[str, Any] | None = None  # evaluation.paired_drop on the validation images
+    refusal: str | None = None  # why the student was refused, and what to try
+    budget: str | None = None  # the training budget, as it was printed
 
     @property
     def accuracy_retained(self) -> float | None:
@@ -88,6 +97,9 @@ class DistillResult:
             auto=d.get("auto"), without_kd=WithoutKD(**d["without_kd"]) if d.get("without_kd") else None,
             student_cost=OnnxCost(**cost["student"]) if cost else None,
             teacher_cost=OnnxCost(**cost["teacher"]) if cost else None, size_mb=d.get("size_mb", 0.0),
+            adopted=d.get("adopted", True), retention=d.get("retention"),
+            teacher_val_accuracy=d.get("teacher_val_accuracy"), val_drop=d.get("val_drop"),
+            refusal=d.get("refusal"), budget=d.get("budget"),
         )
 
     def to_metrics(self) -> dict[str, Any]:
@@ -109,6 +121,8 @@ class DistillResult:
             m["latency_b1_ratio"] = self.latency_b1_ratio
             m["latency_b32_ratio"] = self.latency_b32_ratio
         m["size_mb"] = self.size_mb
+        m.update(adopted=self.adopted, retention=self.retention, teacher_val_accuracy=self.teacher_val_accuracy,
+                 val_drop=self.val_drop, refusal=self.refusal, budget=self.budget)
         return m
 
 
@@ -130,15 +144,59 @@ def _candidates(dcfg: DistillConfig, n_classes: int, crop: int) -> tuple[list[st
     return names, {"candidates": table, "trained": names}
 
 
+def retention_gate(teacher_val_logits, student_val_logits, vy, min_retention: float) -> dict[str, Any]:
+    """Adopt the student only when it keeps >= min_retention of the teacher's validation accuracy
+    on the same images. A refused student costs the user nothing (the teacher is exported), so
+    the verdict follows the measured retention; the paired interval (evaluation.paired_drop) is
+    reported with it so the user sees how much a few dozen images can tell."""
+    from pipeline.evaluation import paired_drop
+
+    y = vy.numpy()
+    t_ok, s_ok = teacher_val_logits.argmax(1).numpy() == y, student_val_logits.argmax(1).numpy() == y
+    t_acc, s_acc = float(t_ok.mean()), float(s_ok.mean())
+    retention = s_acc / t_acc if t_acc > 0 else 1.0
+    drop = paired_drop(t_ok, s_ok)
+    adopted = retention >= min_retention
+    refusal = None if adopted else (
+        f"student refused: it keeps {retention:.1%} of the teacher's validation accuracy ({s_acc:.3f} vs {t_acc:.3f} "
+        f"on {drop['n']} images; drop {100 * drop['drop']:.1f} points, 95% CI {100 * drop['ci_low']:.1f} to "
+        f"{100 * drop['ci_high']:.1f}), under distill.min_retention {min_retention:.0%}; the teacher will be exported. "
+        "To try: a longer budget (distill.steps), unlabeled images (distill.unlabeled), a pretrained student "
+        "(distill.student: efficientnet_lite0, weights: default, under a larger teacher such as efficientnet_lite2)")
+    return {"adopted": adopted, "retention": retention, "teacher_val_accuracy": t_acc, "val_drop": drop,
+            "refusal": refusal}
+
+
+def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
+    """(loader of augmented views of the training images plus the unlabeled ones, or None for
+    fixed inputs; the number of images it draws from)."""
+    import torch
+
+    from pipeline.distill import unlabeled_paths, view_loader
+    from pipeline.strategies.data import load_uint8
+
+    dcfg, train = cfg.distill, split.paths("train")
+    if dcfg.augment == "none" and dcfg.unlabeled is None and dcfg.mixup == 0:
+        return None, len(train)
+    x8, y = load_uint8(train, spec), torch.tensor(split.labels("train"), dtype=torch.long)
+    if dcfg.unlabeled is not None:
+        extra = unlabeled_paths(dcfg.unlabeled)
+        log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), dcfg.unlabeled)
+        x8 = torch.cat([x8, load_uint8(extra, spec)])
+        y = torch.cat([y, torch.full((len(extra),), -1, dtype=torch.long)])
+    return (lambda batch: view_loader(x8, y, spec, dcfg.augment, batch, cfg.seed)), len(y)
+
+
 def run_distill(cfg: PipelineConfig) -> DistillResult:
-    """Train a smaller student with Hinton KD (+ optional hint loss) against the adapted teacher,
-    and justify it: accuracy retained, parameters, ONNX size and latency relative to the teacher,
-    and (optionally) the same student trained without KD."""
+    """Train a smaller student with KD against the adapted teacher (same augmented view for both,
+    teacher live; a step budget sized to the data), judge it with the retention gate, and justify
+    it: accuracy retained, parameters, optionally ONNX size and latency and the no-KD control."""
     from pipeline.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
     from pipeline.data import load_tensors
     from pipeline.distill import KDSettings, build_student, onnx_costs, teacher_outputs, train_student
     from pipeline.models import count_params
     from pipeline.training import accuracy, predict_logits, set_seed, train_device
+    from pipeline.training.budget import plan_budget
 
     dcfg, run = cfg.distill, cfg.run
     set_seed(cfg.seed)
@@ -151,31 +209,41 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     tx, ty = load_tensors(split.paths("test"), split.labels("test"), spec, desc="loading test images")
     teacher_test_acc = accuracy(predict_logits(teacher, tx), ty)
     kd = KDSettings(dcfg.temperature, dcfg.alpha, dcfg.hint_weight)
-    common = dict(epochs=dcfg.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=cfg.data.batch_size,
-                  seed=cfg.seed)
+    views, n_images = _views(cfg, split, spec)
+    budget = plan_budget("distill", n_images, cfg.data.batch_size, epochs=dcfg.epochs, steps=dcfg.steps,
+                         min_steps=dcfg.min_steps)
+    log.info("distill: training budget %s", budget.describe())
+    common = dict(epochs=budget.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=budget.batch_size,
+                  seed=cfg.seed, validate_every=budget.validate_every, patience=dcfg.patience)
     names, auto = _candidates(dcfg, n_classes, spec.crop)
 
     best = None
     t0 = time.perf_counter()
-    # Several `auto` candidates share one pass of the teacher over the training images.
-    shared = teacher_outputs(teacher, x, features=kd.hint_weight > 0) if dcfg.cache_teacher and len(names) > 1 else None
+    # Several `auto` candidates share one pass of the teacher over the (fixed) training images.
+    shared = (teacher_outputs(teacher, x, features=kd.hint_weight > 0)
+              if views is None and dcfg.cache_teacher and len(names) > 1 else None)
     for name in names:
         student = build_student(name, n_classes, dcfg.weights)
         fitted = train_student(student, x, y, vx, vy, kd=kd, teacher=teacher, cache_teacher=dcfg.cache_teacher,
-                               teacher_cache=shared, desc=f"distill ({name})", **common)
+                               teacher_cache=shared, desc=f"distill ({name})", mixup=dcfg.mixup,
+                               train_loader=views(budget.batch_size) if views else None, **common)
         if best is None or fitted.best_val_accuracy > best[2].best_val_accuracy:
             best = (name, student, fitted)
     name, student, fitted = best
     train_seconds = time.perf_counter() - t0
+    gate = retention_gate(predict_logits(teacher, vx), predict_logits(student, vx), vy, dcfg.min_retention)
     result = DistillResult(
         model=name, val_accuracy=fitted.best_val_accuracy, test_accuracy=accuracy(predict_logits(student, tx), ty),
         teacher_model=tmeta.arch, teacher_test_accuracy=teacher_test_acc, best_epoch=fitted.best_epoch,
         params=count_params(student), teacher_params=count_params(teacher), kd=kd,
-        train_seconds=train_seconds, history=fitted.history, auto=auto,
+        train_seconds=train_seconds, history=fitted.history, auto=auto, budget=budget.describe(), **gate,
     )
+    if result.refusal:
+        log.warning("distill: %s", result.refusal)
     if dcfg.compare_without_kd:
         control = build_student(name, n_classes, dcfg.weights)
-        c_fit = train_student(control, x, y, vx, vy, kd=None, desc=f"control, no KD ({name})", **common)
+        c_fit = train_student(control, x, y, vx, vy, kd=None, desc=f"control, no KD ({name})",
+                              train_loader=views(budget.batch_size) if views else None, **common)
         result.without_kd = WithoutKD(accuracy(predict_logits(control, tx), ty), c_fit.best_val_accuracy)
     teacher.cpu()  # ONNX export (cost measurement) traces on the CPU
     if dcfg.measure_cost:
@@ -185,7 +253,8 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
 
     path = run.checkpoint("student")
     meta = CheckpointMeta(arch=name, class_names=split.class_names, preprocess=spec, role="student",
-                          extra={"teacher": tmeta.arch, "temperature": dcfg.temperature, "alpha": dcfg.alpha})
+                          extra={"teacher": tmeta.arch, "temperature": dcfg.temperature, "alpha": dcfg.alpha,
+                                 "adopted": result.adopted})
     save_checkpoint(student, meta, path)
     result.size_mb = path.stat().st_size / 1e6
     run.update_metrics("student", result.to_metrics())

@@ -76,7 +76,7 @@ def data_efficiency(
     template = create_model(cfg.model.name, len(split.class_names), cfg.model.weights)
     spec = template.defaults.preprocess(cfg.model.input_size, cfg.model.crop_pct)
     data = AdaptData.from_split(split, spec)
-    epochs = epochs or cfg.adapt.epochs
+    epochs = epochs or cfg.adapt.epochs or 5
     keys = ["all" if k is None else str(k) for k in shots]
     methods = list(strategies) + ([SCRATCH] if scratch else [])
     table: dict[str, dict[str, float]] = {m: {} for m in methods}

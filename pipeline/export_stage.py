@@ -38,7 +38,10 @@ def pytorch_reference(model: nn.Module, split: Split, spec, part: str = "test") 
 
 
 def default_export_role(cfg: PipelineConfig) -> str:
-    return "student" if cfg.distill.enabled else "teacher"
+    """The student when distillation ran and its retention gate adopted it, else the teacher."""
+    if not cfg.distill.enabled or not cfg.run.checkpoint("student").is_file():
+        return "teacher"
+    return "student" if cfg.run.read_metrics().get("student", {}).get("adopted", True) else "teacher"
 
 
 @dataclass

@@ -47,6 +47,13 @@ def distill_rows(r) -> list[tuple[str, str]]:
         ("accuracy retained", f"{r.accuracy_retained:.1%}"),
         ("parameters (student / teacher)", f"{r.params:,} / {r.teacher_params:,} ({r.params_ratio:.1%})"),
     ]
+    if r.retention is not None:
+        d = r.val_drop or {}
+        rows.append(("validation retention (student / teacher)",
+                     f"{r.retention:.1%} ({r.val_accuracy:.4f} / {r.teacher_val_accuracy:.4f}, n={d.get('n', '?')})"))
+        rows.append(("retention gate", "adopted" if r.adopted else "REFUSED: the teacher is exported"))
+    if r.budget:
+        rows.append(("training budget", r.budget.split(" (")[0]))
     s, t = r.student_cost, r.teacher_cost
     if s is not None:
         rows += [

@@ -9,7 +9,7 @@ from pipeline.config import AdaptConfig
 from pipeline.errors import ModelError
 from pipeline.models import EdgeClassifier, count_params
 from pipeline.strategies.data import AdaptData
-from pipeline.strategies.registry import AdaptContext, AdaptOutcome, fit_adapt, loader_for, register_strategy
+from pipeline.strategies.registry import AdaptContext, AdaptOutcome, fit_adapt, loader_for, register_strategy, with_budget
 from pipeline.training import param_groups, predict_logits
 
 
@@ -77,6 +77,7 @@ def finetune_param_groups(model: EdgeClassifier, layer_decay: float, weight_deca
 
 def finetune_groups(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext, unfreeze, layer_decay: float,
               progressive_every: int | None) -> AdaptOutcome:
+    ctx = with_budget(cfg, data, ctx)
     groups = block_groups(model)
     n = len(groups)
     start = n if unfreeze == "all" else int(unfreeze)
@@ -94,11 +95,11 @@ def finetune_groups(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ct
     result = fit_adapt(model, loader_for(data, cfg.augment, ctx), data, cfg, ctx, groups=pg, on_epoch_start=on_epoch_start)
     trainable = count_params(model.head.parameters()) + sum(
         count_params(group_params(mods)) for i, (_, mods) in enumerate(groups)
-        if i >= n - trainable_groups_at(cfg.epochs, start, n, progressive_every)
+        if i >= n - trainable_groups_at(ctx.budget.epochs, start, n, progressive_every)
     )
     model.requires_grad_(True)
     test_logits = predict_logits(model, data.x("test"))
-    extra = {"block_groups": [name for name, _ in groups], "unfrozen_groups_at_end": trainable_groups_at(cfg.epochs, start, n, progressive_every)}
+    extra = {"block_groups": [name for name, _ in groups], "unfrozen_groups_at_end": trainable_groups_at(ctx.budget.epochs, start, n, progressive_every)}
     return AdaptOutcome(model.cpu().eval(), test_logits, result.best_val_accuracy, result, trainable, extra)
 
 

@@ -5,7 +5,8 @@ with its test logits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from pipeline.errors import ConfigError
 from pipeline.models import EdgeClassifier
 from pipeline.strategies.data import AdaptData, train_loader
 from pipeline.training import FitResult, TrainSettings, fit
+from pipeline.training.budget import Budget, plan_budget
 from runtime.registry import Registry
 
 
@@ -35,6 +37,7 @@ class AdaptContext:
     run_config: dict | None = None
     is_main: bool = True
     desc: str = "adapt"
+    budget: Budget | None = None  # the training length (with_budget sets it and the batch size)
 
 
 @dataclass
@@ -47,6 +50,17 @@ class AdaptOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def with_budget(cfg: AdaptConfig, data: AdaptData, ctx: AdaptContext) -> AdaptContext:
+    """`ctx` with the training budget for this data (pipeline.training.budget) and its batch size;
+    the budget is logged, so a user sees how long training will be and why."""
+    if ctx.budget is not None:
+        return ctx
+    b = plan_budget(cfg.strategy, len(data.labels("train")), ctx.batch_size, epochs=cfg.epochs, steps=cfg.steps,
+                    min_steps=cfg.min_steps)
+    log.info("%s: training budget %s", ctx.desc, b.describe())
+    return replace(ctx, budget=b, batch_size=b.batch_size)
+
+
 def loader_for(data: AdaptData, augment: str, ctx: AdaptContext) -> DataLoader:
     return train_loader(data, augment, ctx.batch_size, ctx.seed, ctx.num_workers)
 
@@ -55,12 +69,13 @@ def fit_adapt(model: nn.Module, loader, data: AdaptData, cfg: AdaptConfig, ctx: 
     """pipeline.training.fit with the adapt settings, validated on the val split (or `val_x`, e.g. its features)."""
     return fit(
         model, loader, data.x("val") if val_x is None else val_x, data.y("val"),
-        settings=TrainSettings.from_adapt(cfg), desc=ctx.desc, checkpoint_dir=ctx.checkpoint_dir,
+        settings=TrainSettings.from_adapt(cfg, ctx.budget), desc=ctx.desc, checkpoint_dir=ctx.checkpoint_dir,
         resume=ctx.resume, run_config=ctx.run_config, **kw,
     )
 
 
 Strategy = Callable[[EdgeClassifier, AdaptData, AdaptConfig, AdaptContext], AdaptOutcome]
+log = logging.getLogger(__name__)
 STRATEGIES: Registry[Strategy] = Registry("strategy", ConfigError, prefix="adapt.strategy: ")
 
 
@@ -78,5 +93,5 @@ def get_strategy(name: str) -> Strategy:
 
 
 def adapt_model(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext) -> AdaptOutcome:
-    """Run the strategy `cfg.strategy` names."""
-    return get_strategy(cfg.strategy)(model, data, cfg, ctx)
+    """Run the strategy `cfg.strategy` names, with a training budget sized to the data."""
+    return get_strategy(cfg.strategy)(model, data, cfg, with_budget(cfg, data, ctx))

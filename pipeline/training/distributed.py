@@ -63,9 +63,13 @@ def train_device(info: DistInfo | None = None) -> torch.device:
 
 
 def distributed_loader(loader: DataLoader, info: DistInfo) -> DataLoader:
-    """Each rank a disjoint shard of `loader`'s data set (the loader itself when not distributed)."""
+    """Each rank a disjoint shard of `loader`'s data set (the loader itself when not distributed).
+    A wrapper with `inner` and `rewrap` (e.g. distillation's live-teacher loader) is rebuilt over
+    the shard of the loader it wraps."""
     if not info.enabled:
         return loader
+    if hasattr(loader, "rewrap"):
+        return loader.rewrap(distributed_loader(loader.inner, info))
     from torch.utils.data.distributed import DistributedSampler
 
     sampler = DistributedSampler(loader.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True)

@@ -82,13 +82,28 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
 
 
-def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float) -> torch.Tensor:
-    """Hinton et al. 2015: alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE."""
+def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float, labels2=None,
+            lam=None) -> torch.Tensor:
+    """Hinton et al. 2015: alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE.
+
+    The KL term needs no labels: rows labelled -1 (unlabeled images) feed it alone. With mixup,
+    `labels2` and `lam` (per row) make the CE term lam * CE(labels) + (1 - lam) * CE(labels2)."""
     t = temperature
     kl = F.kl_div(
         F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True
     )
-    return alpha * (t * t) * kl + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+    if alpha >= 1.0:
+        return (t * t) * kl
+    known = labels >= 0 if labels2 is None else (labels >= 0) & (labels2 >= 0)
+    if not known.any():
+        ce = student_logits.sum() * 0.0
+    elif labels2 is None:
+        ce = F.cross_entropy(student_logits[known], labels[known])
+    else:
+        s, w = student_logits[known], lam[known]
+        ce = (w * F.cross_entropy(s, labels[known], reduction="none")
+              + (1 - w) * F.cross_entropy(s, labels2[known], reduction="none")).mean()
+    return alpha * (t * t) * kl + (1.0 - alpha) * ce
 
 
 def freeze_frozen_batchnorm(model: nn.Module) -> None:
@@ -290,13 +305,15 @@ def _epochs(run: _Run, start: int, s: TrainSettings, loss_fn: Callable, desc: st
                 run.loader.sampler.set_epoch(epoch)
             loss, seconds = _train_epoch(run, ddp, loss_fn, s, epoch)
             average_buffers(run.model, run.info)
+            if epoch % s.validate_every and epoch != s.epochs:
+                continue  # (the resumable checkpoint is written at validations)
             val_acc = run.validate(epoch, loss, seconds, eval_model, val_x, val_y)
             bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{val_acc:.3f}", best=f"{run.best_accuracy:.3f}")
             stopped_early = s.patience is not None and run.bad_epochs >= s.patience and epoch < s.epochs
             run.save(epoch, finished=stopped_early or epoch == s.epochs)
             saved = epoch
             if stopped_early:
-                log.info("early stopping at epoch %d: no better val accuracy for %d epochs", epoch, s.patience)
+                log.info("early stopping at epoch %d: no better val accuracy in %d validations", epoch, s.patience)
                 return True
     except KeyboardInterrupt:
         if run.checkpoint_dir is None:

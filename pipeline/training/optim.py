@@ -25,12 +25,17 @@ class TrainSettings:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     grad_clip: float | None = None
-    patience: int | None = None
+    patience: int | None = None  # early stopping: validations without a better val accuracy
+    validate_every: int = 1  # epochs between validations (the last epoch is always validated)
 
     @classmethod
-    def from_adapt(cls, a) -> "TrainSettings":
-        """From a pipeline.config.AdaptConfig (its fields of the same names)."""
-        return cls(**{f: getattr(a, f) for f in cls.__dataclass_fields__})
+    def from_adapt(cls, a, budget=None) -> "TrainSettings":
+        """From a pipeline.config.AdaptConfig (its fields of the same names), with the length of
+        `budget` (pipeline.training.budget.Budget) when given."""
+        kw = {f: getattr(a, f) for f in cls.__dataclass_fields__ if hasattr(a, f)}
+        if budget is not None:
+            kw.update(epochs=budget.epochs, validate_every=budget.validate_every)
+        return cls(**kw)
 
 
 def _adamw(groups, lr, weight_decay, momentum):
