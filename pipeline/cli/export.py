@@ -35,6 +35,19 @@ def _print_gate(gate) -> None:
         click.echo(f"golden self-test: {g['images']} images, " + ("OK" if not g["failures"] else "FAILED"))
 
 
+def _print_int8_side_by_side(bundle_dir: Path) -> None:
+    """Our onnxruntime INT8 guard and NNCF's, when the bundle has both."""
+    from exporters.openvino import int8_side_by_side
+    from runtime.bundle import read_bundle
+
+    rows = int8_side_by_side(read_bundle(bundle_dir, verify=False))
+    for r in rows if len(rows) > 1 else []:
+        click.echo(f"  int8 {r['tool']} ({r['artifact']}, {r['method']}): val drop "
+                   f"{(r['val_accuracy_drop'] or 0) * 100:+.2f} pts (budget {(r['budget'] or 0) * 100:.2f}), test Δ "
+                   f"{(r['test_accuracy_delta'] or 0) * 100:+.2f} pts, agreement {r['agreement'] or 0:.2%}, "
+                   f"{r['kept_in_float']} node(s) kept in float")
+
+
 @cli.command()
 @config_argument
 @click.option("--model", "role", type=click.Choice(["teacher", "student"]), default=None,
@@ -45,11 +58,14 @@ def _print_gate(gate) -> None:
               help="Also write this ONNX precision (repeatable; adds to export.precisions). FP32 is always written.")
 @click.option("--tensorrt", "tensorrt", is_flag=True, default=False,
               help="Also build a TensorRT engine (needs tensorrt 10.x and a CUDA GPU).")
+@click.option("--openvino", "openvino", multiple=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+              help="Also write this OpenVINO artifact (repeatable; adds to export.openvino.precisions; "
+                   "needs pip install 'edgekiln[openvino]').")
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a Triton model repository here (<model>/config.pbtxt, <model>/1/model.onnx).")
 @handle_errors
 def export(config: Path, role: str | None, out: Path | None, precisions: tuple[str, ...], tensorrt: bool,
-           triton_repo: Path | None) -> None:
+           openvino: tuple[str, ...], triton_repo: Path | None) -> None:
     """Export a checkpoint to a bundle: FP32 ONNX, the precisions asked for, golden images,
     and the parity of every artifact on the test split. Exits 1 when an artifact fails parity.
 
@@ -62,6 +78,8 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
         cfg.export.precisions = list(dict.fromkeys([*cfg.export.precisions, *precisions]))
     if tensorrt:
         cfg.export.tensorrt.enabled = True
+    if openvino:
+        cfg.export.openvino.precisions = list(dict.fromkeys([*cfg.export.openvino.precisions, *openvino]))
     r = run_export(cfg, role=role, out=out, triton_repo=triton_repo)
     click.echo(f"bundle {r.bundle}: {r.size_mb:.2f} MB, agreement {r.agreement:.2%}, "
                f"max |Δlogit| {r.max_abs_logit_diff:.2e}")
@@ -73,6 +91,7 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
         click.echo(f"  int8 calibration: {cal['images']} train images, per class "
                    + ", ".join(f"{k}:{v}" for k, v in cal["per_class"].items())
                    + f"; {len(guard['excluded_nodes'])} node(s) kept in float")
+    _print_int8_side_by_side(r.bundle)
     if r.triton_model:
         click.echo(f"triton model: {r.triton_model}")
     if not r.passed:
