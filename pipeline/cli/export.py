@@ -63,9 +63,12 @@ def _print_int8_side_by_side(bundle_dir: Path) -> None:
                    "needs pip install 'edgekiln[openvino]').")
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a Triton model repository here (<model>/config.pbtxt, <model>/1/model.onnx).")
+@click.option("--triton-artifact", default="onnx", show_default=True,
+              help="The bundle artifact the Triton repository serves (openvino, openvino_int8, ...: Triton's "
+                   "OpenVINO backend).")
 @handle_errors
 def export(config: Path, role: str | None, out: Path | None, precisions: tuple[str, ...], tensorrt: bool,
-           openvino: tuple[str, ...], triton_repo: Path | None) -> None:
+           openvino: tuple[str, ...], triton_repo: Path | None, triton_artifact: str) -> None:
     """Export a checkpoint to a bundle: FP32 ONNX, the precisions asked for, golden images,
     and the parity of every artifact on the test split. Exits 1 when an artifact fails parity.
 
@@ -80,7 +83,12 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
         cfg.export.tensorrt.enabled = True
     if openvino:
         cfg.export.openvino.precisions = list(dict.fromkeys([*cfg.export.openvino.precisions, *openvino]))
-    r = run_export(cfg, role=role, out=out, triton_repo=triton_repo)
+    r = run_export(cfg, role=role, out=out, triton_repo=triton_repo if triton_artifact == "onnx" else None)
+    triton_model = r.triton_model
+    if triton_repo and triton_artifact != "onnx":
+        from exporters.triton import write_triton_repo
+
+        triton_model = str(write_triton_repo(Path(r.bundle), triton_repo, artifact=triton_artifact))
     click.echo(f"bundle {r.bundle}: {r.size_mb:.2f} MB, agreement {r.agreement:.2%}, "
                f"max |Δlogit| {r.max_abs_logit_diff:.2e}")
     for key, a in r.artifacts.items():
@@ -92,8 +100,8 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
                    + ", ".join(f"{k}:{v}" for k, v in cal["per_class"].items())
                    + f"; {len(guard['excluded_nodes'])} node(s) kept in float")
     _print_int8_side_by_side(r.bundle)
-    if r.triton_model:
-        click.echo(f"triton model: {r.triton_model}")
+    if triton_model:
+        click.echo(f"triton model: {triton_model}")
     if not r.passed:
         fail("parity check failed: " + "; ".join(r.failures), 1)
 
