@@ -161,24 +161,25 @@ def validate(config: Path | None, bundle_dir: Path | None) -> None:
 @click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
 @handle_errors
 def bench(bundle_dir: Path, out_prefix: Path | None, rounds: int, threads: int | None) -> None:
-    """Benchmark every artifact of a bundle: size, accuracy, agreement, latency p50/p95 at
-    batch 1, throughput at batch 32, parity ✅/❌; plus INT8/FP32 latency and size ratios
-    measured side by side in this run. Writes JSON and an accuracy-vs-latency PNG.
+    """Benchmark every artifact of a bundle on every backend (and OpenVINO precision hint) it runs on
+    here: size, accuracy, agreement, latency p50/p95 at batch 1, throughput at batch 32, parity ✅/❌;
+    plus INT8/FP32 and OpenVINO/onnxruntime latency ratios measured side by side in this run. Writes JSON and an accuracy-vs-latency PNG.
 
     Example: edgekiln bench runs/demo/bundle
     """
     from rich.console import Console
     from rich.table import Table
 
-    from exporters.bench import bench_bundle, ratios, write_outputs
+    from exporters.bench import bench_bundle, openvino_ratios, ratios, write_outputs
 
     rows = bench_bundle(bundle_dir, rounds=rounds, threads=threads)
     table = Table(title=f"edgekiln bench — {bundle_dir}")
-    for col in ("artifact", "format", "precision", "backend", "size MB", "accuracy", "top-1 agreement",
+    for col in ("artifact", "format", "precision", "backend", "hint", "size MB", "accuracy", "top-1 agreement",
                 "p50 ms (b=1)", "p95 ms (b=1)", "img/s (b=32)", "parity"):
-        table.add_column(col, justify="left" if col in ("artifact", "format", "precision", "backend") else "right")
+        table.add_column(col, justify="left" if col in ("artifact", "format", "precision", "backend", "hint")
+                         else "right")
     for r in rows:
-        table.add_row(r.artifact, r.format, r.precision, r.backend, f"{r.size_mb:.2f}",
+        table.add_row(r.artifact, r.format, r.precision, r.backend, r.hint or "—", f"{r.size_mb:.2f}",
                       "—" if r.accuracy is None else f"{r.accuracy:.4f}",
                       "—" if r.agreement is None else f"{r.agreement:.2%}",
                       f"{r.latency_p50_ms:.2f}", f"{r.latency_p95_ms:.2f}", f"{r.throughput_ips:.0f}", r.parity_mark)
@@ -186,6 +187,8 @@ def bench(bundle_dir: Path, out_prefix: Path | None, rounds: int, threads: int |
     for key, q in ratios(rows).items():
         click.echo(f"{key} / onnx (fp32), measured side by side: latency p50 {q['latency_p50']:.2f}x, "
                    f"size {q['size']:.2f}x")
+    for pair, q in openvino_ratios(rows).items():
+        click.echo(f"{pair}, measured side by side: latency p50 {q:.2f}x")
     prefix = out_prefix or Path(bundle_dir).resolve().parent / "bench"
     json_path, png_path = write_outputs(rows, prefix)
     click.echo(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no PNG: matplotlib is not installed)"))

@@ -82,6 +82,21 @@ class OpenVINOOptions:
         return replace(base, **{k: v for k, v in self.__dict__.items() if v is not None})
 
 
+def default_precision(artifact_precision: str) -> str:
+    """The inference precision an artifact of `artifact_precision` runs with unless told otherwise."""
+    return _DEFAULT_PRECISION.get(artifact_precision, "f32")
+
+
+def supported_precisions(device: str = "CPU") -> list[str]:
+    """The inference precisions `device` runs here; [] without openvino or the device."""
+    try:
+        import openvino
+    except ImportError:
+        return []
+    core = openvino.Core()
+    return device_precisions(core, device) if device in available_devices(core) else []
+
+
 def _openvino() -> Any:
     try:
         import openvino
@@ -188,7 +203,7 @@ class OpenVINOSession:
 def resolve_options(options: OpenVINOOptions | None, artifact_precision: str,
                     intra_op_threads: int | None) -> OpenVINOOptions:
     """Explicit options over $EDGEKILN_OPENVINO_*, over the defaults for this artifact."""
-    base = OpenVINOOptions(device="CPU", precision=_DEFAULT_PRECISION.get(artifact_precision, "f32"),
+    base = OpenVINOOptions(device="CPU", precision=default_precision(artifact_precision),
                            hint="latency", threads=intra_op_threads or None)
     return (options or OpenVINOOptions()).over(OpenVINOOptions.from_env().over(base))
 
