@@ -152,7 +152,7 @@ def test_session_for_artifact_runs_onnx_on_the_named_backend(tiny_run):
     with pytest.raises(BundleError, match=r"bundle has no 'onnx_int8' artifact \(has: onnx"):
         session_for_artifact(clf.bundle, "onnx_int8")
     # the backends an artifact runs on are the ones bundle.json lists for it ("runtimes")
-    assert clf.bundle.artifact("onnx").runtimes == ["cpu", "cuda", "tensorrt"]
+    assert clf.bundle.artifact("onnx").runtimes == ["cpu", "cuda", "tensorrt", "openvino"]
     with pytest.raises(BackendError, match=r"artifact 'onnx' \(onnx\) runs on backend cpu, cuda, tensorrt, not on "
                                            r"'tensorrt-engine'"):
         session_for_artifact(clf.bundle, "onnx", backend="tensorrt-engine")
