@@ -184,3 +184,17 @@ def test_bench_rows_per_artifact_backend_and_hint(ov_bundle, tmp_path):
     assert len(gated) == len(read_bundle(out).manifest.artifacts) and all(row["parity_mark"] == "✅" for row in gated)
     assert all(row["latency_p50_ms"] > 0 for row in rows)
     assert "openvino_int8 on openvino-CPU (f32) / onnx_int8 on onnxruntime-cpu, measured side by side" in r.output
+
+
+def test_auto_picks_the_faster_of_the_backends_that_passed_parity_and_says_why(ov_bundle, bundle_dir, caplog):
+    out, _, _ = ov_bundle
+    with caplog.at_level("INFO", logger="edgekiln.runtime"):
+        clf = runtime.load(out, backend="auto")
+    line = next(r.getMessage() for r in caplog.records if "auto chose" in r.getMessage())
+    assert "fastest here of the backends whose artifact passed parity (openvino model.xml" in line
+    assert "vs cpu model.onnx" in line and f"auto chose backend '{clf.backend}'" in line
+    assert clf.session.model_file == {"openvino": "model.xml", "cpu": "model.onnx"}[clf.backend]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="edgekiln.runtime"):
+        assert runtime.load(bundle_dir, backend="auto").backend == "cpu"  # no OpenVINO artifact: nothing to time
+    assert "for model.onnx (the bundle has no OpenVINO twin of 'onnx')" in caplog.text
