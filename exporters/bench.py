@@ -1,7 +1,10 @@
-"""`edgekiln bench BUNDLE`: for every artifact and backend available here, the
+"""`edgekiln bench BUNDLE`: one row per artifact × backend × precision hint available here
+(each artifact on every backend its bundle.json `runtimes` lists that can start here; OpenVINO at
+the artifact's own inference precision and, on a CPU with bf16, at bf16 too), with the
 format, precision, size, accuracy and top-1 agreement (from the parity gate
 recorded at export, on the held-out test split), latency p50/p95 at batch 1,
-throughput at batch 32, and a ✅/❌ parity status.
+throughput at batch 32, and a ✅/❌ parity status (the artifact's gate, which ran it on its first
+backend at its own precision; other rows show — : not gated).
 
 Latencies of different artifacts are measured side by side in one process, in
 alternating blocks (A×n, B×n, C×n, A×n, ...), so a noisy neighbour on a shared
@@ -37,6 +40,7 @@ class BenchRow:
     latency_p95_ms: float
     throughput_ips: float
     parity: bool | None
+    hint: str = ""  # OpenVINO inference precision (f32, bf16, f16); "" for onnxruntime and engines
 
     @property
     def parity_mark(self) -> str:
@@ -45,8 +49,39 @@ class BenchRow:
 
 def _artifact_bytes(bundle: Bundle, key: str) -> int:
     f = bundle.path(key)
-    data = f.with_name(f.name + ".data")
+    data = f.with_suffix(".bin") if f.suffix == ".xml" else f.with_name(f.name + ".data")  # IR / external weights
     return f.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+_LABELS = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "tensorrt": "onnxruntime-tensorrt"}
+
+
+def _runnable(bundle: Bundle, key: str, threads: int | None) -> list[tuple[str, str, str, Any]]:
+    """(row id, backend label, hint, Session or the reason it cannot run) for each backend × hint of
+    artifact `key`: its first runtime always (a row saying why when it cannot run), the others
+    when they start here."""
+    from runtime.backends import OpenVINOOptions
+    from runtime.backends.openvino import default_precision, supported_precisions
+
+    art = bundle.artifact(key)
+    out: list[tuple[str, str, str, Any]] = []
+    for i, backend in enumerate(art.runtimes):
+        hints = [""]
+        if backend == "openvino":
+            own = default_precision(art.precision)
+            hints = [own] + [h for h in ("bf16",) if h != own and h in supported_precisions()]
+        for hint in hints:
+            try:
+                opts = OpenVINOOptions(precision=hint) if hint else None
+                sess: Any = session_for_artifact(bundle, key, backend=backend, intra_op_threads=threads, options=opts)
+            except Exception as e:  # e.g. no GPU or no tensorrt here: benchmark the rest, say why
+                if i == 0:
+                    out.append((key, f"unavailable ({str(e).splitlines()[0][:80]})", hint, None))
+                continue
+            label = f"openvino-{sess.options.device}" if backend == "openvino" else _LABELS.get(backend, art.format)
+            rid = key if i == 0 and hint in ("", default_precision(art.precision)) else f"{key}@{backend}:{hint or '-'}"
+            out.append((rid, label, hint, sess))
+    return out
 
 
 def _inputs(bundle: Bundle, n: int) -> np.ndarray:
@@ -88,14 +123,8 @@ def bench_bundle(bundle_dir: Path, rounds: int = 200, throughput_batch: int = 32
     intra-op threads; TensorRT engines where tensorrt and a matching GPU are present)."""
     bundle = read_bundle(bundle_dir, verify=True)
     arts = bundle.manifest.artifacts
-    runners: dict[str, Callable] = {}
-    backends: dict[str, str] = {}
-    for key, art in arts.items():
-        try:
-            runners[key] = session_for_artifact(bundle, key, intra_op_threads=threads).run
-            backends[key] = "onnxruntime-cpu" if art.format == "onnx" else art.format
-        except Exception as e:  # e.g. no tensorrt here: benchmark the rest, say why
-            backends[key] = f"unavailable ({str(e).splitlines()[0][:80]})"
+    plan = [(key, *r) for key in arts for r in _runnable(bundle, key, threads)]
+    runners: dict[str, Callable] = {rid: sess.run for _, rid, _, _, sess in plan if sess is not None}
     x1 = _inputs(bundle, 1)
     xb = _inputs(bundle, throughput_batch)
     blocks = min(10, rounds)
@@ -104,22 +133,23 @@ def bench_bundle(bundle_dir: Path, rounds: int = 200, throughput_batch: int = 32
     tb = alternating_latency(runners, xb, blocks=2, per_block=max(1, throughput_rounds // 2), warmup=1)
     thr = {k: throughput_batch / float(np.median(v)) for k, v in tb.items()}
     rows = []
-    for key, art in arts.items():
-        p = art.parity or {}
-        t = np.asarray(lat.get(key, [np.nan])) * 1e3
+    for key, rid, label, hint, _ in plan:
+        art = arts[key]
+        p = (art.parity or {}) if rid == key else {}  # the gate ran the artifact on its first backend only
+        t = np.asarray(lat.get(rid, [np.nan])) * 1e3
         rows.append(BenchRow(
-            artifact=key, format=art.format, precision=art.precision, backend=backends[key],
+            artifact=key, format=art.format, precision=art.precision, backend=label,
             size_mb=_artifact_bytes(bundle, key) / 1e6,
             accuracy=p.get("artifact_accuracy"), agreement=p.get("agreement"),
             latency_p50_ms=float(np.percentile(t, 50)), latency_p95_ms=float(np.percentile(t, 95)),
-            throughput_ips=float(thr.get(key, np.nan)), parity=p.get("passed"),
+            throughput_ips=float(thr.get(rid, np.nan)), parity=p.get("passed"), hint=hint,
         ))
     return rows
 
 
 def ratios(rows: list[BenchRow], base: str = "onnx") -> dict[str, dict[str, float]]:
-    """Latency (p50, batch 1) and size of each artifact relative to `base` (the FP32 ONNX)."""
-    by = {r.artifact: r for r in rows}
+    """Latency (p50, batch 1) and size of each artifact (on its first backend) relative to `base` (the FP32 ONNX)."""
+    by = {r.artifact: r for r in reversed(rows)}  # each artifact's first row: its first backend
     if base not in by:
         return {}
     b = by[base]
@@ -127,11 +157,30 @@ def ratios(rows: list[BenchRow], base: str = "onnx") -> dict[str, dict[str, floa
             for r in rows if r.artifact != base and np.isfinite(r.latency_p50_ms)}
 
 
+_ONNX_OF = {"fp32": "onnx", "bf16": "onnx", "fp16": "onnx_fp16", "int8": "onnx_int8"}
+
+
+def openvino_ratios(rows: list[BenchRow]) -> dict[str, float]:
+    """OpenVINO / onnxruntime latency (p50, batch 1), measured side by side: each OpenVINO row against
+    onnxruntime's CPU row of the same ONNX artifact, or for an IR the ONNX artifact of its precision."""
+    cpu = {r.artifact: r for r in rows if r.backend == "onnxruntime-cpu"}
+    out = {}
+    for r in rows:
+        if not r.backend.startswith("openvino") or not np.isfinite(r.latency_p50_ms):
+            continue
+        base = cpu.get(r.artifact) or cpu.get(_ONNX_OF.get(r.precision, "onnx")) or cpu.get("onnx")
+        if base is not None and np.isfinite(base.latency_p50_ms):
+            out[f"{r.artifact} on {r.backend} ({r.hint}) / {base.artifact} on onnxruntime-cpu"] = (
+                r.latency_p50_ms / base.latency_p50_ms)
+    return out
+
+
 def write_outputs(rows: list[BenchRow], out_prefix: Path, title: str = "") -> tuple[Path, Path | None]:
     """<prefix>.json (rows + ratios) and <prefix>.png (accuracy vs latency), when matplotlib is installed."""
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"rows": [{**asdict(r), "parity_mark": r.parity_mark} for r in rows], "ratios": ratios(rows)}
+    data: dict[str, Any] = {"rows": [{**asdict(r), "parity_mark": r.parity_mark} for r in rows], "ratios": ratios(rows),
+                            "openvino_ratios": openvino_ratios(rows)}
     json_path = out_prefix.with_suffix(".json")
     atomic_write_text(json_path, json.dumps(data, indent=2, allow_nan=True) + "\n")
     try:

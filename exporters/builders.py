@@ -5,6 +5,7 @@ bundle.json's "artifacts".
     onnx_fp16   model.fp16.onnx   fp16   (export.precisions)
     onnx_int8   model.int8.onnx   int8   (export.precisions; QDQ, accuracy-guarded)
     tensorrt    model.plan        fp32|fp16|int8 (export.tensorrt.enabled; fingerprinted)
+    openvino*   model*.xml        fp32|fp16|bf16|int8 (export.openvino.precisions; exporters.openvino)
 
 A builder is a function `build(ctx: BuildContext) -> runtime.bundle.Artifact` that writes its
 file into `ctx.out_dir`; `register_builder` adds it with its file name, when the export settings
@@ -163,3 +164,6 @@ def build_tensorrt(ctx: BuildContext) -> Artifact:
                         calibration_cache_path=ctx.cache_dir / f"{ctx.role}.calib")
     precision, fingerprint = info.pop("precision"), info.pop("fingerprint")
     return Artifact(file=file, format="tensorrt", precision=precision, fingerprint=fingerprint, details=info)
+
+
+import exporters.openvino  # noqa: E402,F401  registers the OpenVINO builders, after the ONNX ones they build from

@@ -90,6 +90,9 @@ def check_export_options(settings: ExportConfig) -> None:
         ok, why = tensorrt_available()
         if not ok:
             raise TensorRTUnavailable(why)
+    from exporters.openvino import check_openvino_export
+
+    check_openvino_export(settings.openvino)
 
 
 def check_bundle(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, split: LabeledSplit,

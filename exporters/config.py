@@ -30,6 +30,26 @@ class TensorRTConfig(_Strict):
         return self
 
 
+class OpenVINOConfig(_Strict):
+    """OpenVINO IR artifacts (exporters.openvino; needs `pip install 'edgekiln[openvino]'`). Empty: none.
+    fp32 IR is always written with any other; bf16 = the FP32 IR run with OpenVINO's bf16 inference
+    precision, parity-checked as its own precision (needs a CPU with AVX512-BF16 or AMX)."""
+
+    precisions: list[Literal["fp32", "fp16", "bf16", "int8"]] = Field(
+        [], description="OpenVINO artifacts to write: fp32 IR, fp16-compressed IR, bf16 inference, NNCF INT8.")
+    int8_method: Literal["accuracy_control", "ptq"] = Field(
+        "accuracy_control", description="NNCF: quantize_with_accuracy_control (validation split, the INT8 "
+                                         "accuracy budget) or plain quantize.")
+
+    @model_validator(mode="after")
+    def _fp32_first(self) -> "OpenVINOConfig":
+        if self.precisions and "fp32" not in self.precisions:
+            self.precisions = ["fp32", *self.precisions]
+        if len(set(self.precisions)) != len(self.precisions):
+            raise ValueError("precisions: each precision at most once")
+        return self
+
+
 class ExportConfig(_Strict):
     """What `export` writes into the bundle. FP32 ONNX always; the rest is opt-in."""
 
@@ -45,6 +65,7 @@ class ExportConfig(_Strict):
     max_excluded_nodes: int = Field(16, ge=0, description="INT8 accuracy guard: most nodes it may keep in float.")
     golden_images: int = Field(4, ge=0, le=64, description="Test images stored in the bundle with PyTorch logits.")
     tensorrt: TensorRTConfig = TensorRTConfig()
+    openvino: OpenVINOConfig = OpenVINOConfig()
 
     @model_validator(mode="after")
     def _fp32_always(self) -> "ExportConfig":
@@ -79,3 +100,4 @@ class ValidateConfig(_Strict):
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Optional floor on artifact accuracy.")
     fp16: PrecisionThresholds = PrecisionThresholds()
     int8: PrecisionThresholds = PrecisionThresholds()
+    bf16: PrecisionThresholds = PrecisionThresholds()

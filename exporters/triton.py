@@ -1,12 +1,18 @@
 """A Triton Inference Server model repository from a bundle:
 
     DIR/<model>/config.pbtxt     ModelConfig in protobuf text format
-    DIR/<model>/1/model.onnx     (or model.plan for a TensorRT engine)
+    DIR/<model>/1/model.onnx     (or model.plan for a TensorRT engine, model.xml + model.bin for OpenVINO IR)
     DIR/<model>/labels.txt       one class name per line (label_filename)
 
 Field names follow Triton's model_config.proto
 (https://github.com/triton-inference-server/common/blob/main/protobuf/model_config.proto):
 with max_batch_size > 0 the batch axis is implicit, so `dims` leave it out.
+
+An OpenVINO IR artifact is served by Triton's OpenVINO backend (`backend: "openvino"`, its parameters:
+https://github.com/triton-inference-server/openvino_backend, "Parameters"): PERFORMANCE_HINT, NUM_STREAMS,
+and HINT_BF16 for a bf16 artifact. That backend has no f32 hint, so on a CPU with bf16 (AMX,
+AVX512-BF16) OpenVINO's own default runs an FP32 IR in bf16: only the bf16 artifact was
+parity-checked for that; serve FP32 there with edgekiln's server (`--backend openvino`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from runtime.bundle import BundleManifest, read_bundle
 from runtime.files import atomic_write_text
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
+BACKENDS = {"openvino": ("openvino", "model.xml")}  # formats served by a Triton backend rather than a platform
 
 
 def _dims(shape: list) -> str:
@@ -36,10 +43,16 @@ def config_pbtxt(
     preferred_batch_sizes: list[int],
     max_queue_delay_us: int = 100,
     label_filename: str = "labels.txt",
+    backend: str | None = None,
+    parameters: dict[str, str] | None = None,
 ) -> str:
+    """config.pbtxt; `backend` (e.g. "openvino") replaces `platform`, `parameters` are the backend's."""
     preferred = ", ".join(str(b) for b in preferred_batch_sizes)
+    engine = f'backend: "{backend}"' if backend else f'platform: "{platform}"'
+    params = "".join(f'parameters: {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n'
+                     for k, v in (parameters or {}).items())
     return f"""name: "{name}"
-platform: "{platform}"
+{engine}
 max_batch_size: {max_batch_size}
 input [
   {{
@@ -64,10 +77,10 @@ dynamic_batching {{
 instance_group [
   {{
     count: 1
-    kind: KIND_AUTO
+    kind: {"KIND_CPU" if backend == "openvino" else "KIND_AUTO"}
   }}
 ]
-"""
+{params}"""
 
 
 def write_triton_repo(
@@ -84,10 +97,18 @@ def write_triton_repo(
     if artifact not in m.artifacts:
         raise TritonError(f"{bundle_dir}: no '{artifact}' artifact to put in a Triton repository "
                           f"(has: {', '.join(m.artifacts)})")
-    fmt = m.artifacts[artifact].format
-    if fmt not in PLATFORMS:
-        raise TritonError(f"artifact '{artifact}' has format '{fmt}'; Triton platforms here: {', '.join(PLATFORMS)}")
-    platform, filename = PLATFORMS[fmt]
+    art = m.artifacts[artifact]
+    fmt = art.format
+    if fmt not in PLATFORMS and fmt not in BACKENDS:
+        raise TritonError(f"artifact '{artifact}' has format '{fmt}'; Triton platforms here: "
+                          f"{', '.join([*PLATFORMS, *BACKENDS])}")
+    platform, filename = PLATFORMS.get(fmt) or BACKENDS[fmt]
+    backend = platform if fmt in BACKENDS else None
+    parameters = None
+    if backend == "openvino":
+        parameters = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        if art.precision == "bf16":
+            parameters["HINT_BF16"] = "YES"
     name = model_name or _model_name(m)
     preferred = sorted({b for b in (preferred_batch_sizes or [max(1, max_batch_size // 4), max_batch_size])
                         if 1 <= b <= max_batch_size})
@@ -103,10 +124,13 @@ def write_triton_repo(
     data = src.with_name(src.name + ".data")  # external weights travel with the model file
     if data.exists():
         shutil.copyfile(data, model_dir / "1" / data.name)
+    if fmt == "openvino":  # the IR's weights: model.bin next to model.xml
+        shutil.copyfile(src.with_suffix(".bin"), model_dir / "1" / Path(filename).with_suffix(".bin").name)
     atomic_write_text(model_dir / "labels.txt", "".join(f"{c}\n" for c in m.class_names))
     atomic_write_text(
         model_dir / "config.pbtxt",
-        config_pbtxt(name, platform, m.input.name, chw, m.output.name, len(m.class_names), max_batch_size, preferred),
+        config_pbtxt(name, platform, m.input.name, chw, m.output.name, len(m.class_names), max_batch_size, preferred,
+                     backend=backend, parameters=parameters),
     )
     return model_dir
 
@@ -184,12 +208,18 @@ def _minimal_model_config_class():
     message("ModelInstanceGroup", [("count", F.TYPE_INT32, one, ""),
                                    ("kind", F.TYPE_ENUM, one, ".edgekiln.triton.ModelInstanceGroup.Kind")],
             enums=[("Kind", ["KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"])])
+    message("ModelParameter", [("string_value", F.TYPE_STRING, one, "")])
+    entry = message("ParametersEntry", [("key", F.TYPE_STRING, one, ""),
+                                        ("value", F.TYPE_MESSAGE, one, ".edgekiln.triton.ModelParameter")])
+    entry.options.map_entry = True  # `parameters` is map<string, ModelParameter>, as in model_config.proto
     message("ModelConfig", [("name", F.TYPE_STRING, one, ""), ("platform", F.TYPE_STRING, one, ""),
                             ("max_batch_size", F.TYPE_INT32, one, ""),
                             ("input", F.TYPE_MESSAGE, rep, ".edgekiln.triton.ModelInput"),
                             ("output", F.TYPE_MESSAGE, rep, ".edgekiln.triton.ModelOutput"),
                             ("dynamic_batching", F.TYPE_MESSAGE, one, ".edgekiln.triton.ModelDynamicBatching"),
-                            ("instance_group", F.TYPE_MESSAGE, rep, ".edgekiln.triton.ModelInstanceGroup")])
+                            ("instance_group", F.TYPE_MESSAGE, rep, ".edgekiln.triton.ModelInstanceGroup"),
+                            ("backend", F.TYPE_STRING, one, ""),
+                            ("parameters", F.TYPE_MESSAGE, rep, ".edgekiln.triton.ParametersEntry")])
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("edgekiln.triton.ModelConfig"))

@@ -159,7 +159,8 @@ def export_result(built, role: str) -> ExportResult:
 
 
 def _size_mb(path: Path) -> float:
-    return path.stat().st_size / 1e6
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None  # an OpenVINO IR's weights
+    return (path.stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)) / 1e6
 
 
 def run_validate(cfg: PipelineConfig, bundle_dir: Path | None = None, role: str | None = None) -> GateResult:

@@ -1,7 +1,7 @@
 """edgekiln's embedded inference runtime: numpy + PIL + onnxruntime, never torch.
 
     import runtime
-    clf = runtime.load("runs/demo/bundle")              # backend: cpu | cuda | tensorrt | tensorrt-engine | auto
+    clf = runtime.load("runs/demo/bundle")              # backend: cpu | cuda | tensorrt | tensorrt-engine | openvino | auto
     for p in clf.predict(["a.png", "b.png"], top_k=3):
         print(p.label, p.probability)
     clf.self_test()                                      # the bundle's golden images -> expected logits
@@ -68,14 +68,15 @@ class Classifier:
 
     def __init__(self, bundle: Bundle, backend: str = "cpu", intra_op_threads: int | None = None, max_batch: int = 64,
                  artifact: str = "onnx", max_pixels: int | None = MAX_PIXELS, device_id: int = 0,
-                 allow_engine_fallback: bool = False):
+                 allow_engine_fallback: bool = False, backend_options: Any = None):
         self.bundle = bundle
         self.spec = bundle.preprocess
         self.class_names = bundle.class_names
         self.max_batch = max_batch
         self.max_pixels = max_pixels
         self.session = create_session(backend, bundle, artifact=artifact, intra_op_threads=intra_op_threads,
-                                      device_id=device_id, allow_engine_fallback=allow_engine_fallback)
+                                      device_id=device_id, allow_engine_fallback=allow_engine_fallback,
+                                      options=backend_options)
         self.backend = self.session.backend  # what `auto` (or an allowed engine fallback) resolved to
         self.provider = self.session.provider
 
@@ -153,7 +154,7 @@ class Classifier:
 
 def load(bundle_dir: str | Path, backend: str = "cpu", intra_op_threads: int | None = None, *,
          artifact: str = "onnx", max_batch: int = 64, max_pixels: int | None = MAX_PIXELS,
-         device_id: int = 0, allow_engine_fallback: bool = False) -> Classifier:
+         device_id: int = 0, allow_engine_fallback: bool = False, backend_options: Any = None) -> Classifier:
     """Load and verify a bundle (sha256 of every file) and return a Classifier.
 
     backend: 'cpu', 'cuda', 'tensorrt', 'tensorrt-engine' (the bundle's native
@@ -163,7 +164,8 @@ def load(bundle_dir: str | Path, backend: str = "cpu", intra_op_threads: int | N
     back — except that with allow_engine_fallback=True (or
     $EDGEKILN_ALLOW_ENGINE_FALLBACK=1) 'tensorrt-engine' runs the bundle's ONNX
     model on the best onnxruntime backend, with a WARNING naming the reason.
+    'openvino' runs the ONNX or OpenVINO IR artifact (backend_options: runtime.backends.OpenVINOOptions).
     """
     return Classifier(read_bundle(bundle_dir, verify=True), backend=backend, intra_op_threads=intra_op_threads,
                       max_batch=max_batch, artifact=artifact, max_pixels=max_pixels, device_id=device_id,
-                      allow_engine_fallback=allow_engine_fallback)
+                      allow_engine_fallback=allow_engine_fallback, backend_options=backend_options)

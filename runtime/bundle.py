@@ -40,8 +40,9 @@ FORMAT = "edgekiln-bundle"
 
 # The backends (runtime.backends) each artifact format runs on, best first; recorded per artifact.
 DEFAULT_RUNTIMES: dict[str, list[str]] = {
-    "onnx": ["cpu", "cuda", "tensorrt"],
+    "onnx": ["cpu", "cuda", "tensorrt", "openvino"],
     "tensorrt": ["tensorrt-engine"],
+    "openvino": ["openvino"],  # OpenVINO IR (model.xml + its .bin)
 }
 
 
@@ -94,7 +95,7 @@ class Artifact(_Model):
 
     file: str
     format: str  # "onnx" | "tensorrt" | ... (a key of DEFAULT_RUNTIMES)
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8", "bf16"] = "fp32"  # bf16: an FP32 model run with bf16 inference
     runtimes: list[str] = Field(default_factory=list)  # backends it runs on, best first
     parity: dict[str, Any] | None = None  # its record in the parity gate (exporters.parity.ParityReport)
     fingerprint: dict[str, str] | None = None  # the machine a native engine was built for

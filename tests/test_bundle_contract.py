@@ -50,7 +50,7 @@ def test_a_0_1_0_bundle_loads_and_serves(bundle_copy):
     bundle = read_bundle(bundle_copy)
     m = bundle.manifest
     assert m.schema_version == SCHEMA_VERSION and m.edgekiln_version == "0.1.0"
-    assert m.artifacts["onnx"].precision == "fp32" and m.artifacts["onnx"].runtimes == ["cpu", "cuda", "tensorrt"]
+    assert m.artifacts["onnx"].precision == "fp32" and m.artifacts["onnx"].runtimes == ["cpu", "cuda", "tensorrt", "openvino"]
     assert m.artifacts["onnx"].parity == before.artifacts["onnx"].parity
     assert m.artifacts["onnx"].details == before.artifacts["onnx"].details
     assert m.parity.passed == before.parity.passed

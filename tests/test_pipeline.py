@@ -33,7 +33,7 @@ def test_bundle_json_is_self_describing(tiny_run):
     assert m.opset >= 17
     assert m.files["model.onnx"].sha256 == sha256_file(run_dir / "bundle" / "model.onnx")
     assert m.parity.test["agreement"] == 1.0 and m.artifacts["onnx"].parity["agreement"] == 1.0
-    assert m.artifacts["onnx"].runtimes == ["cpu", "cuda", "tensorrt"]
+    assert m.artifacts["onnx"].runtimes == ["cpu", "cuda", "tensorrt", "openvino"]
     assert m.model.role == "student"
     assert "test_accuracy" in m.metrics
 

@@ -27,7 +27,8 @@ def _providers():
 
 def test_every_registered_backend_has_a_test():
     # Adding a backend to the registry without a test here fails this test.
-    assert set(backend_names()) == {"cpu", "cuda", "tensorrt", "tensorrt-engine", "auto"}
+    # openvino: tests/test_openvino.py
+    assert set(backend_names()) == {"cpu", "cuda", "tensorrt", "tensorrt-engine", "openvino", "auto"}
     assert AUTO_ORDER == ("tensorrt", "cuda", "cpu")
 
 
@@ -42,7 +43,8 @@ def test_cpu_backend_and_intra_op_threads(tiny_run):
 
 def test_unknown_backend_lists_the_valid_ones(tiny_run):
     _, run_dir, _ = tiny_run
-    with pytest.raises(BackendError, match=r"unknown backend 'npu'; valid: cpu, cuda, tensorrt, tensorrt-engine, auto"):
+    with pytest.raises(BackendError,
+                       match=r"unknown backend 'npu'; valid: cpu, cuda, tensorrt, tensorrt-engine, openvino, auto"):
         runtime.load(run_dir / "bundle", backend="npu")
 
 
@@ -152,9 +154,9 @@ def test_session_for_artifact_runs_onnx_on_the_named_backend(tiny_run):
     with pytest.raises(BundleError, match=r"bundle has no 'onnx_int8' artifact \(has: onnx"):
         session_for_artifact(clf.bundle, "onnx_int8")
     # the backends an artifact runs on are the ones bundle.json lists for it ("runtimes")
-    assert clf.bundle.artifact("onnx").runtimes == ["cpu", "cuda", "tensorrt"]
-    with pytest.raises(BackendError, match=r"artifact 'onnx' \(onnx\) runs on backend cpu, cuda, tensorrt, not on "
-                                           r"'tensorrt-engine'"):
+    assert clf.bundle.artifact("onnx").runtimes == ["cpu", "cuda", "tensorrt", "openvino"]
+    with pytest.raises(BackendError, match=r"artifact 'onnx' \(onnx\) runs on backend cpu, cuda, tensorrt, openvino, "
+                                           r"not on 'tensorrt-engine'"):
         session_for_artifact(clf.bundle, "onnx", backend="tensorrt-engine")
 
 

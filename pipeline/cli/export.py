@@ -35,6 +35,19 @@ def _print_gate(gate) -> None:
         click.echo(f"golden self-test: {g['images']} images, " + ("OK" if not g["failures"] else "FAILED"))
 
 
+def _print_int8_side_by_side(bundle_dir: Path) -> None:
+    """Our onnxruntime INT8 guard and NNCF's, when the bundle has both."""
+    from exporters.openvino import int8_side_by_side
+    from runtime.bundle import read_bundle
+
+    rows = int8_side_by_side(read_bundle(bundle_dir, verify=False))
+    for r in rows if len(rows) > 1 else []:
+        click.echo(f"  int8 {r['tool']} ({r['artifact']}, {r['method']}): val drop "
+                   f"{(r['val_accuracy_drop'] or 0) * 100:+.2f} pts (budget {(r['budget'] or 0) * 100:.2f}), test Δ "
+                   f"{(r['test_accuracy_delta'] or 0) * 100:+.2f} pts, agreement {r['agreement'] or 0:.2%}, "
+                   f"{r['kept_in_float']} node(s) kept in float")
+
+
 @cli.command()
 @config_argument
 @click.option("--model", "role", type=click.Choice(["teacher", "student"]), default=None,
@@ -45,11 +58,17 @@ def _print_gate(gate) -> None:
               help="Also write this ONNX precision (repeatable; adds to export.precisions). FP32 is always written.")
 @click.option("--tensorrt", "tensorrt", is_flag=True, default=False,
               help="Also build a TensorRT engine (needs tensorrt 10.x and a CUDA GPU).")
+@click.option("--openvino", "openvino", multiple=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+              help="Also write this OpenVINO artifact (repeatable; adds to export.openvino.precisions; "
+                   "needs pip install 'edgekiln[openvino]').")
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a Triton model repository here (<model>/config.pbtxt, <model>/1/model.onnx).")
+@click.option("--triton-artifact", default="onnx", show_default=True,
+              help="The bundle artifact the Triton repository serves (openvino, openvino_int8, ...: Triton's "
+                   "OpenVINO backend).")
 @handle_errors
 def export(config: Path, role: str | None, out: Path | None, precisions: tuple[str, ...], tensorrt: bool,
-           triton_repo: Path | None) -> None:
+           openvino: tuple[str, ...], triton_repo: Path | None, triton_artifact: str) -> None:
     """Export a checkpoint to a bundle: FP32 ONNX, the precisions asked for, golden images,
     and the parity of every artifact on the test split. Exits 1 when an artifact fails parity.
 
@@ -62,7 +81,14 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
         cfg.export.precisions = list(dict.fromkeys([*cfg.export.precisions, *precisions]))
     if tensorrt:
         cfg.export.tensorrt.enabled = True
-    r = run_export(cfg, role=role, out=out, triton_repo=triton_repo)
+    if openvino:
+        cfg.export.openvino.precisions = list(dict.fromkeys([*cfg.export.openvino.precisions, *openvino]))
+    r = run_export(cfg, role=role, out=out, triton_repo=triton_repo if triton_artifact == "onnx" else None)
+    triton_model = r.triton_model
+    if triton_repo and triton_artifact != "onnx":
+        from exporters.triton import write_triton_repo
+
+        triton_model = str(write_triton_repo(Path(r.bundle), triton_repo, artifact=triton_artifact))
     click.echo(f"bundle {r.bundle}: {r.size_mb:.2f} MB, agreement {r.agreement:.2%}, "
                f"max |Δlogit| {r.max_abs_logit_diff:.2e}")
     for key, a in r.artifacts.items():
@@ -73,8 +99,9 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
         click.echo(f"  int8 calibration: {cal['images']} train images, per class "
                    + ", ".join(f"{k}:{v}" for k, v in cal["per_class"].items())
                    + f"; {len(guard['excluded_nodes'])} node(s) kept in float")
-    if r.triton_model:
-        click.echo(f"triton model: {r.triton_model}")
+    _print_int8_side_by_side(r.bundle)
+    if triton_model:
+        click.echo(f"triton model: {triton_model}")
     if not r.passed:
         fail("parity check failed: " + "; ".join(r.failures), 1)
 
@@ -134,24 +161,25 @@ def validate(config: Path | None, bundle_dir: Path | None) -> None:
 @click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
 @handle_errors
 def bench(bundle_dir: Path, out_prefix: Path | None, rounds: int, threads: int | None) -> None:
-    """Benchmark every artifact of a bundle: size, accuracy, agreement, latency p50/p95 at
-    batch 1, throughput at batch 32, parity ✅/❌; plus INT8/FP32 latency and size ratios
-    measured side by side in this run. Writes JSON and an accuracy-vs-latency PNG.
+    """Benchmark every artifact of a bundle on every backend (and OpenVINO precision hint) it runs on
+    here: size, accuracy, agreement, latency p50/p95 at batch 1, throughput at batch 32, parity ✅/❌;
+    plus INT8/FP32 and OpenVINO/onnxruntime latency ratios measured side by side in this run. Writes JSON and an accuracy-vs-latency PNG.
 
     Example: edgekiln bench runs/demo/bundle
     """
     from rich.console import Console
     from rich.table import Table
 
-    from exporters.bench import bench_bundle, ratios, write_outputs
+    from exporters.bench import bench_bundle, openvino_ratios, ratios, write_outputs
 
     rows = bench_bundle(bundle_dir, rounds=rounds, threads=threads)
     table = Table(title=f"edgekiln bench — {bundle_dir}")
-    for col in ("artifact", "format", "precision", "backend", "size MB", "accuracy", "top-1 agreement",
+    for col in ("artifact", "format", "precision", "backend", "hint", "size MB", "accuracy", "top-1 agreement",
                 "p50 ms (b=1)", "p95 ms (b=1)", "img/s (b=32)", "parity"):
-        table.add_column(col, justify="left" if col in ("artifact", "format", "precision", "backend") else "right")
+        table.add_column(col, justify="left" if col in ("artifact", "format", "precision", "backend", "hint")
+                         else "right")
     for r in rows:
-        table.add_row(r.artifact, r.format, r.precision, r.backend, f"{r.size_mb:.2f}",
+        table.add_row(r.artifact, r.format, r.precision, r.backend, r.hint or "—", f"{r.size_mb:.2f}",
                       "—" if r.accuracy is None else f"{r.accuracy:.4f}",
                       "—" if r.agreement is None else f"{r.agreement:.2%}",
                       f"{r.latency_p50_ms:.2f}", f"{r.latency_p95_ms:.2f}", f"{r.throughput_ips:.0f}", r.parity_mark)
@@ -159,6 +187,8 @@ def bench(bundle_dir: Path, out_prefix: Path | None, rounds: int, threads: int |
     for key, q in ratios(rows).items():
         click.echo(f"{key} / onnx (fp32), measured side by side: latency p50 {q['latency_p50']:.2f}x, "
                    f"size {q['size']:.2f}x")
+    for pair, q in openvino_ratios(rows).items():
+        click.echo(f"{pair}, measured side by side: latency p50 {q:.2f}x")
     prefix = out_prefix or Path(bundle_dir).resolve().parent / "bench"
     json_path, png_path = write_outputs(rows, prefix)
     click.echo(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no PNG: matplotlib is not installed)"))

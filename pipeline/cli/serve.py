@@ -16,13 +16,20 @@ from pipeline.cli.errors import handle_errors
               help="Address to listen on (0.0.0.0 for every interface, e.g. in a container).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "tensorrt-engine"]),
+              type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "tensorrt-engine", "openvino"]),
               help="Inference backend; a named one that cannot run here is an error, never a fallback "
                    "(but see --allow-engine-fallback).")
 @click.option("--allow-engine-fallback", is_flag=True, default=False,
               help="With --backend tensorrt-engine: when the bundle's TensorRT engine cannot run here (no engine, "
                    "no TensorRT or GPU, or another TensorRT version, GPU or compute capability than it was built "
                    "for), serve the bundle's ONNX model on the best onnxruntime backend instead, with a warning.")
+@click.option("--artifact", default="onnx", show_default=True,
+              help="The bundle artifact to serve (onnx_int8, openvino, openvino_int8, ...: bundle.json's artifacts).")
+@click.option("--openvino-device", default=None, help="--backend openvino: CPU, GPU, NPU or AUTO (default CPU).")
+@click.option("--openvino-precision", default=None,
+              help="--backend openvino: inference precision f32, bf16 or f16 (default: the artifact's; f32).")
+@click.option("--openvino-hint", default=None, help="--backend openvino: latency (default) or throughput.")
+@click.option("--openvino-streams", default=None, type=click.IntRange(1), help="--backend openvino: streams.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 1024),
               help="Images per model call; 1 turns dynamic batching off.")
 @click.option("--max-delay-ms", default=5.0, show_default=True, type=click.FloatRange(0, 10_000),
@@ -42,7 +49,9 @@ from pipeline.cli.errors import handle_errors
               help="Longest a request waits for the model (503 beyond).")
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
 @handle_errors
-def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fallback: bool, max_batch: int,
+def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fallback: bool, artifact: str,
+          openvino_device: str | None, openvino_precision: str | None, openvino_hint: str | None,
+          openvino_streams: int | None, max_batch: int,
           max_delay_ms: float, workers: int, intra_op_threads: int | None, model_name: str, max_queue: int,
           max_body_mb: float, max_megapixels: float, request_timeout_s: float, access_log: bool) -> None:
     """Serve a bundle over HTTP: the Open Inference Protocol v2 (KServe/Triton
@@ -59,9 +68,14 @@ def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fal
         raise ConfigError(f"--allow-engine-fallback applies only to --backend tensorrt-engine "
                           f"(got --backend {backend})")
 
+    ov = {"openvino_device": openvino_device, "openvino_precision": openvino_precision,
+          "openvino_hint": openvino_hint, "openvino_streams": openvino_streams}
+    if backend != "openvino" and any(v is not None for v in ov.values()):
+        raise ConfigError(f"--openvino-* options apply only to --backend openvino (got --backend {backend})")
     try:
         settings = ServeSettings(
             bundle_dir=str(bundle_dir), backend=backend, allow_engine_fallback=allow_engine_fallback,
+            artifact=artifact, **ov,
             model_name=model_name, intra_op_threads=intra_op_threads,
             max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
             max_body_bytes=int(max_body_mb * 2**20), max_pixels=int(max_megapixels * 1e6),
@@ -69,4 +83,5 @@ def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fal
         )
     except ValidationError as e:
         raise ConfigError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+    settings.backend_options()  # a bad --openvino-* value: one line now, not in a worker
     run_server(settings, host=host, port=port, workers=workers, access_log=access_log)

@@ -12,7 +12,7 @@ allowed fallback from a native engine to the bundle's ONNX model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -40,16 +40,18 @@ class BackendSpec:
     provider: str  # the onnxruntime execution provider it needs ("" for none)
     description: str
     make: Callable[..., Session]
+    takes_options: bool = False  # make(..., options=...) takes backend options (runtime.backends.openvino)
 
 
 BACKENDS: Registry[BackendSpec] = Registry("backend", BackendError, extra_names=("auto",))
 
 
-def register_backend(name: str, provider: str, description: str):
-    """Decorator: register `make(bundle, artifact, intra_op_threads, device_id) -> Session` as backend `name`."""
+def register_backend(name: str, provider: str, description: str, takes_options: bool = False):
+    """Decorator: register `make(bundle, artifact, intra_op_threads, device_id) -> Session` as backend `name`
+    (takes_options: make also takes `options=`, the backend's own settings object)."""
 
     def deco(fn: Callable[..., Session]) -> Callable[..., Session]:
-        BACKENDS.add(name, BackendSpec(name, provider, description, fn))
+        BACKENDS.add(name, BackendSpec(name, provider, description, fn, takes_options))
         return fn
 
     return deco
@@ -69,8 +71,11 @@ def has_artifact(bundle: Bundle, key: str) -> bool:
 
 
 def create_session(backend: str, bundle: Bundle, artifact: str = "onnx", intra_op_threads: int | None = None,
-                   device_id: int = 0, allow_engine_fallback: bool = False) -> Session:
+                   device_id: int = 0, allow_engine_fallback: bool = False, options: Any = None) -> Session:
     """Open the bundle's model on `backend` ('auto' = the best that works, logged).
+
+    options: the backend's own settings (runtime.backends.openvino.OpenVINOOptions for 'openvino');
+    a BackendError for a backend that takes none.
 
     allow_engine_fallback (or $EDGEKILN_ALLOW_ENGINE_FALLBACK=1): when backend 'tensorrt-engine'
     cannot run the bundle's engine here, run its ONNX model on the best onnxruntime backend
@@ -81,6 +86,13 @@ def create_session(backend: str, bundle: Bundle, artifact: str = "onnx", intra_o
     if backend == "auto":
         return policy.auto_session(bundle, artifact, intra_op_threads, device_id)
     spec = backend_spec(backend)
+    if options is not None:
+        if not spec.takes_options:
+            raise BackendError(f"backend '{backend}' takes no backend options (got {options!r})")
+        sess = spec.make(bundle, artifact=artifact, intra_op_threads=intra_op_threads, device_id=device_id,
+                         options=options)
+        policy.log.info("edgekiln runtime: %s on backend '%s' (%s)", sess.model_file, backend, sess.provider)
+        return sess
     if backend == "tensorrt-engine" and (allow_engine_fallback or policy.engine_fallback_from_env()):
         return policy.engine_or_fallback(bundle, artifact, intra_op_threads, device_id)
     sess = spec.make(bundle, artifact=artifact, intra_op_threads=intra_op_threads, device_id=device_id)
@@ -89,7 +101,7 @@ def create_session(backend: str, bundle: Bundle, artifact: str = "onnx", intra_o
 
 
 def session_for_artifact(bundle: Bundle, key: str, *, backend: str | None = None,
-                         intra_op_threads: int | None = None, device_id: int = 0) -> Session:
+                         intra_op_threads: int | None = None, device_id: int = 0, options: Any = None) -> Session:
     """Open bundle artifact `key` on `backend`, which must be one its bundle.json entry lists in
     `runtimes` (default: the first: 'cpu' for ONNX artifacts, 'tensorrt-engine' for TensorRT engines,
     fingerprint-checked, never a fallback); 'auto' picks the best onnxruntime backend for an ONNX artifact.
@@ -110,4 +122,5 @@ def session_for_artifact(bundle: Bundle, key: str, *, backend: str | None = None
     if name not in art.runtimes:
         raise BackendError(f"artifact '{key}' ({art.format}) runs on backend {', '.join(art.runtimes)}, "
                            f"not on '{name}'")
-    return create_session(name, bundle, artifact=key, intra_op_threads=intra_op_threads, device_id=device_id)
+    return create_session(name, bundle, artifact=key, intra_op_threads=intra_op_threads, device_id=device_id,
+                          options=options)

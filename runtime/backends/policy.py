@@ -1,7 +1,10 @@
 """Which backend runs a bundle when the caller leaves a choice: `auto`, and the engine fallback.
 
 `auto` tries the backends best-first and logs the one it chose (and why the others
-were skipped): `tensorrt-engine` first when the bundle has an engine, then AUTO_ORDER.
+were skipped): `tensorrt-engine` first when the bundle has an engine, then AUTO_ORDER. On the
+CPU, when the bundle also has the OpenVINO IR of the same precision (exporters.openvino) and both
+passed the parity gate, it times onnxruntime and OpenVINO on one image and takes the faster,
+logging both times (`cpu_by_speed`).
 
 Backend `tensorrt-engine` with the fallback allowed (`allow_engine_fallback=True`,
 `edgekiln serve --allow-engine-fallback`, or $EDGEKILN_ALLOW_ENGINE_FALLBACK=1): when
@@ -106,6 +109,8 @@ def auto_session(bundle: Bundle, artifact: str, intra_op_threads: int | None, de
             skipped.append(f"{name}: no {spec.provider}")
             continue
         try:
+            if name == "cpu":
+                return cpu_by_speed(bundle, artifact, intra_op_threads, skipped)
             sess = spec.make(bundle, artifact=artifact, intra_op_threads=intra_op_threads, device_id=device_id)
         except BackendError as e:
             log.warning("edgekiln runtime: auto: skipping backend '%s': %s", name, e)
@@ -115,3 +120,58 @@ def auto_session(bundle: Bundle, artifact: str, intra_op_threads: int | None, de
                  sess.model_file, f"; skipped {'; '.join(skipped)}" if skipped else "")
         return sess
     raise BackendError(f"backend 'auto': no backend could start ({engine_skipped}{'; '.join(skipped)})")
+
+
+# the OpenVINO IR artifact that is the same model at the same precision as an ONNX artifact
+OPENVINO_TWIN = {"onnx": "openvino", "onnx_fp16": "openvino_fp16", "onnx_int8": "openvino_int8"}
+
+
+def _passed(bundle: Bundle, key: str) -> bool:
+    parity = bundle.manifest.artifacts[key].parity
+    return bool(parity and parity.get("passed"))
+
+
+def _median_ms(sess: Session, x, runs: int = 10) -> float:
+    import time
+
+    import numpy as np
+
+    for _ in range(3):
+        sess.run(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(x)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def cpu_by_speed(bundle: Bundle, artifact: str, intra_op_threads: int | None, skipped: list[str]) -> Session:
+    """auto on the CPU: onnxruntime on `artifact`, or OpenVINO on its IR twin when that passed parity (as
+    `artifact` did) and is faster here, timed at batch 1 on this machine; logs the times and the reason."""
+    import numpy as np
+
+    cpu = backend_spec("cpu").make(bundle, artifact=artifact, intra_op_threads=intra_op_threads)
+    twin = OPENVINO_TWIN.get(artifact)
+    why = ""
+    if twin is None or not has_artifact(bundle, twin):
+        why = f"the bundle has no OpenVINO twin of '{artifact}'"
+    elif not (_passed(bundle, artifact) and _passed(bundle, twin)):
+        why = f"'{artifact}' and '{twin}' have not both passed the parity gate"
+    else:
+        try:
+            ov = backend_spec("openvino").make(bundle, artifact=twin, intra_op_threads=intra_op_threads)
+        except BackendError as e:
+            why = f"openvino cannot run '{twin}' here ({e})"
+        else:
+            x = np.zeros((1, 3, bundle.preprocess.crop, bundle.preprocess.crop), np.float32)
+            t_cpu, t_ov = _median_ms(cpu, x), _median_ms(ov, x)
+            best, other = (ov, cpu) if t_ov < t_cpu else (cpu, ov)
+            log.info("edgekiln runtime: auto chose backend '%s' (%s, %s): fastest here of the backends whose "
+                     "artifact passed parity (openvino %s %.2f ms vs cpu %s %.2f ms at batch 1)%s", best.backend,
+                     best.provider, best.model_file, ov.model_file, t_ov, cpu.model_file, t_cpu,
+                     f"; skipped {'; '.join(skipped)}" if skipped else "")
+            return best
+    log.info("edgekiln runtime: auto chose backend 'cpu' (%s) for %s (%s)%s", cpu.provider, cpu.model_file, why,
+             f"; skipped {'; '.join(skipped)}" if skipped else "")
+    return cpu

@@ -93,7 +93,8 @@ def load_classifier(settings: ServeSettings) -> Any:
     import runtime
 
     return runtime.load(settings.bundle_dir, backend=settings.backend, intra_op_threads=settings.intra_op_threads,
-                        max_pixels=settings.max_pixels, allow_engine_fallback=settings.allow_engine_fallback)
+                        max_pixels=settings.max_pixels, allow_engine_fallback=settings.allow_engine_fallback,
+                        artifact=settings.artifact, backend_options=settings.backend_options())
 
 
 @asynccontextmanager

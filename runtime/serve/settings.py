@@ -31,6 +31,21 @@ class ServeSettings(BaseModel):
     max_images_per_request: int = Field(64, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     self_test: bool | None = None  # None: run it when the bundle has golden images
+    artifact: str = "onnx"  # the bundle artifact served (openvino, openvino_int8, onnx_int8, ...)
+    # backend openvino (runtime.backends.OpenVINOOptions; None: $EDGEKILN_OPENVINO_*, then its defaults)
+    openvino_device: str | None = None
+    openvino_precision: str | None = None
+    openvino_hint: str | None = None
+    openvino_streams: int | None = Field(None, ge=1)
+
+    def backend_options(self):
+        """The backend's own options (OpenVINOOptions for backend openvino), else None."""
+        if self.backend != "openvino":
+            return None
+        from runtime.backends.openvino import OpenVINOOptions
+
+        return OpenVINOOptions(device=self.openvino_device, precision=self.openvino_precision,
+                               hint=self.openvino_hint, streams=self.openvino_streams)
 
 
 def settings_to_env(settings: ServeSettings) -> None:
