@@ -78,3 +78,46 @@ def test_distill_cli_auto_and_control(run_copy):
     assert "same student without KD" in r.output
     r = CliRunner().invoke(cli, ["distill", str(cfg), "--student", "auto", "--max-size-mb", "0.001"])
     assert r.exit_code == 1 and "no candidate student fits" in r.output
+
+
+def test_retention_gate_refuses_a_student_that_cannot_learn(run_copy, tmp_path):
+    """A budget of a few steps: the student stays near chance, is refused with the numbers and
+    what to try, and the export that follows ships the teacher."""
+    cfg, run_dir = run_copy
+    d = yaml.safe_load(cfg.read_text())
+    d["distill"].update({"epochs": None, "steps": 1, "measure_cost": False, "min_retention": 0.98})
+    cfg.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(cli, ["distill", str(cfg)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((run_dir / "metrics.json").read_text())["student"]
+    assert m["adopted"] is False and m["retention"] < 0.98
+    assert m["refusal"].startswith("student refused: it keeps") and "the teacher will be exported" in m["refusal"]
+    assert m["val_drop"]["n"] == len(json.loads((run_dir / "split.json").read_text())["val"])
+    assert "REFUSED" in r.output
+    from pipeline.config import load_config
+    from pipeline.export_stage import default_export_role
+
+    assert default_export_role(load_config(cfg)) == "teacher"
+
+
+def test_unlabeled_images_feed_distillation(run_copy, tiny_data, tmp_path):
+    cfg, run_dir = run_copy
+    unl = tmp_path / "site"
+    unl.mkdir()
+    import shutil
+
+    for i, p in enumerate(sorted(tiny_data.rglob("*.png"))[:10]):
+        shutil.copy(p, unl / f"u{i}.png")  # flat folder, no labels
+    d = yaml.safe_load(cfg.read_text())
+    n_train = len(json.loads((run_dir / "split.json").read_text())["train"])
+    d["distill"].update({"epochs": None, "steps": 4, "measure_cost": False, "unlabeled": str(unl), "mixup": 0.2})
+    cfg.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(cli, ["distill", str(cfg)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((run_dir / "metrics.json").read_text())["student"]
+    assert f"{n_train + 10} images" in m["budget"]
+    (unl / "u0.png").unlink()
+    for p in unl.iterdir():
+        p.unlink()
+    r = CliRunner().invoke(cli, ["distill", str(cfg)])
+    assert r.exit_code == 1 and "distill.unlabeled:" in r.output and "holds no images" in r.output
