@@ -43,11 +43,16 @@ def run(config: Path) -> None:
 
 
 def _run(cfg) -> None:
+    from exporters.deploy import DeployError
     from pipeline.report import print_summary
     from pipeline.stages import run_pipeline
 
     click.echo(f"edgekiln: run '{cfg.name}' -> {cfg.run_dir}", err=True)
-    out = run_pipeline(cfg)
+    try:
+        out = run_pipeline(cfg)
+    except DeployError as e:
+        click.echo(e.table, err=True)
+        fail(str(e), e.exit_code)
     print_summary(out, cfg.run)
     report = out.parity
     if not report.passed:
