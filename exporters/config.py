@@ -92,7 +92,7 @@ class DeployConfig(_Strict):
 class PrecisionThresholds(_Strict):
     """The config's overrides of one precision's parity thresholds (exporters.thresholds.Thresholds,
     same fields); None keeps the architecture spec's default (exporters.specs: FP16 agreement
-    >= 99.5%, INT8 accuracy drop <= 1 point)."""
+    >= 99.5%, INT8 accuracy drop <= 1 point and agreement >= 90%)."""
 
     min_agreement: float | None = Field(None, ge=0, le=1)
     max_abs_logit_diff: float | None = Field(None, gt=0)

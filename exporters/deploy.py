@@ -289,7 +289,8 @@ def plot_pareto(cands: list[dict[str, Any]], path: Path, title: str = "") -> Pat
     ax.set_title(title or "candidates: accuracy vs latency (area = size; blue = Pareto in latency, size and "
                           "accuracy; hollow = refused)", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from exporters.agreement import AgreementSet
-from exporters.stats import paired_drop
+from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.thresholds import Thresholds
 from runtime import softmax
 from runtime.backends import EngineUnavailable, session_for_artifact
@@ -64,6 +64,7 @@ class ParityReport:
     drop_stats: dict[str, Any] = field(default_factory=dict)
     agreement_n: int = 0  # images the agreement was measured on (test split + agreement set)
     agreement_sources: dict[str, int] = field(default_factory=dict)
+    agreement_interval: tuple[float, float] = (0.0, 1.0)  # its 95% Wilson interval
     backend: str = "cpu"  # the runtime backend the artifact ran on (runtime.backends)
 
     @property
@@ -113,6 +114,7 @@ def compare_logits(
         artifact_accuracy=float((cand_top == labels).mean()) if len(labels) else 0.0,
         agreement=agree / n_agree if n_agree else 1.0,
         agreement_n=n_agree,
+        agreement_interval=agreement_interval(agree, n_agree),
         agreement_sources={"test": len(labels), **(extra_sources or {})},
         drop_stats=stats.to_dict(),
         max_abs_logit_diff=float(diff.max()) if diff.size else 0.0,
@@ -137,29 +139,36 @@ def compare_logits(
         if mask.any():
             key = class_names[c] if class_names else str(c)
             report.per_class_accuracy_delta[key] = float((cand_top[mask] == c).mean() - (ref_top[mask] == c).mean())
-    t = thresholds
-    if t.min_agreement is not None and report.agreement < t.min_agreement:
+    report.failures = _failures(report, thresholds, stats)
+    return report
+
+
+def _failures(report: ParityReport, t: Thresholds, stats: DropStats) -> list[str]:
+    """One line per violated threshold."""
+    out, n_agree = [], report.agreement_n
+    # Fail when the data show agreement is below the floor (its interval's upper bound; 1.0 still allows no flip).
+    if t.min_agreement is not None and report.agreement_interval[1] < t.min_agreement - 1e-12:
         shown = ", ".join(str(f["image"]) for f in report.flipped[:5])
         more = f" and {len(report.flipped) - 5} more" if len(report.flipped) > 5 else ""
-        report.failures.append(
+        out.append(
             f"top-1 agreement {report.agreement:.2%} < {t.min_agreement:.2%} on {n_agree} images "
             f"({len(report.flipped)} test images flipped: {shown}{more})"
         )
     if t.max_abs_logit_diff is not None and report.max_abs_logit_diff > t.max_abs_logit_diff:
-        report.failures.append(f"max |Δlogit| {report.max_abs_logit_diff:.3g} > {t.max_abs_logit_diff:.3g}")
+        out.append(f"max |Δlogit| {report.max_abs_logit_diff:.3g} > {t.max_abs_logit_diff:.3g}")
     if t.min_accuracy is not None and report.artifact_accuracy < t.min_accuracy:
-        report.failures.append(f"accuracy {report.artifact_accuracy:.4f} < {t.min_accuracy:.4f}")
+        out.append(f"accuracy {report.artifact_accuracy:.4f} < {t.min_accuracy:.4f}")
     # Fail only when the data show the drop is over budget (the interval's lower bound above it; why: exporters.stats).
     if t.max_accuracy_drop is not None and stats.exceeds(t.max_accuracy_drop):
-        report.failures.append(
+        out.append(
             f"accuracy drop {stats.drop * 100:.2f} points exceeds {t.max_accuracy_drop * 100:.2f} beyond doubt "
             f"({report.reference_accuracy:.4f} -> {report.artifact_accuracy:.4f}; 95% CI of the drop "
             f"[{stats.low * 100:.2f}, {stats.high * 100:.2f}] points; {stats.b} lost, {stats.c} gained of {stats.n}; "
             f"McNemar p={stats.mcnemar_p:.2g})"
         )
     if t.max_kl is not None and report.kl_divergence > t.max_kl:
-        report.failures.append(f"KL divergence {report.kl_divergence:.3g} > {t.max_kl:.3g}")
-    return report
+        out.append(f"KL divergence {report.kl_divergence:.3g} > {t.max_kl:.3g}")
+    return out
 
 
 @dataclass

@@ -65,6 +65,12 @@ def wilson(k: int, n: int, z: float) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def agreement_interval(agree: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson interval of a top-1 agreement rate. A floor fails only when the upper bound is below it, so
+    a floor of 1.0 still fails on any flip, and a broken artifact fails on a few dozen images."""
+    return wilson(agree, n, float(norm.ppf(0.5 + confidence / 2)))
+
+
 def paired_drop(reference_correct: np.ndarray, artifact_correct: np.ndarray, confidence: float = 0.95) -> DropStats:
     """Drop in accuracy from reference to artifact on the same images, with its interval and McNemar's p."""
     r = np.asarray(reference_correct, dtype=bool)

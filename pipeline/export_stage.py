@@ -150,13 +150,13 @@ def candidate_roles(cfg: PipelineConfig) -> tuple[list[str], dict[str, str]]:
     return roles, refused
 
 
-def _build(cfg: PipelineConfig, role: str, split: Split, out: Path):
+def _build(cfg: PipelineConfig, role: str, loaded: tuple, split: Split, out: Path):
     """One model's bundle with every artifact, parity-checked (an exporters.bundle.BuildResult)."""
     from pipeline import __version__
     from exporters.bundle import ExportJob, build_bundle
 
     run = cfg.run
-    model, meta = load_checkpoint(run.checkpoint(role))
+    model, meta = loaded
     trained = {k: v for k, v in run.read_metrics().get(role, {}).items() if k != "history"}
     job = ExportJob(model=model, checkpoint=meta, role=role, split=split, settings=cfg.export,
                     validate=cfg.validate_, reference=pytorch_reference(model, split, meta.preprocess),
@@ -178,11 +178,12 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
     t0 = time.perf_counter()
     run = cfg.run
     roles, refused = ([role], {}) if role else candidate_roles(cfg)
+    loaded = {r: load_checkpoint(run.checkpoint(r)) for r in roles}  # every checkpoint readable before slow work
     staging = run.root / "candidates"
     if role is None:
         shutil.rmtree(staging, ignore_errors=True)  # candidates of an earlier run
     split = load_split(run)
-    built = {r: _build(cfg, r, split, staging / r) for r in roles}
+    built = {r: _build(cfg, r, loaded.pop(r), split, staging / r) for r in roles}
     bundles = {r: read_bundle(b.out, verify=False) for r, b in built.items()}
     cands = [c for r, b in built.items() for c in gate_candidates(r, bundles[r], b.gate)]
     measure(cands, {str(b.root): b for b in bundles.values()}, cfg.deploy)
