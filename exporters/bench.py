@@ -47,7 +47,7 @@ class BenchRow:
         return "—" if self.parity is None else ("✅" if self.parity else "❌")
 
 
-def _artifact_bytes(bundle: Bundle, key: str) -> int:
+def artifact_bytes(bundle: Bundle, key: str) -> int:
     f = bundle.path(key)
     data = f.with_suffix(".bin") if f.suffix == ".xml" else f.with_name(f.name + ".data")  # IR / external weights
     return f.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -84,7 +84,7 @@ def _runnable(bundle: Bundle, key: str, threads: int | None) -> list[tuple[str, 
     return out
 
 
-def _inputs(bundle: Bundle, n: int) -> np.ndarray:
+def timing_inputs(bundle: Bundle, n: int) -> np.ndarray:
     """Real images when the bundle has golden ones (repeated to n), else a fixed random batch."""
     spec = bundle.preprocess
     if bundle.manifest.golden:
@@ -125,8 +125,8 @@ def bench_bundle(bundle_dir: Path, rounds: int = 200, throughput_batch: int = 32
     arts = bundle.manifest.artifacts
     plan = [(key, *r) for key in arts for r in _runnable(bundle, key, threads)]
     runners: dict[str, Callable] = {rid: sess.run for _, rid, _, _, sess in plan if sess is not None}
-    x1 = _inputs(bundle, 1)
-    xb = _inputs(bundle, throughput_batch)
+    x1 = timing_inputs(bundle, 1)
+    xb = timing_inputs(bundle, throughput_batch)
     blocks = min(10, rounds)
     lat = alternating_latency(runners, x1, blocks=blocks, per_block=rounds // blocks)
     # Throughput from the median batch time, in two alternating blocks per artifact.
@@ -139,7 +139,7 @@ def bench_bundle(bundle_dir: Path, rounds: int = 200, throughput_batch: int = 32
         t = np.asarray(lat.get(rid, [np.nan])) * 1e3
         rows.append(BenchRow(
             artifact=key, format=art.format, precision=art.precision, backend=label,
-            size_mb=_artifact_bytes(bundle, key) / 1e6,
+            size_mb=artifact_bytes(bundle, key) / 1e6,
             accuracy=p.get("artifact_accuracy"), agreement=p.get("agreement"),
             latency_p50_ms=float(np.percentile(t, 50)), latency_p95_ms=float(np.percentile(t, 95)),
             throughput_ips=float(thr.get(rid, np.nan)), parity=p.get("passed"), hint=hint,

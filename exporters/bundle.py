@@ -13,16 +13,17 @@ logits; everything here takes the export/validate config sections and plain valu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import onnx
 
+from exporters.agreement import agreement_set, list_images, torch_runner
 from exporters.builders import BuildContext, get_builder, wanted_builders
 from exporters.calibration import calibration_set
-from exporters.config import ExportConfig, ValidateConfig
+from exporters.config import ExportConfig, ValidateConfig, resolved_precisions
 from exporters.golden import pick_golden, write_golden
 from exporters.parity import GateResult, parity_gate
 from exporters.specs import ExportSpec, export_spec_for
@@ -73,6 +74,7 @@ class ExportJob:
     cache_dir: Path = Path(".")  # TensorRT timing/calibration caches
     version: str = ""  # the edgekiln version writing the bundle
     metrics: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training metrics, for bundle.json
+    all_backends: bool = True  # check each artifact on every backend of its runtimes available here
 
 
 @dataclass(frozen=True)
@@ -96,19 +98,30 @@ def check_export_options(settings: ExportConfig) -> None:
 
 
 def check_bundle(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, split: LabeledSplit,
-                 validate: ValidateConfig, part: str = "test") -> GateResult:
+                 validate: ValidateConfig, part: str = "test", model: Any = None, seed: int = 0,
+                 all_backends: bool = False) -> GateResult:
     """The parity gate: every artifact of `bundle` (its bundle.json preprocessing, numpy) against the
     PyTorch `reference` logits (the checkpoint's own preprocessing, torchvision) on the same image
-    files, with the config's thresholds over the architecture spec's."""
+    files, with the config's thresholds over the architecture spec's. Given the PyTorch `model`,
+    agreement is measured on the agreement set too (exporters.agreement)."""
     spec = export_spec_for(bundle.manifest.model.arch)
+    agreement = None
+    if model is not None:
+        val = split.paths("val") if part != "val" else []
+        unlabeled = list_images(validate.unlabeled) if validate.unlabeled else []
+        aset = agreement_set(val + split.paths(part), bundle.preprocess, validate.agreement_views, seed,
+                             keep_as_is=val, unlabeled=unlabeled)
+        agreement = (aset, torch_runner(model))
     return parity_gate(bundle, reference, labels, split.paths(part), [p for p, _ in getattr(split, part)],
-                       thresholds_for=lambda precision: resolve_thresholds(validate, precision, spec))
+                       thresholds_for=lambda precision: resolve_thresholds(validate, precision, spec),
+                       agreement=agreement, all_backends=all_backends)
 
 
 def build_bundle(out: Path, job: ExportJob) -> BuildResult:
     """Build every artifact `job.settings` asks for into a new bundle at `out` (replacing one there),
     with golden images and the parity of every artifact recorded in bundle.json."""
     check_export_options(job.settings)
+    job = replace(job, settings=job.settings.model_copy(update={"precisions": resolved_precisions(job.settings)}))
     spec = export_spec_for(job.checkpoint.arch)
     with atomic_dir(out) as tmp:
         artifacts = _build_artifacts(tmp, job, spec)
@@ -116,7 +129,8 @@ def build_bundle(out: Path, job: ExportJob) -> BuildResult:
         manifest = write_manifest(tmp, _manifest(job, spec, artifacts, _golden(tmp, job, spec), opset))
         reference, labels = job.reference
         # write_manifest has just hashed every file: parse the written bundle.json, don't hash it all again
-        gate = check_bundle(read_bundle(tmp, verify=False), reference, labels, job.split, job.validate)
+        gate = check_bundle(read_bundle(tmp, verify=False), reference, labels, job.split, job.validate,
+                            model=job.model, seed=job.seed, all_backends=job.all_backends)
         manifest = write_manifest(tmp, with_parity(manifest, gate))
     return BuildResult(out=Path(out), manifest=manifest, gate=gate)
 
@@ -147,9 +161,18 @@ def _golden(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> Golden | None:
 
 
 def with_parity(manifest: BundleManifest, gate: GateResult) -> BundleManifest:
-    """The manifest with the gate's report on each artifact it checked and its verdict for the bundle."""
-    artifacts = {k: a.model_copy(update={"parity": gate.reports[k].to_dict()}) if k in gate.reports else a
-                 for k, a in manifest.artifacts.items()}
+    """The manifest with the gate's report on each artifact it checked (its reports on further
+    backends under parity["backends"]) and its verdict for the bundle."""
+    artifacts = {}
+    for k, a in manifest.artifacts.items():
+        if k in gate.reports:
+            record = gate.reports[k].to_dict()
+            others = {label.partition("@")[2]: r.to_dict() for label, r in gate.reports.items()
+                      if label.partition("@")[0] == k and "@" in label}
+            if others:
+                record["backends"] = others
+            a = a.model_copy(update={"parity": record})
+        artifacts[k] = a
     summary = ParitySummary(passed=gate.passed, test=gate.primary.to_dict(), golden=gate.golden)
     return manifest.model_copy(update={"artifacts": artifacts, "parity": summary})
 

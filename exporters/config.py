@@ -4,9 +4,10 @@ sections, never the whole pipeline config."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -51,13 +52,14 @@ class OpenVINOConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    """What `export` writes into the bundle. FP32 ONNX always; the rest is opt-in."""
+    """What `export` writes into each candidate's bundle. FP32 ONNX always; by default (precisions
+    None) also INT8, and FP16 where a GPU backend is available here (`resolved_precisions`)."""
 
     opset: int | None = Field(None, ge=17, le=23, description="None: the architecture spec's opset (exporters.specs).")
     dynamic_batch: bool = True
     simplify: bool = Field(True, description="onnxslim, kept only when outputs stay within the FP32 tolerance.")
-    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
-        ["fp32"], description="ONNX artifacts to write; fp32 is always written."
+    precisions: list[Literal["fp32", "fp16", "int8"]] | None = Field(
+        None, description="ONNX artifacts to write; fp32 is always written. None: fp32 + int8, + fp16 with a GPU backend."
     )
     fp16_keep_io_types: bool = Field(True, description="FP16 model keeps float32 inputs/outputs.")
     calibration_size: int = Field(200, ge=1, description="INT8 calibration images, stratified over classes (train split).")
@@ -69,6 +71,8 @@ class ExportConfig(_Strict):
 
     @model_validator(mode="after")
     def _fp32_always(self) -> "ExportConfig":
+        if self.precisions is None:
+            return self
         if "fp32" not in self.precisions:
             self.precisions = ["fp32", *self.precisions]
         if len(set(self.precisions)) != len(self.precisions):
@@ -76,10 +80,40 @@ class ExportConfig(_Strict):
         return self
 
 
+def gpu_backend_available() -> bool:
+    """Whether onnxruntime can run on a GPU here (CUDA or TensorRT execution provider)."""
+    from runtime.backends import available_providers
+
+    return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(available_providers()))
+
+
+def resolved_precisions(settings: ExportConfig) -> list[str]:
+    """The precisions an export writes: the configured ones, or by default fp32 + int8 (+ fp16 with a GPU)."""
+    if settings.precisions is not None:
+        return list(settings.precisions)
+    return ["fp32", "int8"] + (["fp16"] if gpu_backend_available() else [])
+
+
+class DeployConfig(_Strict):
+    """Which candidate ships: every exported artifact of every candidate model, on every runtime
+    backend available here, is measured on this machine (accuracy, agreement, size, latency p50 at
+    batch 1, throughput at `batch`); those that passed their parity gates and meet every budget
+    are ranked by `objective`, and the best becomes the bundle's default artifact."""
+
+    max_latency_ms: float | None = Field(None, gt=0, description="Budget: latency p50 at batch 1, on this machine.")
+    max_size_mb: float | None = Field(None, gt=0, description="Budget: model file size (MB).")
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="Budget: test accuracy of the artifact.")
+    objective: Literal["latency", "size", "accuracy"] = Field(
+        "latency", description="What the choice minimises (latency, size) or maximises (accuracy) within budgets.")
+    batch: int = Field(16, ge=1, le=1024, description="Batch size of the throughput measurement.")
+    latency_rounds: int = Field(30, ge=5, le=10_000, description="Timed batch-1 runs per candidate (median kept).")
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads while timing (None: its default).")
+
+
 class PrecisionThresholds(_Strict):
     """The config's overrides of one precision's parity thresholds (exporters.thresholds.Thresholds,
     same fields); None keeps the architecture spec's default (exporters.specs: FP16 agreement
-    >= 99.5%, INT8 accuracy drop <= 1 point)."""
+    >= 99.5%, INT8 accuracy drop <= 1 point and agreement >= 90%)."""
 
     min_agreement: float | None = Field(None, ge=0, le=1)
     max_abs_logit_diff: float | None = Field(None, gt=0)
@@ -93,11 +127,27 @@ class ValidateConfig(_Strict):
 
     The top-level keys are the FP32 thresholds; `fp16` and `int8` hold theirs. The INT8
     accuracy guard at export uses `int8.max_accuracy_drop` as its budget.
+
+    An accuracy drop fails only when the data show it is over the budget: the lower bound of its
+    paired 95% confidence interval on the test split is above `max_accuracy_drop` (exporters.stats),
+    so one flipped image in 40 does not fail a build and a true 2-point drop over 2,000 images does.
+    Top-1 agreement needs no labels: it is measured on the test split plus an agreement set (the
+    validation images, `agreement_views` seeded augmented views of every held-out image, and every
+    image under `unlabeled`; exporters.agreement).
     """
 
     min_agreement: float = Field(1.0, ge=0, le=1, description="FP32 top-1 agreement required (1.0 = 100%).")
     max_abs_logit_diff: float = Field(1e-3, gt=0, description="FP32 max |Δlogit|.")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Optional floor on artifact accuracy.")
+    agreement_views: int = Field(2, ge=0, le=16, description="Augmented views of each held-out image in the agreement set.")
+    unlabeled: Path | None = Field(None, description="A folder of unlabeled images, added to the agreement set.")
     fp16: PrecisionThresholds = PrecisionThresholds()
     int8: PrecisionThresholds = PrecisionThresholds()
     bf16: PrecisionThresholds = PrecisionThresholds()
+
+    @field_validator("unlabeled")
+    @classmethod
+    def _folder(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_dir():
+            raise ValueError(f"{v} is not a folder of images")
+        return v

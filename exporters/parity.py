@@ -1,9 +1,11 @@
 """One parity routine for every artifact: compare PyTorch logits with an
 artifact's logits on the same labeled images, collect every failed check.
 
-`compare_logits` is the routine (accuracy of each, accuracy delta, top-1
-agreement, max and mean |Δlogit|, KL divergence of the probabilities,
-per-class accuracy delta, flipped images); `parity_gate` runs every artifact of
+`compare_logits` is the routine (accuracy of each, accuracy delta with its
+paired interval and exact McNemar test (exporters.stats), top-1 agreement on the
+test split plus an agreement set of unlabeled views (exporters.agreement), max
+and mean |Δlogit|, KL divergence of the probabilities, per-class accuracy delta,
+flipped images); `parity_gate` runs every artifact of
 a bundle through the runtime's own backends (runtime.backends.session_for_artifact,
 the code that serves) and the runtime's preprocessing; `GateResult` collects the
 reports of every artifact of a bundle.
@@ -18,17 +20,19 @@ from typing import Any, Callable
 
 import numpy as np
 
+from exporters.agreement import AgreementSet
+from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.thresholds import Thresholds
 from runtime import softmax
 from runtime.backends import EngineUnavailable, session_for_artifact
 from runtime.bundle import Bundle
-from runtime.errors import ParityError
+from runtime.errors import BackendError, ParityError
 from runtime.preprocess import preprocess
 
 log = logging.getLogger("edgekiln")
 
 __all__ = ["GateResult", "ParityReport", "Thresholds", "compare_logits", "kl_divergence", "open_runners",
-           "parity_gate"]
+           "parity_gate", "runner_label"]
 
 
 def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -56,6 +60,12 @@ class ParityReport:
     kl_divergence: float = 0.0
     per_class_accuracy_delta: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, Any] = field(default_factory=dict)
+    # The accuracy drop judged on the n test images (exporters.stats.DropStats: n, b, c, drop, 95% CI, McNemar p).
+    drop_stats: dict[str, Any] = field(default_factory=dict)
+    agreement_n: int = 0  # images the agreement was measured on (test split + agreement set)
+    agreement_sources: dict[str, int] = field(default_factory=dict)
+    agreement_interval: tuple[float, float] = (0.0, 1.0)  # its 95% Wilson interval
+    backend: str = "cpu"  # the runtime backend the artifact ran on (runtime.backends)
 
     @property
     def passed(self) -> bool:
@@ -76,9 +86,13 @@ def compare_logits(
     names: list[str] | None = None,
     precision: str = "fp32",
     class_names: list[str] | None = None,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
+    extra_sources: dict[str, int] | None = None,
 ) -> ParityReport:
-    """Accuracy of each and their delta, top-1 agreement, |Δlogit|, KL divergence, per-class
-    accuracy delta, flipped images; every violated threshold becomes a failure line."""
+    """Accuracy of each and their delta (with its paired 95% interval), top-1 agreement, |Δlogit|,
+    KL divergence, per-class accuracy delta, flipped images; every violated threshold becomes a
+    failure line. `extra` = (reference, candidate) logits on unlabeled images (an agreement set):
+    they count in the agreement and |Δlogit| figures, not in accuracy."""
     reference = np.asarray(reference, dtype=np.float64)
     candidate = np.asarray(candidate, dtype=np.float64)
     labels = np.asarray(labels)
@@ -87,12 +101,22 @@ def compare_logits(
     ref_top, cand_top = reference.argmax(1), candidate.argmax(1)
     diff = np.abs(reference - candidate)
     flipped_idx = np.nonzero(ref_top != cand_top)[0]
+    agree, n_agree = int((ref_top == cand_top).sum()), len(labels)
+    stats = paired_drop(ref_top == labels, cand_top == labels)
+    if extra is not None and len(extra[0]):
+        xr, xc = (np.asarray(a, dtype=np.float64) for a in extra)
+        agree, n_agree = agree + int((xr.argmax(1) == xc.argmax(1)).sum()), n_agree + len(xr)
+        diff = np.concatenate([diff.ravel(), np.abs(xr - xc).ravel()])
     report = ParityReport(
         artifact=artifact,
         n_images=len(labels),
-        reference_accuracy=float((ref_top == labels).mean()),
-        artifact_accuracy=float((cand_top == labels).mean()),
-        agreement=float((ref_top == cand_top).mean()),
+        reference_accuracy=float((ref_top == labels).mean()) if len(labels) else 0.0,
+        artifact_accuracy=float((cand_top == labels).mean()) if len(labels) else 0.0,
+        agreement=agree / n_agree if n_agree else 1.0,
+        agreement_n=n_agree,
+        agreement_interval=agreement_interval(agree, n_agree),
+        agreement_sources={"test": len(labels), **(extra_sources or {})},
+        drop_stats=stats.to_dict(),
         max_abs_logit_diff=float(diff.max()) if diff.size else 0.0,
         mean_abs_logit_diff=float(diff.mean()) if diff.size else 0.0,
         precision=precision,
@@ -115,26 +139,36 @@ def compare_logits(
         if mask.any():
             key = class_names[c] if class_names else str(c)
             report.per_class_accuracy_delta[key] = float((cand_top[mask] == c).mean() - (ref_top[mask] == c).mean())
-    t = thresholds
-    if t.min_agreement is not None and report.agreement < t.min_agreement:
+    report.failures = _failures(report, thresholds, stats)
+    return report
+
+
+def _failures(report: ParityReport, t: Thresholds, stats: DropStats) -> list[str]:
+    """One line per violated threshold."""
+    out, n_agree = [], report.agreement_n
+    # Fail when the data show agreement is below the floor (its interval's upper bound; 1.0 still allows no flip).
+    if t.min_agreement is not None and report.agreement_interval[1] < t.min_agreement - 1e-12:
         shown = ", ".join(str(f["image"]) for f in report.flipped[:5])
         more = f" and {len(report.flipped) - 5} more" if len(report.flipped) > 5 else ""
-        report.failures.append(
-            f"top-1 agreement {report.agreement:.2%} < {t.min_agreement:.2%} ({len(report.flipped)} flipped: {shown}{more})"
+        out.append(
+            f"top-1 agreement {report.agreement:.2%} < {t.min_agreement:.2%} on {n_agree} images "
+            f"({len(report.flipped)} test images flipped: {shown}{more})"
         )
     if t.max_abs_logit_diff is not None and report.max_abs_logit_diff > t.max_abs_logit_diff:
-        report.failures.append(f"max |Δlogit| {report.max_abs_logit_diff:.3g} > {t.max_abs_logit_diff:.3g}")
+        out.append(f"max |Δlogit| {report.max_abs_logit_diff:.3g} > {t.max_abs_logit_diff:.3g}")
     if t.min_accuracy is not None and report.artifact_accuracy < t.min_accuracy:
-        report.failures.append(f"accuracy {report.artifact_accuracy:.4f} < {t.min_accuracy:.4f}")
-    drop = -report.accuracy_delta
-    if t.max_accuracy_drop is not None and drop > t.max_accuracy_drop + 1e-12:
-        report.failures.append(
-            f"accuracy drop {drop * 100:.2f} points > {t.max_accuracy_drop * 100:.2f} "
-            f"({report.reference_accuracy:.4f} -> {report.artifact_accuracy:.4f}; {len(report.flipped)} flipped)"
+        out.append(f"accuracy {report.artifact_accuracy:.4f} < {t.min_accuracy:.4f}")
+    # Fail only when the data show the drop is over budget (the interval's lower bound above it; why: exporters.stats).
+    if t.max_accuracy_drop is not None and stats.exceeds(t.max_accuracy_drop):
+        out.append(
+            f"accuracy drop {stats.drop * 100:.2f} points exceeds {t.max_accuracy_drop * 100:.2f} beyond doubt "
+            f"({report.reference_accuracy:.4f} -> {report.artifact_accuracy:.4f}; 95% CI of the drop "
+            f"[{stats.low * 100:.2f}, {stats.high * 100:.2f}] points; {stats.b} lost, {stats.c} gained of {stats.n}; "
+            f"McNemar p={stats.mcnemar_p:.2g})"
         )
     if t.max_kl is not None and report.kl_divergence > t.max_kl:
-        report.failures.append(f"KL divergence {report.kl_divergence:.3g} > {t.max_kl:.3g}")
-    return report
+        out.append(f"KL divergence {report.kl_divergence:.3g} > {t.max_kl:.3g}")
+    return out
 
 
 @dataclass
@@ -172,41 +206,78 @@ class GateResult:
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
-def open_runners(bundle: Bundle, keys: list[str] | None = None) -> tuple[dict[str, Runner], dict[str, str]]:
-    """Every artifact of `bundle` (or `keys`) opened on the runtime backend its format needs, as
-    float32 NCHW batch -> logits functions, and {key: why} for the engines that cannot run on
-    this machine (left out with a warning)."""
+def runner_label(key: str, backend: str, primary: str) -> str:
+    """How the gate names an artifact run on a backend: its key on its first backend, key@backend on others."""
+    return key if backend == primary else f"{key}@{backend}"
+
+
+def open_runners(bundle: Bundle, keys: list[str] | None = None,
+                 all_backends: bool = False) -> tuple[dict[str, Runner], dict[str, str]]:
+    """Every artifact of `bundle` (or `keys`) opened on the runtime backend its format needs (with
+    `all_backends`, also on every other backend of its `runtimes` that starts here, as key@backend),
+    as float32 NCHW batch -> logits functions, and {label: why} for what cannot run on this machine."""
     runners, skipped = {}, {}
     for key in keys if keys is not None else list(bundle.manifest.artifacts):
-        try:
-            runners[key] = session_for_artifact(bundle, key).run
-        except EngineUnavailable as e:  # e.g. a TensorRT engine on a machine without tensorrt or this GPU
-            log.warning("parity: %s not checked on this machine: %s", key, e)
-            skipped[key] = str(e)
+        runtimes = bundle.artifact(key).runtimes
+        for i, backend in enumerate(runtimes if all_backends else runtimes[:1]):
+            label = runner_label(key, backend, runtimes[0])
+            try:
+                runners[label] = session_for_artifact(bundle, key, backend=backend).run
+            except EngineUnavailable as e:  # e.g. a TensorRT engine on a machine without tensorrt or this GPU
+                log.warning("parity: %s not checked on this machine: %s", label, e)
+                skipped[label] = str(e)
+            except BackendError as e:  # another backend of its runtimes (cuda, ...) that this machine lacks
+                if i == 0:
+                    raise
+                log.debug("parity: %s: backend %s not available here: %s", key, backend, e)
+                skipped[label] = str(e)
     return runners, skipped
 
 
+def _run_all(runners: dict[str, Runner], batches, reference: Runner | None = None) -> dict[str, np.ndarray]:
+    """Logits of every runner (and of `reference` under key None) over the batches, concatenated."""
+    outs: dict[Any, list[np.ndarray]] = {k: [] for k in runners}
+    if reference is not None:
+        outs[None] = []
+    for x in batches:
+        for key, run in runners.items():
+            outs[key].append(np.asarray(run(x), dtype=np.float32))
+        if reference is not None:
+            outs[None].append(np.asarray(reference(x), dtype=np.float32))
+    return {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in outs.items()}
+
+
 def parity_gate(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, paths: list[Path], names: list[str],
-                thresholds_for: Callable[[str], Thresholds], batch: int = 64) -> GateResult:
-    """Check every artifact of `bundle` against the PyTorch `reference` logits on the image files `paths`.
+                thresholds_for: Callable[[str], Thresholds], batch: int = 64,
+                agreement: tuple[AgreementSet, Runner] | None = None, all_backends: bool = False) -> GateResult:
+    """Check every artifact of `bundle` against the PyTorch `reference` logits on the image files `paths`,
+    and, given `agreement` = (an agreement set, the PyTorch model as a runner), on those images too.
 
     Each chunk of images is decoded and preprocessed once (bundle.json's preprocessing) and fed to
     every artifact, and the golden-image self-test reuses the same sessions (each loads once).
+    With `all_backends`, each artifact is checked on every backend of its `runtimes` available here.
     """
     from exporters.golden import self_test
 
     m = bundle.manifest
-    runners, _ = open_runners(bundle)
-    outs: dict[str, list[np.ndarray]] = {k: [] for k in runners}
-    for i in range(0, len(paths), batch):
-        x = preprocess(paths[i : i + batch], bundle.preprocess)
-        for key, run in runners.items():
-            outs[key].append(np.asarray(run(x), dtype=np.float32))
+    runners, _ = open_runners(bundle, all_backends=all_backends)
+    test_out = _run_all(runners, (preprocess(paths[i : i + batch], bundle.preprocess)
+                                  for i in range(0, len(paths), batch)))
+    extra_out, sources = {}, None
+    if agreement is not None and len(agreement[0]):
+        extra_out = _run_all(runners, agreement[0].batches(batch), reference=agreement[1])
+        sources = agreement[0].sources
     reports = {}
-    for key, chunks in outs.items():
+    for label, cand in test_out.items():
+        key, _, backend = label.partition("@")
         art = m.artifacts[key]
-        cand = np.concatenate(chunks) if chunks else np.zeros((0, len(m.class_names)), np.float32)
-        reports[key] = compare_logits(art.file, reference, cand, labels, thresholds_for(art.precision), names,
-                                      precision=art.precision, class_names=list(m.class_names))
-    golden = self_test(bundle, runners=runners) if m.golden else {}
+        if not len(cand):
+            cand = np.zeros((0, len(m.class_names)), np.float32)
+        extra = (extra_out[None], extra_out[label]) if extra_out else None
+        reports[label] = compare_logits(art.file, reference, cand, labels, thresholds_for(art.precision), names,
+                                        precision=art.precision, class_names=list(m.class_names), extra=extra,
+                                        extra_sources=sources)
+        reports[label].backend = backend or art.runtimes[0]
+    primary_runners = {k: r for k, r in runners.items() if "@" not in k}
+    golden = self_test(bundle, runners=primary_runners) if m.golden else {}
     return GateResult(reports=reports, golden=golden)

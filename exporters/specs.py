@@ -40,7 +40,9 @@ class ExportSpec:
     tolerances: ClassVar[dict[str, Thresholds]] = {
         "fp32": Thresholds.only(min_agreement=1.0, max_abs_logit_diff=1e-3),
         "fp16": Thresholds.only(min_agreement=0.995),
-        "int8": Thresholds.only(max_accuracy_drop=0.01),
+        # The agreement floor is a safety net measured on many unlabeled images: a broken INT8 model
+        # fails it even where the labeled test split is too small to prove an accuracy drop.
+        "int8": Thresholds.only(max_accuracy_drop=0.01, min_agreement=0.9),
         # an FP32 model run with bf16 inference (OpenVINO): 8 mantissa bits move logits, not labels
         "bf16": Thresholds.only(min_agreement=0.99, max_accuracy_drop=0.01),
     }

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from exporters.config import ExportConfig, PrecisionThresholds, TensorRTConfig, ValidateConfig  # noqa: F401
+from exporters.config import DeployConfig, ExportConfig, PrecisionThresholds, TensorRTConfig, ValidateConfig  # noqa: F401
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -202,6 +202,7 @@ class PipelineConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     export: ExportConfig = ExportConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    deploy: DeployConfig = DeployConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

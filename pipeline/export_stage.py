@@ -1,14 +1,22 @@
-"""The export and validate stages: load the checkpoint, compute its PyTorch reference logits,
-hand both to the exporters (exporters.bundle.build_bundle / check_bundle), and record the
-result in the run's metrics.json. Everything about artifacts, golden images, bundle.json and
-the parity gate lives in exporters/.
+"""The export and validate stages: load each candidate checkpoint, compute its PyTorch reference
+logits, hand both to the exporters (exporters.bundle.build_bundle / check_bundle), choose the
+deployable by measurement (exporters.deploy), and record the result in the run's metrics.json.
+Everything about artifacts, golden images, bundle.json, the parity gate and the measurements
+lives in exporters/.
 
-    result = run_export(cfg, role="teacher", out=Path("/tmp/teacher-bundle"))   # an ExportResult
+    result = run_export(cfg)          # teacher + adopted student; runs/<name>/bundle = the chosen model's
+    result = run_export(cfg, role="teacher", out=Path("/tmp/teacher-bundle"))   # one model only
     gate = run_validate(cfg)          # exporters.parity.GateResult; gate.passed, gate.failures
+
+Layout: the shipped bundle (runs/<name>/bundle) holds the winning model's passing artifacts with
+the winner as `default_artifact`; every other candidate model's bundle stays, loadable, at
+runs/<name>/candidates/<role>/.
 """
 
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +63,9 @@ class ArtifactSummary:
     accuracy_delta: float
     agreement: float
     passed: bool
+    agreement_n: int = 0
+    n_images: int = 0
+    drop_interval: tuple[float, float] | None = None  # 95% CI of the accuracy drop (exporters.stats)
 
 
 @dataclass
@@ -73,17 +84,22 @@ class ExportResult:
     failures: list[str]
     int8: dict[str, Any] | None = None  # the INT8 artifact's quantization record (calibration, guard)
     triton_model: str | None = None
+    default_artifact: str = "onnx"  # the deployable: the shipped bundle's default artifact and backend
+    default_backend: str | None = None
+    seconds: float = 0.0  # the export stage's own time (every candidate built, checked and measured)
     gate: GateResult | None = field(default=None, repr=False)
+    deploy: dict[str, Any] | None = field(default=None, repr=False)  # metrics.json's `deploy` section
 
     @classmethod
-    def from_metrics(cls, d: dict[str, Any]) -> "ExportResult":
-        """Back from the `onnx` section of metrics.json (without the gate object)."""
-        named = {f.name for f in fields(cls)} - {"artifacts", "gate"}
-        return cls(artifacts={k: ArtifactSummary(**a) for k, a in d["artifacts"].items()},
+    def from_metrics(cls, d: dict[str, Any], deploy: dict[str, Any] | None = None) -> "ExportResult":
+        """Back from the `onnx` (and `deploy`) sections of metrics.json (without the gate object)."""
+        named = {f.name for f in fields(cls)} - {"artifacts", "gate", "deploy"}
+        return cls(artifacts={k: ArtifactSummary(**a) for k, a in d["artifacts"].items()}, deploy=deploy,
                    **{k: v for k, v in d.items() if k in named})
 
     def to_metrics(self) -> dict[str, Any]:
-        m = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("gate", "int8", "triton_model")}
+        m = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("gate", "int8", "triton_model", "deploy")}
         m["artifacts"] = {k: asdict(a) for k, a in self.artifacts.items()}
         if self.int8 is not None:
             m["int8"] = self.int8
@@ -112,49 +128,121 @@ class PipelineResult:
 
         return cls(adapt=AdaptResult.from_metrics(metrics["teacher"]) if metrics.get("teacher") else None,
                    distill=DistillResult.from_metrics(metrics["student"]) if metrics.get("student") else None,
-                   export=ExportResult.from_metrics(metrics["onnx"]) if metrics.get("onnx") else None)
+                   export=ExportResult.from_metrics(metrics["onnx"], metrics.get("deploy")) if metrics.get("onnx")
+                   else None)
 
 
-def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = None,
-               triton_repo: Path | None = None) -> ExportResult:
-    """Export a checkpoint to a bundle directory (every artifact the config asks for, golden
-    images, parity of each artifact), written in a temp dir and renamed into place."""
+PARETO_PNG = "pareto.png"
+
+
+def candidate_roles(cfg: PipelineConfig) -> tuple[list[str], dict[str, str]]:
+    """The models export builds: the teacher always, the student when distillation is enabled, its
+    checkpoint exists and the retention gate adopted it (metrics.json["student"]["adopted"], missing =
+    adopted); and {role: why it is not a candidate}."""
+    run, refused = cfg.run, {}
+    roles = ["teacher"]
+    if cfg.distill.enabled:
+        student = run.read_metrics().get("student") or {}
+        if not run.checkpoint("student").is_file():
+            refused["student"] = "no student checkpoint (run distill first)"
+        elif not student.get("adopted", True):
+            refused["student"] = student.get("refusal") or "refused by the retention gate"
+        else:
+            roles.append("student")
+    return roles, refused
+
+
+def _build(cfg: PipelineConfig, role: str, loaded: tuple, split: Split, out: Path):
+    """One model's bundle with every artifact, parity-checked (an exporters.bundle.BuildResult)."""
     from pipeline import __version__
-    from exporters.bundle import ExportJob, build_bundle, check_export_options
+    from exporters.bundle import ExportJob, build_bundle
 
-    check_export_options(cfg.export)
     run = cfg.run
-    role = role or default_export_role(cfg)
-    model, meta = load_checkpoint(run.checkpoint(role))
-    split = load_split(run)
+    model, meta = loaded
     trained = {k: v for k, v in run.read_metrics().get(role, {}).items() if k != "history"}
     job = ExportJob(model=model, checkpoint=meta, role=role, split=split, settings=cfg.export,
                     validate=cfg.validate_, reference=pytorch_reference(model, split, meta.preprocess),
                     seed=cfg.seed, cache_dir=run.tensorrt_cache, version=__version__, metrics=trained)
-    built = build_bundle(Path(out) if out else run.bundle, job)
-    result = export_result(built, role)
+    return build_bundle(out, job)
+
+
+def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = None,
+               triton_repo: Path | None = None) -> ExportResult:
+    """Export every candidate model (or just `role`) to a bundle (every artifact the config asks for,
+    golden images, parity of each artifact), measure every artifact on every backend available here,
+    and ship the best within the `deploy` budgets: its model's passing artifacts at `out` (default
+    runs/<name>/bundle) with it as the default artifact. exporters.deploy.DeployError when no candidate
+    passed its gate and met the budgets (metrics.json's `deploy` section still lists every figure)."""
+    from exporters.bundle import check_export_options
+    from exporters.deploy import choose, gate_candidates, measure, no_candidate_error, set_default, ship
+
+    check_export_options(cfg.export)
+    t0 = time.perf_counter()
+    run = cfg.run
+    roles, refused = ([role], {}) if role else candidate_roles(cfg)
+    loaded = {r: load_checkpoint(run.checkpoint(r)) for r in roles}  # every checkpoint readable before slow work
+    staging = run.root / "candidates"
+    if role is None:
+        shutil.rmtree(staging, ignore_errors=True)  # candidates of an earlier run
+    split = load_split(run)
+    built = {r: _build(cfg, r, loaded.pop(r), split, staging / r) for r in roles}
+    bundles = {r: read_bundle(b.out, verify=False) for r, b in built.items()}
+    cands = [c for r, b in built.items() for c in gate_candidates(r, bundles[r], b.gate)]
+    measure(cands, {str(b.root): b for b in bundles.values()}, cfg.deploy)
+    choice = choose(cands, cfg.deploy)
+    record = {**choice.to_dict(), "refused_models": refused}
+    from exporters.deploy import plot_pareto
+
+    if plot_pareto(record["candidates"], run.root / PARETO_PNG):
+        record["plot"] = PARETO_PNG
+    run.update_metrics("deploy", record)
+    if choice.chosen is None:
+        raise no_candidate_error(choice)
+    win = choice.chosen
+    for r in roles:  # the other models stay as loadable candidate bundles, each with its own best as default
+        best = next((c for c in sorted(choice.candidates, key=lambda c: (not c.eligible, c.latency_p50_ms))
+                     if c.model == r), None)
+        if r != win.model and best is not None:
+            set_default(staging / r, best.artifact, best.backend, None)
+    gate = built[win.model].gate
+    keep = [k for k, rep in gate.reports.items() if "@" not in k and rep.passed]
+    keep += [win.artifact] if win.artifact not in keep else []
+    shipped = ship(staging / win.model, Path(out) if out else run.bundle, win, keep, record)
+    shutil.rmtree(staging / win.model)
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
+    kept = GateResult(reports={k: r for k, r in gate.reports.items() if k.partition("@")[0] in keep},
+                      golden=gate.golden)
+    result = export_result(shipped.root, shipped.manifest, kept, win.model)
+    result.deploy, result.seconds = record, round(time.perf_counter() - t0, 1)
     if triton_repo:
         from exporters.triton import write_triton_repo
 
-        result.triton_model = str(write_triton_repo(built.out, Path(triton_repo)))
+        result.triton_model = str(write_triton_repo(shipped.root, Path(triton_repo)))
     run.update_metrics("onnx", result.to_metrics())
     return result
 
 
-def export_result(built, role: str) -> ExportResult:
-    """The export stage's report of a built bundle (an exporters.bundle.BuildResult)."""
-    out, m, gate = built.out, built.manifest, built.gate
-    report = gate.primary
+def export_result(out: Path, m, gate: GateResult, role: str) -> ExportResult:
+    """The export stage's report of a shipped bundle (its manifest and the gate of its artifacts)."""
+    fp32 = gate.primary
+    arts = {}
+    for k, r in gate.reports.items():
+        if "@" in k:
+            continue
+        s = r.drop_stats or {}
+        arts[k] = ArtifactSummary(file=m.artifacts[k].file, precision=m.artifacts[k].precision,
+                                  size_mb=_size_mb(out / m.artifacts[k].file), accuracy=r.artifact_accuracy,
+                                  accuracy_delta=r.accuracy_delta, agreement=r.agreement, passed=r.passed,
+                                  agreement_n=r.agreement_n, n_images=r.n_images,
+                                  drop_interval=(s["low"], s["high"]) if s else None)
+    main = m.artifacts.get("onnx") or m.artifacts[m.default_artifact]
     return ExportResult(
-        role=role, bundle=str(out), size_mb=_size_mb(out / m.artifacts["onnx"].file), opset=m.opset,
-        accuracy=report.artifact_accuracy, agreement=report.agreement, max_abs_logit_diff=report.max_abs_logit_diff,
-        artifacts={k: ArtifactSummary(file=m.artifacts[k].file, precision=m.artifacts[k].precision,
-                                      size_mb=_size_mb(out / m.artifacts[k].file), accuracy=r.artifact_accuracy,
-                                      accuracy_delta=r.accuracy_delta, agreement=r.agreement, passed=r.passed)
-                   for k, r in gate.reports.items()},
-        passed=gate.passed, failures=gate.failures,
+        role=role, bundle=str(out), size_mb=_size_mb(out / main.file), opset=m.opset,
+        accuracy=fp32.artifact_accuracy, agreement=fp32.agreement, max_abs_logit_diff=fp32.max_abs_logit_diff,
+        artifacts=arts, passed=gate.passed, failures=gate.failures,
         int8=m.artifacts["onnx_int8"].details["quantization"] if "onnx_int8" in m.artifacts else None,
-        gate=gate,
+        default_artifact=m.default_artifact, default_backend=m.default_backend, gate=gate,
     )
 
 
@@ -177,7 +265,7 @@ def run_validate(cfg: PipelineConfig, bundle_dir: Path | None = None, role: str 
         raise EdgekilnError(f"{bundle_dir}: class names differ from the {role} checkpoint's")
     split = load_split(run)
     reference, labels = pytorch_reference(model, split, meta.preprocess)
-    gate = check_bundle(bundle, reference, labels, split, cfg.validate_)
+    gate = check_bundle(bundle, reference, labels, split, cfg.validate_, model=model, seed=cfg.seed)
     run.update_metrics("validate", gate.to_dict())
     return gate
 
@@ -192,7 +280,13 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     distilled = run_distill(cfg) if cfg.distill.enabled else None
     # The export's own gate is the validation: the bundle it checked is the one renamed into place,
     # so running run_validate here would only recompute the same parity over again.
-    exported = run_export(cfg)
+    from exporters.deploy import DeployError
+
+    try:
+        exported = run_export(cfg)
+    except DeployError:
+        write_run_report(cfg.run, cfg.run.read_metrics())  # the report shows every candidate and what it missed
+        raise
     cfg.run.update_metrics("validate", exported.gate.to_dict())
     write_run_report(cfg.run, cfg.run.read_metrics())
     return PipelineResult(adapted, distilled, exported)

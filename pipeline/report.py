@@ -27,7 +27,7 @@ def summary_rows(result: PipelineResult) -> list[tuple[str, ...]]:
 
 
 def print_summary(result: PipelineResult, run: RunDir, console: Console | None = None) -> None:
-    console = console or Console(width=None if sys.stdout.isatty() else 110)
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     run = RunDir(run)
     table = Table(title=f"edgekiln summary — {run.root}")
     for col in ("", "model", "test accuracy", "size MB", "top-1 agreement", "max |Δlogit|"):
@@ -35,7 +35,52 @@ def print_summary(result: PipelineResult, run: RunDir, console: Console | None =
     for row in summary_rows(result):
         table.add_row(*row)
     console.print(table)
+    metrics = run.read_metrics()
+    if metrics.get("deploy"):
+        print_deploy(metrics["deploy"], console)
+        console.print(verdict(metrics), soft_wrap=True)
     console.print(f"bundle: {run.bundle}   metrics: {run.metrics}")
+
+
+def print_deploy(record: dict[str, Any], console: Console | None = None, title: str = "") -> None:
+    """Every candidate artifact (model, format, precision, runtime, accuracy, agreement, size, latency),
+    the deployable marked ★ and the Pareto front ◆; then why it was chosen."""
+    from exporters.deploy import TABLE_COLUMNS, Candidate, table_rows
+
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
+    table = Table(title=title or f"every artifact, measured on this machine (★ shipped, ◆ Pareto front; "
+                                 f"objective: {record['objective']})")
+    for col in TABLE_COLUMNS:
+        table.add_column(col.replace("b=N", f"b={record['batch']}"),
+                         justify="right" if col in ("accuracy", "n", "MB", "p50 ms b=1", "img/s b=N") else "left",
+                         no_wrap=col != "status")
+    for row in table_rows([Candidate(**c) for c in record["candidates"]]):
+        table.add_row(*row)
+    console.print(table)
+    console.print(record["reason"], soft_wrap=True)
+
+
+def verdict(metrics: dict[str, Any]) -> str:
+    """One line: what was shipped, and what was refused and why (the student, artifacts, budgets)."""
+    d = metrics["deploy"]
+    chosen = d.get("chosen")
+    parts = [f"verdict: shipped {chosen['label']} ({chosen['artifact']})" if chosen else "verdict: nothing shipped"]
+    for role, why in (d.get("refused_models") or {}).items():
+        s = metrics.get(role) or {}
+        figs = f" (retention {s['retention']:.1%})" if isinstance(s.get("retention"), (int, float)) else ""
+        parts.append(f"{role} refused{figs}: {why}")
+    cands = d["candidates"]
+    failed = [c for c in cands if not c["passed"]]
+    over = [c for c in cands if c["passed"] and c["missed"]]
+    if failed:
+        parts.append("failed parity: " + ", ".join(f"{c['model']} {c['precision']} on {c['backend']}" for c in failed))
+    if over:
+        parts.append("over budget: " + ", ".join(f"{c['model']} {c['precision']} on {c['backend']} "
+                                                f"({'; '.join(c['missed'])})" for c in over))
+    others = len(cands) - len(failed) - len(over) - (1 if chosen else 0)
+    if others > 0:
+        parts.append(f"{others} other candidate(s) passed but ranked lower on {d['objective']}")
+    return "; ".join(parts) + "."
 
 
 def distill_rows(r) -> list[tuple[str, str]]:
@@ -161,11 +206,33 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
         lines += ["## Data efficiency (test accuracy)", ""] + _md_table(header, rows)
         if (run.root / eff.get("plot", "")).is_file():
             lines += [f"![data efficiency]({eff['plot']})", ""]
-    rows = summary_rows(PipelineResult.from_metrics(metrics))
-    if rows and (metrics.get("student") or metrics.get("onnx")):
+    rows = summary_rows(PipelineResult.from_metrics(metrics)) if metrics.get("onnx") or metrics.get("student") else []
+    if rows:
         lines += ["## Pipeline", ""]
         lines += _md_table(["", "model", "test accuracy", "size MB", "top-1 agreement", "max abs Δlogit"], [list(r) for r in rows])
+    if metrics.get("deploy"):
+        lines += _deploy_section(run, metrics)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _deploy_section(run: RunDir, metrics: dict[str, Any]) -> list[str]:
+    """Every candidate with its figures (n, drop and its interval, agreement n), the Pareto front, the choice."""
+    from exporters.deploy import TABLE_COLUMNS, Candidate, table_rows
+
+    d = metrics["deploy"]
+    lines = ["## Deployable: every candidate, measured on this machine", "",
+             f"Objective: {d['objective']}; budgets: "
+             + (", ".join(f"{k} {v:g}" for k, v in d["budgets"].items()) or "none") + f"; throughput batch {d['batch']}. "
+             "★ shipped, ◆ Pareto front (no other candidate is at once faster, smaller and more accurate). "
+             "The drop is the artifact's accuracy drop against its PyTorch model on the n test images, with its "
+             "paired 95% interval; agreement counts the test split plus the agreement set.", ""]
+    header = [h.replace("b=N", f"b={d['batch']}").replace("|", "/") for h in TABLE_COLUMNS]
+    lines += _md_table(header, [[v.replace("|", "/") for v in r]
+                                for r in table_rows([Candidate(**c) for c in d["candidates"]])])
+    if d.get("plot") and (run.root / d["plot"]).is_file():
+        lines += [f"![Pareto front]({d['plot']})", ""]
+    lines += [d["reason"], "", verdict(metrics), ""]
+    return lines
 
 
 def write_run_report(run: RunDir, metrics: dict[str, Any]) -> Path:

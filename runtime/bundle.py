@@ -14,9 +14,12 @@ must be a plain name of a file in the bundle directory itself, so a tampered
 bundle.json cannot make the runtime read or hash files elsewhere.
 
 Schema history: 1 = edgekiln 0.1.0 (an untyped dict; per-artifact parity lived in
-`parity.artifacts`, and artifacts had no `runtimes`); 2 = this module. Version-1
-bundles are upgraded in memory when they load; anything newer than this runtime
-knows is refused with one line saying how to re-export.
+`parity.artifacts`, and artifacts had no `runtimes`); 2 = typed, one parity record per
+artifact; 3 = this module: `default_artifact` / `default_backend` (the deployable that
+export chose by measurement, which `runtime.load` opens when no artifact is named) and the
+`deploy` record of that choice. Older bundles are upgraded in memory when they load (their
+default artifact is the FP32 ONNX model); anything newer than this runtime knows is refused
+with one line saying how to re-export.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from runtime.errors import BundleError
 from runtime.files import atomic_write_text, sha256_file
 from runtime.preprocess import PreprocessSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUNDLE_FILE = "bundle.json"
 FORMAT = "edgekiln-bundle"
 
@@ -151,9 +154,9 @@ class ParitySummary(_Model):
 
 
 class BundleManifest(_Model):
-    """bundle.json, schema version 2."""
+    """bundle.json, schema version 3."""
 
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     format: Literal["edgekiln-bundle"] = FORMAT
     edgekiln_version: str
     created: str
@@ -168,6 +171,9 @@ class BundleManifest(_Model):
     golden: Golden | None = None
     parity: ParitySummary | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    default_artifact: str = "onnx"  # the key `runtime.load` opens when none is named (export's measured choice)
+    default_backend: str | None = None  # the backend it was measured best on; `auto` tries it first
+    deploy: dict[str, Any] | None = None  # how export chose it (exporters.deploy: budgets, objective, figures, why)
     files: dict[str, FileEntry] = Field(default_factory=dict)
 
     @field_validator("files")
@@ -181,6 +187,9 @@ class BundleManifest(_Model):
     def _consistent(self) -> "BundleManifest":
         if self.golden and any(len(r) != len(self.class_names) for r in self.golden.logits):
             raise ValueError(f"golden logits must have {len(self.class_names)} columns, one per class")
+        if self.default_artifact not in self.artifacts:
+            raise ValueError(f"default_artifact '{self.default_artifact}' is not one of the artifacts "
+                             f"({', '.join(self.artifacts)})")
         return self
 
     def to_json(self) -> str:
@@ -205,9 +214,19 @@ def _upgrade_v1(meta: dict[str, Any]) -> dict[str, Any]:
     if parity:
         meta["parity"] = {"passed": bool(parity.get("passed", False)), "test": parity.get("test") or {},
                           "golden": parity.get("golden") or {}}
-    meta["schema_version"] = SCHEMA_VERSION
+    meta["schema_version"] = 2
     meta.setdefault("edgekiln_version", "0.1.0")
     meta.setdefault("created", "")
+    return meta
+
+
+def _upgrade_v2(meta: dict[str, Any]) -> dict[str, Any]:
+    """Schema 2 -> 3: no measured choice was recorded, so the default artifact is the FP32 ONNX model
+    (what schema-2 readers opened), or the first artifact when there is none."""
+    meta = dict(meta)
+    arts = meta.get("artifacts") or {}
+    meta["default_artifact"] = "onnx" if "onnx" in arts or not arts else next(iter(arts))
+    meta["schema_version"] = SCHEMA_VERSION
     return meta
 
 
@@ -219,10 +238,12 @@ def parse_manifest(meta: Any, where: str | os.PathLike = BUNDLE_FILE) -> BundleM
     made_by = meta.get("edgekiln_version", "an unknown edgekiln version")
     if version == 1:
         meta = _upgrade_v1(meta)
+    if version in (1, 2):
+        meta = _upgrade_v2(meta)
     elif version != SCHEMA_VERSION:
         raise BundleError(
             f"{where}: bundle schema_version {version!r} (written by edgekiln {made_by}) is not supported by this "
-            f"runtime, which reads versions 1 and {SCHEMA_VERSION}; re-export it with this edgekiln "
+            f"runtime, which reads versions 1 to {SCHEMA_VERSION}; re-export it with this edgekiln "
             "(edgekiln export CONFIG) or upgrade the runtime"
         )
     try:

@@ -25,8 +25,16 @@ def _edit(bundle, fn):
     (bundle / "bundle.json").write_text(json.dumps(meta))
 
 
+def _as_v2(meta: dict) -> None:
+    """Rewrite a schema-3 bundle.json the way edgekiln wrote schema 2 (no measured default artifact)."""
+    meta["schema_version"] = 2
+    for key in ("default_artifact", "default_backend", "deploy"):
+        meta.pop(key)
+
+
 def _as_v1(meta: dict) -> None:
-    """Rewrite a schema-2 bundle.json the way edgekiln 0.1.0 wrote it."""
+    """Rewrite a schema-3 bundle.json the way edgekiln 0.1.0 wrote it."""
+    _as_v2(meta)
     meta["schema_version"] = 1
     meta["edgekiln_version"] = "0.1.0"
     per_artifact = {}
@@ -56,6 +64,18 @@ def test_a_0_1_0_bundle_loads_and_serves(bundle_copy):
     assert m.parity.passed == before.parity.passed
     clf = runtime.load(bundle_copy)
     assert clf.self_test().passed
+
+
+def test_a_schema_2_bundle_loads_with_the_fp32_model_as_default(bundle_copy):
+    import runtime
+
+    _edit(bundle_copy, lambda m: (m.update(default_artifact="onnx_int8"), _as_v2(m)))
+    raw = json.loads((bundle_copy / "bundle.json").read_text())
+    assert raw["schema_version"] == 2 and "default_artifact" not in raw
+    m = read_bundle(bundle_copy).manifest
+    assert m.schema_version == SCHEMA_VERSION == 3 and m.default_artifact == "onnx" and m.deploy is None
+    clf = runtime.load(bundle_copy, backend="auto")
+    assert clf.artifact == "onnx" and clf.session.model_file.endswith("model.onnx") and clf.self_test().passed
 
 
 def test_a_newer_schema_is_refused_in_one_line(bundle_copy):

@@ -32,7 +32,9 @@ def test_flip_is_named_with_per_class_delta_and_accuracy_drop():
     assert r.flipped == [{"image": "img1.png", "label": 1, "pytorch": 1, "artifact": 2}]
     assert r.accuracy_delta == pytest.approx(-1 / 6)
     assert r.per_class_accuracy_delta == {"zero": 0.0, "one": pytest.approx(-0.5), "two": 0.0}
-    assert r.failures == ["accuracy drop 16.67 points > 1.00 (0.8333 -> 0.6667; 1 flipped)"]
+    # One flip in six images is no evidence of a drop over 1 point: the paired interval says so.
+    assert r.failures == [] and r.drop_stats["b"] == 1 and r.drop_stats["c"] == 0 and r.drop_stats["n"] == 6
+    assert r.drop_stats["low"] < 0.01 < r.drop_stats["high"]
     assert r.precision == "int8" and r.thresholds == {"max_accuracy_drop": 0.01}
     assert r.kl_divergence > 0.1
 
@@ -42,7 +44,7 @@ def test_fp32_thresholds_name_flipped_images_and_logit_diff():
     cand = ref + 1e-2
     cand[3] = [0, 0, 5]
     r = compare_logits("model.onnx", ref, cand, labels, Thresholds(), [f"f{i}" for i in range(6)])
-    assert r.failures[0].startswith("top-1 agreement 83.33% < 100.00% (1 flipped: f3)")
+    assert r.failures[0].startswith("top-1 agreement 83.33% < 100.00% on 6 images (1 test images flipped: f3)")
     assert r.failures[1] == "max |Δlogit| 5 > 0.001"
 
 

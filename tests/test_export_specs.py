@@ -78,4 +78,9 @@ def test_export_config_always_writes_fp32_and_rejects_unknown_precision():
         build_config({"data": {"demo": True}, "export": {"precisions": ["int4"]}})
     with pytest.raises(ConfigError, match="min_batch <= opt_batch <= max_batch"):
         build_config({"data": {"demo": True}, "export": {"tensorrt": {"opt_batch": 64}}})
-    assert PipelineConfig.model_validate({"data": {"demo": True}}).export.precisions == ["fp32"]
+    from exporters.config import gpu_backend_available, resolved_precisions
+
+    default = PipelineConfig.model_validate({"data": {"demo": True}}).export
+    assert default.precisions is None  # fp32 + int8 (+ fp16 where a GPU backend runs)
+    assert resolved_precisions(default) == ["fp32", "int8"] + (["fp16"] if gpu_backend_available() else [])
+    assert resolved_precisions(ExportConfig(precisions=["fp16"])) == ["fp32", "fp16"]

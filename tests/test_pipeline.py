@@ -13,7 +13,7 @@ def test_run_directory_layout_and_metrics(tiny_run):
         assert (run_dir / f).is_file(), f
     assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.glob(".bundle*"))
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert set(m) == {"teacher", "student", "onnx", "validate"}
+    assert set(m) == {"teacher", "student", "onnx", "validate", "deploy"}
     # Tiny compact CNNs on 3 real digit classes: well above chance (1/3).
     assert m["teacher"]["test_accuracy"] >= 0.6
     assert m["student"]["test_accuracy"] >= 0.6
@@ -21,12 +21,20 @@ def test_run_directory_layout_and_metrics(tiny_run):
     assert m["validate"]["max_abs_logit_diff"] <= 1e-4
     assert abs(m["onnx"]["accuracy"] - m["student"]["test_accuracy"]) < 1e-6
     assert out.parity.passed and out.export.agreement == 1.0 and out.distill.model == "compact_cnn_w0.5"
+    # Every candidate (teacher and student, fp32 and int8 by default) measured; the tiny student is far faster.
+    d = m["deploy"]
+    assert sorted((c["model"], c["precision"]) for c in d["candidates"]) == [
+        ("student", "fp32"), ("student", "int8"), ("teacher", "fp32"), ("teacher", "int8")]
+    assert d["chosen"]["model"] == "student" and d["objective"] == "latency"
+    assert all(c["agreement_n"] > c["n"] > 0 for c in d["candidates"])
+    assert read_bundle(run_dir / "candidates" / "teacher").manifest.model.role == "teacher"  # kept, loadable
+    assert (run_dir / "pareto.png").is_file() and "![Pareto front](pareto.png)" in (run_dir / "report.md").read_text()
 
 
 def test_bundle_json_is_self_describing(tiny_run):
     _, run_dir, _ = tiny_run
     m = read_bundle(run_dir / "bundle").manifest
-    assert json.loads((run_dir / "bundle" / "bundle.json").read_text())["schema_version"] == m.schema_version == 2
+    assert json.loads((run_dir / "bundle" / "bundle.json").read_text())["schema_version"] == m.schema_version == 3
     assert m.class_names == ["digit0", "digit1", "digit2"]
     assert m.preprocess.crop == 32 and m.preprocess.mean == (0.5, 0.5, 0.5)
     assert m.input.name == "input" and m.output.name == "logits"

@@ -22,7 +22,9 @@ def _print_gate(gate) -> None:
         line = (f"{mark} {key} ({r.artifact}, {r.precision}): accuracy {r.artifact_accuracy:.4f} "
                 f"(pytorch {r.reference_accuracy:.4f}, Δ {r.accuracy_delta * 100:+.2f} pts) | "
                 f"agreement {r.agreement:.2%} | max |Δlogit| {r.max_abs_logit_diff:.2e} | "
-                f"KL {r.kl_divergence:.2e} | {r.n_images} images")
+                f"KL {r.kl_divergence:.2e} | {r.n_images} images, agreement on {r.agreement_n}"
+                + (f" | drop 95% CI [{r.drop_stats['low'] * 100:+.2f}, {r.drop_stats['high'] * 100:+.2f}] pts"
+                   if r.drop_stats else ""))
         click.echo(line)
         for f in r.failures:
             click.echo(f"   FAILED {key}: {f}")
@@ -69,39 +71,55 @@ def _print_int8_side_by_side(bundle_dir: Path) -> None:
 @handle_errors
 def export(config: Path, role: str | None, out: Path | None, precisions: tuple[str, ...], tensorrt: bool,
            openvino: tuple[str, ...], triton_repo: Path | None, triton_artifact: str) -> None:
-    """Export a checkpoint to a bundle: FP32 ONNX, the precisions asked for, golden images,
-    and the parity of every artifact on the test split. Exits 1 when an artifact fails parity.
+    """Export every candidate model (the teacher, and the student when distillation adopted it;
+    or just --model) with FP32 ONNX, the precisions asked for (default fp32 + int8, + fp16 with a
+    GPU), golden images and the parity of every artifact; measure every artifact on every backend
+    here and ship the best within the config's `deploy` budgets as the bundle's default artifact.
+    Exits 1, with every candidate's figures, when none passed its gate and met the budgets.
 
-    Example: edgekiln export my.yaml --precision int8 --triton-repo triton/
+    Example: edgekiln export my.yaml --precision fp16 --triton-repo triton/
     """
+    from exporters.deploy import DeployError
+    from pipeline.report import print_deploy, verdict
     from pipeline.stages import run_export
 
     cfg = load(config)
     if precisions:
-        cfg.export.precisions = list(dict.fromkeys([*cfg.export.precisions, *precisions]))
+        from exporters.config import resolved_precisions
+
+        cfg.export.precisions = list(dict.fromkeys([*resolved_precisions(cfg.export), *precisions]))
     if tensorrt:
         cfg.export.tensorrt.enabled = True
     if openvino:
         cfg.export.openvino.precisions = list(dict.fromkeys([*cfg.export.openvino.precisions, *openvino]))
-    r = run_export(cfg, role=role, out=out, triton_repo=triton_repo if triton_artifact == "onnx" else None)
-    triton_model = r.triton_model
+    try:
+        r = run_export(cfg, role=role, out=out, triton_repo=triton_repo if triton_artifact == "onnx" else None)
+    except DeployError as e:
+        click.echo(e.table, err=True)
+        fail(str(e), e.exit_code)
     if triton_repo and triton_artifact != "onnx":
         from exporters.triton import write_triton_repo
 
-        triton_model = str(write_triton_repo(Path(r.bundle), triton_repo, artifact=triton_artifact))
-    click.echo(f"bundle {r.bundle}: {r.size_mb:.2f} MB, agreement {r.agreement:.2%}, "
-               f"max |Δlogit| {r.max_abs_logit_diff:.2e}")
+        r.triton_model = str(write_triton_repo(Path(r.bundle), triton_repo, artifact=triton_artifact))
+    metrics = cfg.run.read_metrics()
+    print_deploy(metrics["deploy"])
+    click.echo(verdict(metrics))
+    click.echo(f"bundle {r.bundle}: default artifact {r.default_artifact} on {r.default_backend}; FP32 model "
+               f"{r.size_mb:.2f} MB, agreement {r.agreement:.2%}, max |Δlogit| {r.max_abs_logit_diff:.2e}; "
+               f"export took {r.seconds:.0f} s")
     for key, a in r.artifacts.items():
+        ci = f", 95% CI [{a.drop_interval[0] * 100:+.2f}, {a.drop_interval[1] * 100:+.2f}]" if a.drop_interval else ""
         click.echo(f"  {'✅' if a.passed else '❌'} {key}: {a.file} {a.size_mb:.2f} MB, accuracy "
-                   f"{a.accuracy:.4f} (Δ {a.accuracy_delta * 100:+.2f} pts), agreement {a.agreement:.2%}")
+                   f"{a.accuracy:.4f} (Δ {a.accuracy_delta * 100:+.2f} pts{ci}; n={a.n_images}), "
+                   f"agreement {a.agreement:.2%} (n={a.agreement_n})")
     if r.int8 is not None:
         cal, guard = r.int8["calibration"], r.int8["guard"]
         click.echo(f"  int8 calibration: {cal['images']} train images, per class "
                    + ", ".join(f"{k}:{v}" for k, v in cal["per_class"].items())
                    + f"; {len(guard['excluded_nodes'])} node(s) kept in float")
     _print_int8_side_by_side(r.bundle)
-    if triton_model:
-        click.echo(f"triton model: {triton_model}")
+    if r.triton_model:
+        click.echo(f"triton model: {r.triton_model}")
     if not r.passed:
         fail("parity check failed: " + "; ".join(r.failures), 1)
 
@@ -163,7 +181,10 @@ def validate(config: Path | None, bundle_dir: Path | None) -> None:
 def bench(bundle_dir: Path, out_prefix: Path | None, rounds: int, threads: int | None) -> None:
     """Benchmark every artifact of a bundle on every backend (and OpenVINO precision hint) it runs on
     here: size, accuracy, agreement, latency p50/p95 at batch 1, throughput at batch 32, parity ✅/❌;
-    plus INT8/FP32 and OpenVINO/onnxruntime latency ratios measured side by side in this run. Writes JSON and an accuracy-vs-latency PNG.
+    plus INT8/FP32 and OpenVINO/onnxruntime latency ratios measured side by side in this run. Writes
+    JSON and an accuracy-vs-latency PNG. Then the Pareto front of the run's candidates (this bundle and
+    those under ../candidates/), measured side by side, judged with the deploy settings recorded in
+    bundle.json: table, PNG, the choice.
 
     Example: edgekiln bench runs/demo/bundle
     """
@@ -192,3 +213,20 @@ def bench(bundle_dir: Path, out_prefix: Path | None, rounds: int, threads: int |
     prefix = out_prefix or Path(bundle_dir).resolve().parent / "bench"
     json_path, png_path = write_outputs(rows, prefix)
     click.echo(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no PNG: matplotlib is not installed)"))
+    _print_pareto([bundle_dir], prefix.parent / f"{prefix.name}-pareto.png", rounds)
+
+
+def _print_pareto(paths: list[Path], png: Path | None, rounds: int) -> None:
+    """The Pareto table of each run's candidates, measured side by side, its choice and why; a PNG per run."""
+    from exporters.deploy import plot_pareto
+    from exporters.pareto import pareto_groups
+    from pipeline.report import print_deploy
+
+    for name, choice, recorded in pareto_groups(paths, rounds=max(5, min(rounds, 60))):
+        record = choice.to_dict()
+        print_deploy(record, title=f"{name}: every candidate, measured side by side (★ best now, ◆ Pareto front)")
+        if recorded:
+            click.echo(f"export chose {recorded['label']} ({recorded['artifact']}).")
+        out = png if len(paths) == 1 else (png.parent / f"{name}-pareto.png" if png else None)
+        if out and plot_pareto(record["candidates"], out, title=f"{name}: accuracy vs latency"):
+            click.echo(f"wrote {out}")

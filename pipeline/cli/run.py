@@ -19,9 +19,10 @@ from pipeline.cli.errors import fail, handle_errors
 def demo(runs_dir: Path, name: str, student_epochs: int | None) -> None:
     """Run the whole pipeline on the built-in digits data set.
 
-    EfficientNet-Lite0 (ImageNet weights) is adapted by feature extraction,
-    distilled into MobileNetV3-Small, exported to ONNX and parity-checked.
-    Works offline. Example: edgekiln demo --runs-dir /tmp/runs
+    EfficientNet-Lite0 (ImageNet weights) is adapted by feature extraction and
+    distilled into MobileNetV3-Small; both are exported to ONNX FP32 and INT8,
+    parity-checked, measured here, and the best is shipped (the table at the end
+    marks it and says why). Works offline. Example: edgekiln demo --runs-dir /tmp/runs
     """
     from pipeline.config import demo_config
 
@@ -35,7 +36,9 @@ def demo(runs_dir: Path, name: str, student_epochs: int | None) -> None:
 @config_argument
 @handle_errors
 def run(config: Path) -> None:
-    """Run every stage (adapt, distill, export, validate) from a YAML config.
+    """Run every stage (adapt, distill, export, validate) from a YAML config; ends with every
+    artifact's figures, the deployable marked, and a one-line verdict. Exits 1 when no candidate
+    passed its gate and met the `deploy` budgets.
 
     Example: edgekiln run configs/example.yaml
     """
@@ -43,11 +46,16 @@ def run(config: Path) -> None:
 
 
 def _run(cfg) -> None:
+    from exporters.deploy import DeployError
     from pipeline.report import print_summary
     from pipeline.stages import run_pipeline
 
     click.echo(f"edgekiln: run '{cfg.name}' -> {cfg.run_dir}", err=True)
-    out = run_pipeline(cfg)
+    try:
+        out = run_pipeline(cfg)
+    except DeployError as e:
+        click.echo(e.table, err=True)
+        fail(str(e), e.exit_code)
     print_summary(out, cfg.run)
     report = out.parity
     if not report.passed:

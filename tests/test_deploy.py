@@ -1,0 +1,107 @@
+"""Choosing the deployable by measurement: budgets, objective, the no-candidate exit, the default
+artifact the runtime opens, and the end-of-run table."""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from exporters.config import DeployConfig
+from exporters.deploy import Candidate, choose, set_default
+from pipeline.cli import cli
+from runtime.bundle import read_bundle, sha256_file
+
+
+def _cand(model, precision, ms, mb, acc, passed=True):
+    return Candidate(model=model, arch="a", artifact="onnx" if precision == "fp32" else f"onnx_{precision}",
+                     file="m.onnx", format="onnx", precision=precision, backend="cpu", bundle="b", size_mb=mb,
+                     accuracy=acc, accuracy_drop=0.0, drop_low=-0.01, drop_high=0.01, n=360, agreement=1.0,
+                     agreement_n=2000, latency_p50_ms=ms, throughput_ips=1000 / ms, passed=passed,
+                     failures=[] if passed else ["accuracy drop 5.00 points exceeds 1.00 beyond doubt"])
+
+
+def test_only_int8_meets_the_latency_budget_so_int8_is_chosen():
+    cands = [_cand("teacher", "fp32", 3.4, 13.5, 0.95), _cand("teacher", "int8", 1.8, 3.8, 0.944),
+             _cand("student", "fp32", 2.6, 6.1, 0.97), _cand("student", "int8", 1.2, 1.8, 0.90, passed=False)]
+    # Objective accuracy: the student fp32 would win, but only the teacher's INT8 is within 2 ms and passed.
+    choice = choose(cands, DeployConfig(max_latency_ms=2.0, objective="accuracy"))
+    assert choice.chosen is cands[1] and cands[1].chosen and not any(c.chosen for c in cands[2:])
+    assert cands[0].missed == ["latency 3.40 ms > 2"] and cands[2].missed == ["latency 2.60 ms > 2"]
+    assert cands[3].missed == ["parity: accuracy drop 5.00 points exceeds 1.00 beyond doubt"]
+    assert choice.reason.startswith("teacher onnx int8 on cpu was chosen as the most accurate of the 1 of 4 "
+                                    "candidates that passed their parity gates and met the budgets (max_latency_ms 2)")
+
+
+def test_objectives_and_pareto_front():
+    cands = [_cand("teacher", "fp32", 3.4, 13.5, 0.95), _cand("teacher", "int8", 1.8, 3.8, 0.944),
+             _cand("student", "fp32", 2.6, 6.1, 0.97)]
+    assert choose(cands, DeployConfig()).chosen is cands[1]  # latency
+    assert choose(cands, DeployConfig(objective="size")).chosen is cands[1]
+    assert choose(cands, DeployConfig(objective="accuracy")).chosen is cands[2]
+    # teacher fp32 is slower, bigger and less accurate than the student fp32: off the front.
+    assert [c.pareto for c in cands] == [False, True, True]
+
+
+def _with_deploy(cfg_path, deploy: dict):
+    d = yaml.safe_load(cfg_path.read_text())
+    d["deploy"] = deploy
+    cfg_path.write_text(yaml.safe_dump(d))
+
+
+def test_size_budget_only_int8_meets_ships_int8_as_default(run_copy):
+    cfg, run_dir = run_copy
+    _with_deploy(cfg, {"max_size_mb": 0.05, "latency_rounds": 5})
+    r = CliRunner().invoke(cli, ["export", str(cfg), "--model", "student"])
+    assert r.exit_code == 0, r.output
+    m = read_bundle(run_dir / "bundle").manifest
+    assert m.default_artifact == "onnx_int8" and m.default_backend == "cpu" and m.schema_version == 3
+    d = json.loads((run_dir / "metrics.json").read_text())["deploy"]
+    assert d["chosen"]["artifact"] == "onnx_int8" and d["budgets"] == {"max_size_mb": 0.05}
+    fp32 = next(c for c in d["candidates"] if c["precision"] == "fp32")
+    assert fp32["missed"] == [f"size {fp32['size_mb']:.2f} MB > 0.05"]
+    assert "student onnx int8 on cpu was chosen as the fastest" in r.output
+    assert "verdict: shipped student onnx int8 on cpu (onnx_int8)" in r.output
+
+
+def test_nothing_meets_the_size_budget_exits_1_listing_every_candidate(run_copy):
+    cfg, run_dir = run_copy
+    before = sha256_file(run_dir / "bundle" / "bundle.json")
+    _with_deploy(cfg, {"max_size_mb": 0.001, "latency_rounds": 5})
+    r = CliRunner().invoke(cli, ["export", str(cfg), "--model", "student"])
+    assert r.exit_code == 1
+    assert ("error: no candidate passed its parity gate and met the deploy budgets (max_size_mb 0.001); "
+            "2 candidates measured, nothing shipped") in r.output
+    assert "Traceback" not in r.output
+    rows = [line for line in r.output.splitlines() if "student: compact_cnn_w0.5" in line]
+    assert len(rows) == 2 and all("MB > 0.001" in line for line in rows)
+    assert {"fp32", "int8"} == {p for line in rows for p in ("fp32", "int8") if f" {p} " in line}
+    assert sha256_file(run_dir / "bundle" / "bundle.json") == before  # the old bundle is untouched
+    d = json.loads((run_dir / "metrics.json").read_text())["deploy"]
+    assert d["chosen"] is None and len(d["candidates"]) == 2
+
+
+def test_runtime_load_opens_the_default_artifact(run_copy, tmp_path):
+    import runtime
+
+    _, run_dir = run_copy
+    bundle = run_dir / "bundle"
+    assert runtime.load(bundle).artifact == read_bundle(bundle).manifest.default_artifact
+    set_default(bundle, "onnx_int8", "cpu", None)
+    clf = runtime.load(bundle, backend="auto")
+    assert clf.artifact == "onnx_int8" and clf.session.model_file.endswith("model.int8.onnx")
+    assert clf.backend == "cpu"
+    assert runtime.load(bundle, artifact="onnx").session.model_file.endswith("model.onnx")
+    r = CliRunner().invoke(cli, ["predict", str(bundle), str(next(bundle.glob("golden-*.png")))])
+    assert r.exit_code == 0 and "digit" in r.output
+
+
+def test_bad_deploy_config_is_one_line_per_problem(tmp_path):
+    from pipeline.config import build_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        build_config({"data": {"demo": True}, "deploy": {"objective": "speed", "max_size_mb": -1}})
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("config: deploy.max_size_mb:")
+    assert lines[1].startswith("config: deploy.objective: Input should be 'latency', 'size' or 'accuracy'")
