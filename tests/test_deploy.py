@@ -70,15 +70,17 @@ def test_nothing_meets_the_size_budget_exits_1_listing_every_candidate(run_copy)
     _with_deploy(cfg, {"max_size_mb": 0.001, "latency_rounds": 5})
     r = CliRunner().invoke(cli, ["export", str(cfg), "--model", "student"])
     assert r.exit_code == 1
+    d = json.loads((run_dir / "metrics.json").read_text())["deploy"]
+    n = len(d["candidates"])  # fp32 and int8, on every backend available here (cpu, openvino, ...)
+    assert n >= 2 and n % 2 == 0
     assert ("error: no candidate passed its parity gate and met the deploy budgets (max_size_mb 0.001); "
-            "2 candidates measured, nothing shipped") in r.output
+            f"{n} candidates measured, nothing shipped") in r.output
     assert "Traceback" not in r.output
     rows = [line for line in r.output.splitlines() if "student: compact_cnn_w0.5" in line]
-    assert len(rows) == 2 and all("MB > 0.001" in line for line in rows)
+    assert len(rows) == n and all("MB > 0.001" in line for line in rows)
     assert {"fp32", "int8"} == {p for line in rows for p in ("fp32", "int8") if f" {p} " in line}
     assert sha256_file(run_dir / "bundle" / "bundle.json") == before  # the old bundle is untouched
-    d = json.loads((run_dir / "metrics.json").read_text())["deploy"]
-    assert d["chosen"] is None and len(d["candidates"]) == 2
+    assert d["chosen"] is None
 
 
 def test_runtime_load_opens_the_default_artifact(run_copy, tmp_path):
