@@ -33,7 +33,7 @@ def tiny_config_dict(data_root: Path, runs_dir: Path, name: str = "tiny") -> dic
         "data": {"root": str(data_root), "batch_size": 16},
         "model": {"name": "efficientnet_lite0", "weights": "default", "input_size": 32, "crop_pct": 1.0},
         "adapt": {"epochs": 40, "lr": 0.01},
-        "distill": {"student": "compact_cnn_w0.5", "epochs": 6, "lr": 0.01, "measure_cost": True},
+        "distill": {"student": "compact_cnn_w0.5", "epochs": 6, "lr": 0.01, "measure_cost": True, "augment": "none"},
     }
 
 
