@@ -118,7 +118,7 @@ def train_student(
     `teacher_outputs(teacher, x, features=hint)`, to share them between several students.
     """
     set_seed(seed)
-    settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=min(1.0, epochs / 10),
+    settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=1.0,
                              patience=patience, validate_every=validate_every)
     base = train_loader or tensor_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed)
     if kd is None:
