@@ -37,10 +37,17 @@ if [ -n "$missing" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null
 fi
-# crun, podman's default runtime on Debian, refuses some cgroup layouts (this machine's among them).
-podman() { command podman --runtime runc "$@"; }
-
 work=$(mktemp -d /tmp/edgekiln-container-test.XXXXXX)
+# crun, podman's default runtime on Debian, refuses some cgroup layouts (this machine's among them);
+# podman's default rlimits for a container (nofile, nproc) are refused by sandboxes that forbid
+# setting another process's rlimits ("runc create failed: error setting rlimit type 7").
+cat >"$work/containers.conf" <<'CONF'
+[containers]
+default_ulimits = []
+[engine]
+runtime = "runc"
+CONF
+export CONTAINERS_CONF=$work/containers.conf
 name=edgekiln-container-test-$$
 cleanup() { podman rm -f "$name" >/dev/null 2>&1 || true; rm -rf "$work"; }
 trap cleanup EXIT
@@ -66,12 +73,12 @@ build() {  # target tag
 build serve "$SERVE"
 
 step "serve image: libraries, user, torch"
-podman run --rm --network=none --entrypoint python "$SERVE" /opt/edgekiln/share/edgekiln/check_gpu_libs.py \
+podman run --rm --no-healthcheck --network=none --entrypoint python "$SERVE" /opt/edgekiln/share/edgekiln/check_gpu_libs.py \
   || fail "the CUDA provider's libraries do not resolve in the serve image"
-uid=$(podman run --rm --network=none --entrypoint id "$SERVE" -u)
+uid=$(podman run --rm --no-healthcheck --network=none --entrypoint id "$SERVE" -u)
 [ "$uid" != 0 ] || fail "the serve image runs as root"
 echo "serve image runs as uid $uid"
-out=$(podman run --rm --network=none --entrypoint python "$SERVE" -c "import torch" 2>&1) \
+out=$(podman run --rm --no-healthcheck --network=none --entrypoint python "$SERVE" -c "import torch" 2>&1) \
   && fail "torch is importable in the serve image"
 grep -q "No module named 'torch'" <<<"$out" || fail "import torch failed oddly: $out"
 echo "serve image: no torch"
@@ -79,7 +86,7 @@ echo "serve image: no torch"
 build train "$TRAIN"
 step "train image: edgekiln demo on the CPU, offline"
 mkdir -p "$work/runs"
-podman run --rm --network=none -v "$work/runs:/work/runs" "$TRAIN" demo --student-epochs 1 \
+podman run --rm --no-healthcheck --network=none -v "$work/runs:/work/runs" "$TRAIN" demo --student-epochs 1 \
   >"$work/demo.log" 2>&1 || { tail -30 "$work/demo.log"; fail "edgekiln demo in the train image"; }
 tail -3 "$work/demo.log"
 [ -f "$work/runs/demo/bundle/bundle.json" ] || fail "the demo wrote no bundle"
@@ -104,7 +111,7 @@ import runtime.preprocess as pp
 
 port, name, bundle_dir = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 url = f"http://127.0.0.1:{port}"
-podman = ["podman", "--runtime", "runc"]
+podman = ["podman"]
 
 
 def get(path):
