@@ -107,7 +107,6 @@ import numpy as np
 import tritonclient.http as triton
 
 import runtime
-import runtime.preprocess as pp
 
 port, name, bundle_dir = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 url = f"http://127.0.0.1:{port}"
@@ -144,7 +143,7 @@ print("auto skipped cuda for the driver's libcuda.so.1 only; serving on", meta["
 
 b = runtime.read_bundle(bundle_dir)
 files, paths, golden, atol = b.golden()
-x = pp.preprocess(paths, b.preprocess)
+x = runtime.preprocess(paths, b.preprocess)  # the bundle's preprocessing, torch-free
 c = triton.InferenceServerClient(f"127.0.0.1:{port}")
 inp = triton.InferInput(b.input_name, list(x.shape), "FP32")
 inp.set_data_from_numpy(x)
