@@ -171,7 +171,8 @@ assert one[0] == (200, expected[0]), (one, expected[0])
 print(f"/v1/classify: {files[0]} -> '{one[0][1]}', the label of its golden logits")
 
 # SIGTERM while requests wait in the batcher: every one is answered, then the process exits 0.
-results, threads = {}, [threading.Thread(target=classify, args=(i, results)) for i in range(8)]
+results = {}
+threads = [threading.Thread(target=classify, args=(i, results)) for i in range(8)]
 for t in threads:
     t.start()
 time.sleep(0.5)
