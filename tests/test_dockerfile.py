@@ -84,8 +84,21 @@ def test_serving_extras_keep_torch_out():
     names = {re.match(r"[A-Za-z0-9_.\-]+", d).group(0).lower() for d in installed}
     assert not names & {"torch", "torchvision", "timm", "peft"}, names
     serve_build = " ".join(args for op, args in _stage("serve-build") if op == "RUN")
-    assert 'pip install ".[serve]"' in serve_build
+    assert 'pip install ".[serve,gpu]"' in serve_build
     assert '! python -c "import torch"' in serve_build  # the build itself fails if torch slipped in
+    gpu = {re.match(r"[A-Za-z0-9_.\-]+", d).group(0).lower() for d in meta["optional-dependencies"]["gpu"]}
+    assert not gpu & {"torch", "torchvision", "timm", "peft"}, gpu
+
+
+def test_gpu_images_check_their_cuda_libraries_and_pin_them():
+    # Both images run the library check after installing (get_available_providers() cannot fail),
+    # and the gpu extra pins onnxruntime-gpu and the CUDA wheels together.
+    for stage in ("train", "serve-build"):
+        runs = " ".join(args for op, args in _stage(stage) if op == "RUN")
+        assert "check_gpu_libs.py" in runs, stage
+    tomllib = pytest.importorskip("tomllib")
+    gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert all("==" in d for d in gpu), gpu
 
 
 def test_tensorrt_is_opt_in_and_library_path_keeps_the_base_images():

@@ -13,6 +13,10 @@ quantization candidate, a distillation student being timed — open through
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,12 +31,36 @@ CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecu
 # onnx_runner's backend name for a session on a bare file, by its first provider
 _PROVIDER_BACKEND = {CPU: "cpu", CUDA: "cuda", TRT: "tensorrt"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+log = logging.getLogger("edgekiln.runtime")
 
 
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return list(ort.get_available_providers())
+
+
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of NVIDIA's wheels (`edgekiln[gpu]`: onnxruntime-gpu with
+    cuda-toolkit and nvidia-cudnn) before the first GPU session, so onnxruntime's CUDA provider
+    finds them with only the driver installed: no LD_LIBRARY_PATH, no CUDA base image. onnxruntime's
+    documented way (CUDA-ExecutionProvider docs, "Preload DLLs"); it searches nvidia/ in site-packages,
+    then the default library paths, and does nothing on a CPU build. A library it cannot load
+    surfaces as the session's own error; what it printed is logged here at DEBUG."""
+    import onnxruntime as ort
+
+    if not hasattr(ort, "preload_dlls"):  # onnxruntime < 1.21
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # it prints; into the log instead
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # noqa: BLE001 - a broken install shows up again, typed, in _create
+            print(e)
+    lines = [line for line in printed.getvalue().splitlines() if line.strip()]
+    if lines:
+        log.debug("onnxruntime.preload_dlls: %s", "; ".join(lines))
 
 
 class OrtSession:
@@ -113,6 +141,8 @@ def _create(path: Path, providers: Sequence, opts: Any, label: str) -> Any:
     import onnxruntime as ort
 
     provider = _provider_name(providers[0])
+    if provider != CPU:
+        preload_cuda_libraries()
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
     except Exception as e:  # onnxruntime raises untyped errors for bad models and broken GPU setups

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Session, register_backend
-from runtime.backends.ort import available_providers
+from runtime.backends.ort import available_providers, preload_cuda_libraries
 from runtime.bundle import Bundle
 from runtime.errors import BackendError, BundleError
 
@@ -141,6 +141,7 @@ class TensorRTEngineSession:
         """Fail now, not on the first request, when onnxruntime-gpu cannot allocate CUDA memory."""
         import onnxruntime as ort
 
+        preload_cuda_libraries()
         try:
             ort.OrtValue.ortvalue_from_shape_and_type((1,), np.float32, "cuda", self.device_id)
         except Exception as e:  # onnxruntime raises untyped errors when its CUDA libraries are missing
