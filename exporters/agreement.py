@@ -2,7 +2,7 @@
 
 Agreement asks only "does the artifact pick the class PyTorch picks?", so any image counts:
 the held-out images (validation and test) as they are, seeded augmented views of them
-(horizontal flip, a crop of 70-100 % of the side at a random place, brightness x0.8-1.2, made
+(horizontal flip, a crop of 80-100 % of the side at a random place, brightness x0.9-1.1, made
 on the decoded image and then sent through the runtime's own preprocessing), and a folder of
 unlabeled images when the config names one. The test split itself is compared end to end by
 the parity gate (PyTorch with the checkpoint's preprocessing); on the images here both sides
@@ -32,11 +32,11 @@ def augmented_view(img: Image.Image, seed: int, index: int, view: int) -> Image.
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     w, h = img.size
-    side = rng.uniform(0.7, 1.0)
+    side = rng.uniform(0.8, 1.0)
     cw, ch = max(1, round(w * side)), max(1, round(h * side))
     x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     img = img.crop((x0, y0, x0 + cw, y0 + ch))
-    return ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.8, 1.2)))
+    return ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.9, 1.1)))
 
 
 @dataclass(frozen=True)

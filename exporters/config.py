@@ -113,7 +113,7 @@ class DeployConfig(_Strict):
 class PrecisionThresholds(_Strict):
     """The config's overrides of one precision's parity thresholds (exporters.thresholds.Thresholds,
     same fields); None keeps the architecture spec's default (exporters.specs: FP16 agreement
-    >= 99.5%, INT8 accuracy drop <= 1 point and agreement >= 90%)."""
+    >= 99.5%, INT8 accuracy drop <= 1 point and agreement >= 75%)."""
 
     min_agreement: float | None = Field(None, ge=0, le=1)
     max_abs_logit_diff: float | None = Field(None, gt=0)
@@ -139,7 +139,7 @@ class ValidateConfig(_Strict):
     min_agreement: float = Field(1.0, ge=0, le=1, description="FP32 top-1 agreement required (1.0 = 100%).")
     max_abs_logit_diff: float = Field(1e-3, gt=0, description="FP32 max |Δlogit|.")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Optional floor on artifact accuracy.")
-    agreement_views: int = Field(2, ge=0, le=16, description="Augmented views of each held-out image in the agreement set.")
+    agreement_views: int = Field(1, ge=0, le=16, description="Augmented views of each held-out image in the agreement set.")
     unlabeled: Path | None = Field(None, description="A folder of unlabeled images, added to the agreement set.")
     fp16: PrecisionThresholds = PrecisionThresholds()
     int8: PrecisionThresholds = PrecisionThresholds()

@@ -56,12 +56,12 @@ def test_export_writes_every_requested_artifact_with_parity(exported):
     assert parity["onnx_fp16"]["agreement"] >= 0.995
     # 9 test images: the INT8 drop is judged by its paired interval, agreement on the larger agreement set.
     assert parity["onnx_int8"]["drop_stats"]["low"] <= 0.01 and parity["onnx_int8"]["drop_stats"]["n"] == 9
-    assert parity["onnx_int8"]["agreement_interval"][1] >= 0.9
+    assert parity["onnx_int8"]["agreement_interval"][1] >= 0.75
     for p in parity.values():
         assert {"kl_divergence", "per_class_accuracy_delta", "flipped", "accuracy_delta", "drop_stats"} <= set(p)
-        # test split (9) + validation as is (7) + 2 augmented views of the 16 held-out images
-        assert p["agreement_n"] == 48 and p["agreement_sources"] == {"test": 9, "held_out_as_is": 7,
-                                                                       "augmented_views": 32, "unlabeled": 0}
+        # test split (9) + validation as is (7) + 1 augmented view of each of the 16 held-out images
+        assert p["agreement_n"] == 32 and p["agreement_sources"] == {"test": 9, "held_out_as_is": 7,
+                                                                       "augmented_views": 16, "unlabeled": 0}
         assert set(p["per_class_accuracy_delta"]) == set(m.class_names)
     assert m.parity.test["artifact"] == "model.onnx"  # the FP32 report, as before
     assert "✅ onnx_int8: model.int8.onnx" in output and "✅ onnx_fp16: model.fp16.onnx" in output
@@ -168,7 +168,7 @@ def test_broken_artifact_fails_validate_naming_artifact_and_flipped_images(expor
     r = CliRunner().invoke(cli, ["validate", str(cfg), "--bundle", str(bundle)])
     assert r.exit_code == 1
     assert "❌ onnx_int8 (model.int8.onnx, int8)" in r.output and "✅ onnx (model.onnx, fp32)" in r.output
-    # 9 labeled test images cannot prove an accuracy drop; agreement on 48 images shows the break.
+    # 9 labeled test images cannot prove an accuracy drop; agreement on 32 images shows the break.
     assert "FAILED onnx_int8: top-1 agreement" in r.output
     assert "error: parity check failed: top-1 agreement" in r.output and "[onnx_int8]" in r.output
     report = json.loads((run_dir / "metrics.json").read_text())["validate"]["artifacts"]["onnx_int8"]
