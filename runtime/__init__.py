@@ -76,8 +76,9 @@ class Classifier:
         self.max_batch = max_batch
         self.max_pixels = max_pixels
         self.artifact = artifact or default_artifact(bundle, backend)
-        self.session = _open(bundle, backend, self.artifact, artifact is None, intra_op_threads, device_id,
-                             allow_engine_fallback, backend_options)
+        self.session = create_session(backend, bundle, artifact=self.artifact, intra_op_threads=intra_op_threads,
+                                      device_id=device_id, allow_engine_fallback=allow_engine_fallback,
+                                      options=backend_options)
         self.backend = self.session.backend  # what `auto` (or an allowed engine fallback) resolved to
         self.provider = self.session.provider
 
@@ -164,28 +165,14 @@ def default_artifact(bundle: Bundle, backend: str) -> str:
     return "onnx"
 
 
-def _open(bundle: Bundle, backend: str, artifact: str, is_default: bool, intra_op_threads: int | None,
-          device_id: int, allow_engine_fallback: bool, options: Any = None):
-    """create_session, except that `auto` on the default artifact first tries the backend export measured it on."""
-    preferred = bundle.manifest.default_backend
-    if backend == "auto" and is_default and preferred and preferred in bundle.manifest.artifacts[artifact].runtimes:
-        try:
-            return create_session(preferred, bundle, artifact=artifact, intra_op_threads=intra_op_threads,
-                                  device_id=device_id, options=options if preferred == backend else None)
-        except BackendError as e:
-            log.info("edgekiln runtime: auto: the measured backend '%s' does not start here (%s)", preferred, e)
-    return create_session(backend, bundle, artifact=artifact, intra_op_threads=intra_op_threads,
-                          device_id=device_id, allow_engine_fallback=allow_engine_fallback, options=options)
-
-
 def load(bundle_dir: str | Path, backend: str = "cpu", intra_op_threads: int | None = None, *,
          artifact: str | None = None, max_batch: int = 64, max_pixels: int | None = MAX_PIXELS,
          device_id: int = 0, allow_engine_fallback: bool = False, backend_options: Any = None) -> Classifier:
     """Load and verify a bundle (sha256 of every file) and return a Classifier.
 
     artifact: a key of bundle.json's "artifacts" (onnx, onnx_int8, ...); None opens the bundle's
-    `default_artifact`, the deployable export chose by measurement (with backend 'auto', first on
-    the backend it was measured on).
+    `default_artifact`, the deployable export chose by measurement (`auto` then picks the best
+    backend this machine has for it; bundle.json's `default_backend` only records where it was measured).
 
     backend: 'cpu', 'cuda', 'tensorrt', 'tensorrt-engine' (the bundle's native
     TensorRT engine, refused unless its fingerprint matches this GPU) or 'auto'

@@ -172,7 +172,7 @@ class BundleManifest(_Model):
     parity: ParitySummary | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     default_artifact: str = "onnx"  # the key `runtime.load` opens when none is named (export's measured choice)
-    default_backend: str | None = None  # the backend it was measured best on; `auto` tries it first
+    default_backend: str | None = None  # the backend it was measured best on (a record; `auto` decides per machine)
     deploy: dict[str, Any] | None = None  # how export chose it (exporters.deploy: budgets, objective, figures, why)
     files: dict[str, FileEntry] = Field(default_factory=dict)
 

@@ -143,7 +143,7 @@ def test_session_for_artifact_runs_onnx_on_the_named_backend(tiny_run):
     from runtime.backends import session_for_artifact
 
     _, run_dir, _ = tiny_run
-    clf = runtime.load(run_dir / "bundle", backend="cpu")
+    clf = runtime.load(run_dir / "bundle", backend="cpu", artifact="onnx")
     x = np.random.default_rng(2).normal(size=(3, *clf.input_shape)).astype(np.float32)
     sess = session_for_artifact(clf.bundle, "onnx", intra_op_threads=1)
     assert (sess.backend, sess.provider, sess.model_file) == ("cpu", "CPUExecutionProvider", "model.onnx")
@@ -151,8 +151,8 @@ def test_session_for_artifact_runs_onnx_on_the_named_backend(tiny_run):
     assert np.array_equal(sess.run(x), clf.run(x))
     if _providers() == ["CPUExecutionProvider"]:
         assert session_for_artifact(clf.bundle, "onnx", backend="auto").backend == "cpu"
-    with pytest.raises(BundleError, match=r"bundle has no 'onnx_int8' artifact \(has: onnx"):
-        session_for_artifact(clf.bundle, "onnx_int8")
+    with pytest.raises(BundleError, match=r"bundle has no 'onnx_fp16' artifact \(has: onnx"):
+        session_for_artifact(clf.bundle, "onnx_fp16")
     # the backends an artifact runs on are the ones bundle.json lists for it ("runtimes")
     assert clf.bundle.artifact("onnx").runtimes == ["cpu", "cuda", "tensorrt", "openvino"]
     with pytest.raises(BackendError, match=r"artifact 'onnx' \(onnx\) runs on backend cpu, cuda, tensorrt, openvino, "
