@@ -55,7 +55,7 @@ class DistillResult:
     adopted: bool = True  # the retention gate: False = refused, the teacher is exported instead
     retention: float | None = None  # student / teacher validation accuracy (same images)
     teacher_val_accuracy: float | None = None
-    val_drop: dict[str, Any] | None = None  # evaluation.paired_drop on the validation images
+    val_drop: dict[str, Any] | None = None  # exporters.stats.paired_drop on the validation images
     refusal: str | None = None  # why the student was refused, and what to try
     budget: str | None = None  # the training budget, as it was printed
 
@@ -147,20 +147,21 @@ def _candidates(dcfg: DistillConfig, n_classes: int, crop: int) -> tuple[list[st
 def retention_gate(teacher_val_logits, student_val_logits, vy, min_retention: float) -> dict[str, Any]:
     """Adopt the student only when it keeps >= min_retention of the teacher's validation accuracy
     on the same images. A refused student costs the user nothing (the teacher is exported), so
-    the verdict follows the measured retention; the paired interval (evaluation.paired_drop) is
+    the verdict follows the measured retention; the paired interval (exporters.stats.paired_drop, the
+    statistic every parity gate uses) is
     reported with it so the user sees how much a few dozen images can tell."""
-    from pipeline.evaluation import paired_drop
+    from exporters.stats import paired_drop
 
     y = vy.numpy()
     t_ok, s_ok = teacher_val_logits.argmax(1).numpy() == y, student_val_logits.argmax(1).numpy() == y
     t_acc, s_acc = float(t_ok.mean()), float(s_ok.mean())
     retention = s_acc / t_acc if t_acc > 0 else 1.0
-    drop = paired_drop(t_ok, s_ok)
+    drop = paired_drop(t_ok, s_ok).to_dict()
     adopted = retention >= min_retention
     refusal = None if adopted else (
         f"student refused: it keeps {retention:.1%} of the teacher's validation accuracy ({s_acc:.3f} vs {t_acc:.3f} "
-        f"on {drop['n']} images; drop {100 * drop['drop']:.1f} points, 95% CI {100 * drop['ci_low']:.1f} to "
-        f"{100 * drop['ci_high']:.1f}), under distill.min_retention {min_retention:.0%}; the teacher will be exported. "
+        f"on {drop['n']} images; drop {100 * drop['drop']:.1f} points, 95% CI {100 * drop['low']:.1f} to "
+        f"{100 * drop['high']:.1f}), under distill.min_retention {min_retention:.0%}; the teacher will be exported. "
         "To try: a longer budget (distill.steps), unlabeled images (distill.unlabeled), a pretrained student "
         "(distill.student: efficientnet_lite0, weights: default, under a larger teacher such as efficientnet_lite2)")
     return {"adopted": adopted, "retention": retention, "teacher_val_accuracy": t_acc, "val_drop": drop,

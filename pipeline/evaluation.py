@@ -11,25 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 
-def paired_drop(ref_correct, new_correct, level: float = 0.95) -> dict[str, Any]:
-    """The accuracy drop from a reference to a new model scored on the same images, with an exact
-    conditional confidence interval: of the b + c images on which exactly one is right, the
-    reference alone is right on b; b ~ Binomial(b + c, p) gives a Clopper-Pearson interval for p,
-    and drop = (b + c) / n * (2p - 1). On a few dozen images one flip gives a wide interval,
-    which is the point: the interval says how much the images can tell."""
-    from scipy.stats import beta
-
-    ref, new = np.asarray(ref_correct, bool), np.asarray(new_correct, bool)
-    n, b, c = len(ref), int((ref & ~new).sum()), int((~ref & new).sum())
-    k, a = b + c, 1 - level
-    lo_p = 0.0 if b == 0 else float(beta.ppf(a / 2, b, k - b + 1))
-    hi_p = 1.0 if b == k else float(beta.ppf(1 - a / 2, b + 1, k - b))
-    scale = k / n if n else 0.0
-    return {"n": n, "only_reference_right": b, "only_new_right": c, "drop": (b - c) / n if n else 0.0,
-            "ci_low": scale * (2 * lo_p - 1) if k else 0.0, "ci_high": scale * (2 * hi_p - 1) if k else 0.0,
-            "level": level}
-
-
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
     """Every number the run report shows for one model on one split."""
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
