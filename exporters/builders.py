@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from exporters.calibration import CalibrationSet
-from exporters.config import ExportConfig, ValidateConfig
+from exporters.config import ExportConfig, ValidateConfig, resolved_precisions
 from exporters.errors import BuilderError
 from exporters.specs import ExportSpec
 from exporters.thresholds import resolve_thresholds
@@ -91,7 +91,9 @@ def get_builder(name: str) -> BuilderSpec:
 
 
 def wanted_builders(settings: ExportConfig) -> list[BuilderSpec]:
-    """The builders these export settings ask for, in registration order ('onnx' first)."""
+    """The builders these export settings ask for (default precisions resolved for this machine),
+    in registration order ('onnx' first)."""
+    settings = settings.model_copy(update={"precisions": resolved_precisions(settings)})
     return [b for b in BUILDERS.values() if b.wanted(settings)]
 
 

@@ -174,7 +174,11 @@ def with_parity(manifest: BundleManifest, gate: GateResult) -> BundleManifest:
             a = a.model_copy(update={"parity": record})
         artifacts[k] = a
     summary = ParitySummary(passed=gate.passed, test=gate.primary.to_dict(), golden=gate.golden)
-    return manifest.model_copy(update={"artifacts": artifacts, "parity": summary})
+    update = {"artifacts": artifacts, "parity": summary}
+    if manifest.golden and gate.golden_outputs:  # reduced-precision artifacts' own golden logits
+        update["golden"] = manifest.golden.model_copy(
+            update={"artifacts": {**manifest.golden.artifacts, **gate.golden_outputs}})
+    return manifest.model_copy(update=update)
 
 
 def onnx_opset(path: Path) -> int:

@@ -177,6 +177,7 @@ class GateResult:
 
     reports: dict[str, ParityReport]
     golden: dict[str, Any] = field(default_factory=dict)
+    golden_outputs: dict[str, Any] = field(default_factory=dict)  # key -> runtime.bundle.GoldenOutputs, recorded
 
     @property
     def primary(self) -> ParityReport:
@@ -280,4 +281,5 @@ def parity_gate(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, paths
         reports[label].backend = backend or art.runtimes[0]
     primary_runners = {k: r for k, r in runners.items() if "@" not in k}
     golden = self_test(bundle, runners=primary_runners) if m.golden else {}
-    return GateResult(reports=reports, golden=golden)
+    outputs = golden.pop("outputs", {})
+    return GateResult(reports=reports, golden=golden, golden_outputs=outputs)

@@ -130,12 +130,13 @@ class Classifier:
         """Check this backend against the bundle's golden images and their expected logits.
 
         bundle.json's "golden" section: {"files": [names inside the bundle],
-        "logits": [[...], ...], "atol": float}. Raises BundleError when the
-        bundle has none (or it is malformed) and ParityError when the logits
-        differ by more than atol or a top-1 label differs.
+        "logits": [[...], ...], "atol": float, "artifacts": {key: {"logits", "atol"}}}: an FP32
+        artifact is held to the PyTorch logits, an INT8/FP16 one to its own export-time logits.
+        Raises BundleError when the bundle has none (or it is malformed) and ParityError when the
+        logits differ by more than atol or a top-1 label differs.
         """
         root = self.bundle.root
-        files, paths, expected, atol = self.bundle.golden()
+        files, paths, expected, atol = self.bundle.golden(self.artifact)
         expected = expected.astype(np.float32)
         got = self.logits(paths)
         diff = np.abs(got - expected).max(axis=1)
@@ -145,7 +146,7 @@ class Classifier:
             worst = int(diff.argmax())
             flipped = [files[i] for i in np.nonzero(~agree)[0]]
             raise ParityError(
-                f"{root}: self-test failed on backend '{self.backend}': max |Δlogit| {report.max_abs_diff:.2e} "
+                f"{root}: self-test failed on backend '{self.backend}' ({self.artifact}): max |Δlogit| {report.max_abs_diff:.2e} "
                 f"(atol {atol:.0e}, worst image {files[worst]})"
                 + (f", top-1 label differs on {', '.join(flipped)}" if flipped else "")
             )

@@ -117,12 +117,22 @@ class Artifact(_Model):
         return data
 
 
+class GoldenOutputs(_Model):
+    """One reduced-precision artifact's own logits on the golden images, as export ran it, and how
+    far another runtime may move them: its distance from the FP32 logits (at least the FP32 atol)."""
+
+    logits: list[list[float]]
+    atol: float = Field(gt=0)
+
+
 class Golden(_Model):
-    """A few held-out images with their PyTorch logits, for any runtime's self-test."""
+    """A few held-out images with their PyTorch logits, for any runtime's self-test. An INT8 or FP16
+    artifact is held to its own export-time logits (`artifacts`), not to FP32's atol."""
 
     files: list[str] = Field(min_length=1)
     logits: list[list[float]]
     atol: float = Field(1e-4, gt=0)
+    artifacts: dict[str, GoldenOutputs] = Field(default_factory=dict)
 
     @field_validator("files")
     @classmethod
@@ -131,9 +141,15 @@ class Golden(_Model):
 
     @model_validator(mode="after")
     def _shape(self) -> "Golden":
-        if len(self.logits) != len(self.files) or len({len(r) for r in self.logits}) > 1:
-            raise ValueError(f"{len(self.files)} files but logits of {len(self.logits)} rows of unequal or other length")
+        for rows in [self.logits, *(o.logits for o in self.artifacts.values())]:
+            if len(rows) != len(self.files) or len({len(r) for r in rows}) > 1:
+                raise ValueError(f"{len(self.files)} files but logits of {len(rows)} rows of unequal or other length")
         return self
+
+    def expected(self, artifact: str | None = None) -> tuple[list[list[float]], float]:
+        """(logits, atol) that `artifact` is held to: its own when recorded, else FP32's."""
+        own = self.artifacts.get(artifact) if artifact else None
+        return (own.logits, own.atol) if own else (self.logits, self.atol)
 
 
 class ModelInfo(BaseModel):
@@ -187,6 +203,8 @@ class BundleManifest(_Model):
     def _consistent(self) -> "BundleManifest":
         if self.golden and any(len(r) != len(self.class_names) for r in self.golden.logits):
             raise ValueError(f"golden logits must have {len(self.class_names)} columns, one per class")
+        if self.golden and set(self.golden.artifacts) - set(self.artifacts):
+            raise ValueError(f"golden outputs for unknown artifacts: {', '.join(set(self.golden.artifacts) - set(self.artifacts))}")
         if self.default_artifact not in self.artifacts:
             raise ValueError(f"default_artifact '{self.default_artifact}' is not one of the artifacts "
                              f"({', '.join(self.artifacts)})")
@@ -298,10 +316,11 @@ class Bundle:
         """Path of an artifact, by its key in bundle.json's "artifacts" section."""
         return self.file(self.artifact(key).file)
 
-    def golden(self) -> tuple[list[str], list[Path], np.ndarray, float]:
+    def golden(self, artifact: str | None = None) -> tuple[list[str], list[Path], np.ndarray, float]:
         """bundle.json's "golden" section, checked: (file names, their paths inside the bundle,
-        expected logits as a float64 array of shape (files, classes), atol). BundleError when the
-        section is missing, or a file is missing or lies outside the bundle."""
+        expected logits as a float64 array of shape (files, classes), atol) for `artifact` (its own
+        recorded logits when it has them, else FP32's). BundleError when the section is missing, or
+        a file is missing or lies outside the bundle."""
         golden = self.manifest.golden
         if golden is None:
             raise BundleError(
@@ -312,7 +331,8 @@ class Bundle:
         for name, path in zip(golden.files, paths):
             if not path.is_file():
                 raise BundleError(f"{self.root}: golden file '{name}' listed in bundle.json is missing")
-        return list(golden.files), paths, np.asarray(golden.logits, dtype=np.float64), float(golden.atol)
+        logits, atol = golden.expected(artifact)
+        return list(golden.files), paths, np.asarray(logits, dtype=np.float64), float(atol)
 
 
 def read_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:

@@ -111,7 +111,12 @@ def test_golden_images_in_bundle_match_format_and_self_test(exported):
     bundle = run_dir / "bundle"
     m = read_bundle(bundle).manifest
     g = m.golden
-    assert set(g.model_dump()) == {"files", "logits", "atol"} and g.atol == 1e-3
+    assert set(g.model_dump()) == {"files", "logits", "atol", "artifacts"} and g.atol == 1e-3
+    # Reduced-precision artifacts are held to their own export-time logits, within their distance from FP32.
+    assert set(g.artifacts) == {"onnx_fp16", "onnx_int8"}
+    for own in g.artifacts.values():
+        assert np.asarray(own.logits).shape == (5, len(m.class_names)) and own.atol >= g.atol
+        assert own.atol >= np.abs(np.asarray(own.logits) - np.asarray(g.logits)).max() - 1e-6
     assert g.files == [f"golden-{i:02d}.png" for i in range(5)]
     assert all((bundle / f).is_file() and f in m.files for f in g.files)  # hashed like every file
     assert np.asarray(g.logits).shape == (5, len(m.class_names))
@@ -123,6 +128,27 @@ def test_golden_images_in_bundle_match_format_and_self_test(exported):
     r = CliRunner().invoke(cli, ["validate", "--bundle", str(bundle)])
     assert r.exit_code == 0, r.output
     assert "✅ onnx: max |Δlogit|" in r.output and r.output.strip().endswith("self-test: OK (5 golden images)")
+    assert "✅ onnx_int8: max |Δlogit|" in r.output and "not gated" not in r.output
+    import runtime
+
+    assert runtime.load(bundle, artifact="onnx_int8").self_test().max_abs_diff <= g.artifacts["onnx_int8"].atol
+
+
+def test_int8_self_test_fails_when_its_own_golden_logits_disagree(exported, tmp_path):
+    import runtime
+    from runtime.errors import ParityError
+
+    _, run_dir, _, _ = exported
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run_dir / "bundle", bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    own = meta["golden"]["artifacts"]["onnx_int8"]
+    own["logits"][1] = [x + 3 * own["atol"] + 1.0 for x in own["logits"][1]]
+    write_manifest(bundle, parse_manifest(meta))
+    r = CliRunner().invoke(cli, ["validate", "--bundle", str(bundle)])
+    assert r.exit_code == 1 and "❌ onnx_int8" in r.output and "✅ onnx:" in r.output
+    with pytest.raises(ParityError, match=r"self-test failed on backend 'cpu' \(onnx_int8\): .*worst image golden-01"):
+        runtime.load(bundle, artifact="onnx_int8").self_test()
 
 
 def test_self_test_fails_when_golden_logits_disagree(exported, tmp_path):

@@ -26,10 +26,11 @@ def test_spec_resolution_and_declared_contract(family, arch):
     assert spec.input_names == ("input",) and spec.output_names == ("logits",)
     # Batch dynamic, H x W fixed: only axis 0 is named.
     assert spec.dynamic_axes == {"input": {0: "batch"}, "logits": {0: "batch"}}
-    assert set(spec.tolerances) == {"fp32", "fp16", "int8"}
+    assert set(spec.tolerances) == {"fp32", "fp16", "int8", "bf16"}
     assert spec.tolerances["fp32"].min_agreement == 1.0 and spec.tolerances["fp32"].max_abs_logit_diff == 1e-3
     assert spec.tolerances["fp16"].min_agreement == 0.995
     assert spec.tolerances["int8"].max_accuracy_drop == 0.01
+    assert spec.tolerances["bf16"].min_agreement == 0.99 and spec.tolerances["bf16"].max_accuracy_drop == 0.01
 
 
 def test_duplicate_family_and_low_opset_raise():

@@ -32,7 +32,7 @@ def bundle_dir(tiny_run):
 
 @pytest.fixture(scope="module")
 def clf(bundle_dir):
-    return runtime.load(bundle_dir, backend="openvino", intra_op_threads=1)
+    return runtime.load(bundle_dir, backend="openvino", intra_op_threads=1, artifact="onnx")  # the FP32 model
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _cli(*args):
 
 def test_openvino_agrees_with_cpu_label_for_label_and_logs_what_it_runs_on(bundle_dir, clf, tiny_data, caplog):
     paths = sorted(tiny_data.rglob("*.png"))
-    cpu = runtime.load(bundle_dir, backend="cpu")
+    cpu = runtime.load(bundle_dir, backend="cpu", artifact="onnx")
     a, b = clf.logits(paths), cpu.logits(paths)
     assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() <= 1e-4
     assert clf.backend == "openvino" and clf.provider.startswith("OpenVINO CPU, f32")
@@ -189,12 +189,12 @@ def test_bench_rows_per_artifact_backend_and_hint(ov_bundle, tmp_path):
 def test_auto_picks_the_faster_of_the_backends_that_passed_parity_and_says_why(ov_bundle, bundle_dir, caplog):
     out, _, _ = ov_bundle
     with caplog.at_level("INFO", logger="edgekiln.runtime"):
-        clf = runtime.load(out, backend="auto")
+        clf = runtime.load(out, backend="auto", artifact="onnx")
     line = next(r.getMessage() for r in caplog.records if "auto chose" in r.getMessage())
     assert "fastest here of the backends whose artifact passed parity (openvino model.xml" in line
     assert "vs cpu model.onnx" in line and f"auto chose backend '{clf.backend}'" in line
     assert clf.session.model_file == {"openvino": "model.xml", "cpu": "model.onnx"}[clf.backend]
     caplog.clear()
     with caplog.at_level("INFO", logger="edgekiln.runtime"):
-        assert runtime.load(bundle_dir, backend="auto").backend == "cpu"  # no OpenVINO artifact: nothing to time
+        assert runtime.load(bundle_dir, backend="auto", artifact="onnx").backend == "cpu"  # no OpenVINO artifact: nothing to time
     assert "for model.onnx (the bundle has no OpenVINO twin of 'onnx')" in caplog.text

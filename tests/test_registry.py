@@ -14,7 +14,7 @@ from runtime.backends.base import BACKENDS
 from runtime.errors import BackendError, ConfigError, EdgekilnError, ModelError
 
 REGISTRIES = {
-    "backend": (BACKENDS, BackendError, "cpu", "unknown backend 'nope'; valid: cpu, cuda, tensorrt, tensorrt-engine, auto"),
+    "backend": (BACKENDS, BackendError, "cpu", "unknown backend 'nope'; valid: cpu, cuda, tensorrt, tensorrt-engine, openvino, auto"),
     "strategy": (STRATEGIES, ConfigError, "lora", "adapt.strategy: unknown strategy 'nope'; valid: feature_extraction, "
                                                    "finetune, lora"),
     "model": (MODELS, ModelError, "efficientnet_lite0", "unknown model 'nope'; valid: "),

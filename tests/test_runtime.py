@@ -33,7 +33,7 @@ def _odd_images(tmp_path):
 
 def test_runtime_logits_match_pytorch_within_1e4(tiny_run, tmp_path):
     _, run_dir, _ = tiny_run
-    clf = runtime.load(run_dir / "bundle")
+    clf = runtime.load(run_dir / "bundle", artifact="onnx")  # the FP32 model (the default is the INT8 one)
     model, meta = load_checkpoint(run_dir / "checkpoints" / "student.safetensors")
     tf = eval_transform(meta.preprocess)
     paths = _odd_images(tmp_path) + sorted((run_dir.parent.parent.parent).rglob("digit2/*.png"))[:3]

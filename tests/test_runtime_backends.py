@@ -178,7 +178,7 @@ def test_open_onnx_options_and_onnx_runner(tiny_run):
         open_onnx(run_dir / "bundle" / "bundle.json")
     runner = onnx_runner(path, intra_op_threads=1)  # names default to the model's first input and output
     assert (runner.input_name, runner.output_name, runner.backend) == ("input", "logits", "cpu")
-    clf = runtime.load(run_dir / "bundle", backend="cpu")
+    clf = runtime.load(run_dir / "bundle", backend="cpu", artifact="onnx")
     x = np.zeros((2, *clf.input_shape), dtype=np.float32)
     assert np.array_equal(runner.run(x), clf.run(x))
 
@@ -214,15 +214,16 @@ def test_self_test_passes_on_golden_images(run_copy, tiny_data):
     bundle = _bundle_with_golden(run_copy, tiny_data)
     meta = json.loads((bundle / "bundle.json").read_text())
     assert "golden_0.png" in meta["files"]  # golden images are hash-verified like the model
-    report = runtime.load(bundle).self_test()
+    report = runtime.load(bundle, artifact="onnx").self_test()
     assert report.passed and report.n_images == 4 and report.backend == "cpu"
     assert report.max_abs_diff <= 1e-4 and report.atol == 1e-4
 
 
 def test_self_test_fails_on_wrong_logits(run_copy, tiny_data):
     bundle = _bundle_with_golden(run_copy, tiny_data, shift=0.5)
-    with pytest.raises(ParityError, match=r"self-test failed on backend 'cpu': max \|Δlogit\| 5\.\d+e-01 .*worst image golden_0\.png"):
-        runtime.load(bundle).self_test()
+    with pytest.raises(ParityError, match=r"self-test failed on backend 'cpu' \(onnx\): max \|Δlogit\| 5\.\d+e-01 "
+                                          r".*worst image golden_0\.png"):
+        runtime.load(bundle, artifact="onnx").self_test()
 
 
 def test_self_test_without_golden_section_is_a_bundle_error(run_copy):

@@ -64,7 +64,9 @@ def _add_engine(bundle, data: bytes = b"not a TensorRT engine", fingerprint=BUIL
     m = read_bundle(bundle, verify=False).manifest
     engine = Artifact(file="model.plan", format="tensorrt", precision="fp16", fingerprint=fingerprint,
                       details={"workspace_mb": 1024, "profile": {"min": 1, "opt": 8, "max": 32}})
-    write_manifest(bundle, m.model_copy(update={"artifacts": {**m.artifacts, "tensorrt": engine}}))
+    # The FP32 ONNX model is the default, as when export ships for a GPU: auto then tries the engine first.
+    write_manifest(bundle, m.model_copy(update={"artifacts": {**m.artifacts, "tensorrt": engine},
+                                                "default_artifact": "onnx"}))
     return bundle
 
 
@@ -216,10 +218,11 @@ def test_auto_skips_the_engine_when_the_bundle_has_none(tiny_run, runtime_logs):
     if not _only_cpu_provider():
         pytest.skip("GPU providers present: which one starts depends on the machine's libraries")
     _, run_dir, _ = tiny_run
-    assert runtime.load(run_dir / "bundle", backend="auto").backend == "cpu"
+    assert runtime.load(run_dir / "bundle", backend="auto", artifact="onnx").backend == "cpu"
     lines = [r.getMessage() for r in runtime_logs.records]
     assert lines[0] == "edgekiln runtime: auto: skipping backend 'tensorrt-engine': bundle has no 'tensorrt' artifact"
-    assert lines[1] == ("edgekiln runtime: auto chose backend 'cpu' (CPUExecutionProvider) for model.onnx; "
+    assert lines[1] == ("edgekiln runtime: auto chose backend 'cpu' (CPUExecutionProvider) for model.onnx (the bundle "
+                        "has no OpenVINO twin of 'onnx'); "
                         "skipped tensorrt: no TensorrtExecutionProvider; cuda: no CUDAExecutionProvider")
     assert not [r for r in runtime_logs.records if r.levelno >= logging.WARNING]
 

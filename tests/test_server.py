@@ -415,7 +415,7 @@ def test_serve_self_tests_a_bundle_with_golden_images(run_copy, tiny_data):
     r = CliRunner().invoke(cli, ["serve", str(bundle), "--backend", "cpu", "--port", "1"])
     assert r.exit_code == 1
     errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "self-test failed on backend 'cpu': max |Δlogit| 5.00e-01" in errors[0]
+    assert len(errors) == 1 and "self-test failed on backend 'cpu' (onnx): max |Δlogit| 5.00e-01" in errors[0]
     assert "Traceback" not in r.output
     bundle = _bundle_with_golden(run_copy, tiny_data)  # correct golden logits: the lifespan self-test passes
     with TestClient(create_app(_settings(bundle))) as c:
