@@ -211,8 +211,10 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
     shutil.rmtree(staging / win.model)
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
-    kept = GateResult(reports={k: r for k, r in gate.reports.items() if k.partition("@")[0] in keep},
-                      golden=gate.golden)
+    # What ships is judged on what ships: a kept artifact's failure on another backend stays in its parity
+    # record (bundle.json), and the runtime refuses that artifact on that backend (runtime.backends.create_session).
+    kept = GateResult(reports={k: r for k, r in gate.reports.items()
+                               if k.partition("@")[0] in keep and ("@" not in k or r.passed)}, golden=gate.golden)
     result = export_result(shipped.root, shipped.manifest, kept, win.model)
     result.deploy, result.seconds = record, round(time.perf_counter() - t0, 1)
     if triton_repo:

@@ -106,3 +106,24 @@ def test_bad_deploy_config_is_one_line_per_problem(tmp_path):
     lines = str(e.value).splitlines()
     assert len(lines) == 2 and lines[0].startswith("config: deploy.max_size_mb:")
     assert lines[1].startswith("config: deploy.objective: Input should be 'latency', 'size' or 'accuracy'")
+
+
+def test_an_artifact_that_failed_parity_on_one_backend_is_refused_there_only(run_copy):
+    import runtime
+    from runtime.bundle import write_manifest
+    from runtime.errors import BackendError
+
+    _, run_dir = run_copy
+    bundle = run_dir / "bundle"
+    m = read_bundle(bundle).manifest
+    art = m.artifacts["onnx_int8"]
+    failed = {"passed": False, "failures": ["accuracy drop 5.00 points exceeds 1.00 beyond doubt"]}
+    parity = {**art.parity, "backends": {**(art.parity.get("backends") or {}), "openvino": failed}}
+    write_manifest(bundle, m.model_copy(update={"artifacts": {**m.artifacts,
+                                                              "onnx_int8": art.model_copy(update={"parity": parity})}}))
+    with pytest.raises(BackendError, match=r"artifact 'onnx_int8' \(model.int8.onnx\) failed the parity gate on backend "
+                                           r"'openvino' at export \(accuracy drop 5.00 points .*\); run it on cpu"):
+        runtime.load(bundle, backend="openvino", artifact="onnx_int8")
+    assert runtime.load(bundle, backend="cpu", artifact="onnx_int8").artifact == "onnx_int8"
+    r = CliRunner().invoke(cli, ["serve", str(bundle), "--backend", "openvino", "--artifact", "onnx_int8"])
+    assert r.exit_code != 0 and "failed the parity gate on backend 'openvino'" in r.output and "Traceback" not in r.output

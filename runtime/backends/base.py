@@ -70,6 +70,19 @@ def has_artifact(bundle: Bundle, key: str) -> bool:
     return key in bundle.manifest.artifacts
 
 
+def check_parity_on(bundle: Bundle, key: str, backend: str) -> None:
+    """BackendError when export's parity gate ran artifact `key` on `backend` and it failed there (its
+    record in bundle.json): that artifact is shipped for the backends where it passed, not this one."""
+    art = bundle.manifest.artifacts.get(key)
+    record = ((art.parity or {}).get("backends") or {}).get(backend) if art else None
+    if record and record.get("passed") is False:
+        why = "; ".join(record.get("failures") or []) or "see its parity record in bundle.json"
+        ok = [b for b in art.runtimes if b != backend and ((art.parity or {}).get("backends") or {}).get(b, {}).get(
+            "passed", True)]
+        raise BackendError(f"artifact '{key}' ({art.file}) failed the parity gate on backend '{backend}' at export "
+                           f"({why}); run it on {', '.join(ok) or 'another backend'}, or open another artifact")
+
+
 def create_session(backend: str, bundle: Bundle, artifact: str = "onnx", intra_op_threads: int | None = None,
                    device_id: int = 0, allow_engine_fallback: bool = False, options: Any = None) -> Session:
     """Open the bundle's model on `backend` ('auto' = the best that works, logged).
@@ -86,6 +99,7 @@ def create_session(backend: str, bundle: Bundle, artifact: str = "onnx", intra_o
     if backend == "auto":
         return policy.auto_session(bundle, artifact, intra_op_threads, device_id)
     spec = backend_spec(backend)
+    check_parity_on(bundle, artifact, backend)
     if options is not None:
         if not spec.takes_options:
             raise BackendError(f"backend '{backend}' takes no backend options (got {options!r})")
