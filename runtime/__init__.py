@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends import backend_names, create_session
+from runtime.backends.base import check_parity_on
 from runtime.bundle import Bundle, read_bundle
 from runtime.errors import BackendError, BundleError, EdgekilnError, ImageError, ImageTooLargeError, ParityError
 from runtime.preprocess import MAX_PIXELS, as_image_list, preprocess
@@ -76,6 +77,7 @@ class Classifier:
         self.max_batch = max_batch
         self.max_pixels = max_pixels
         self.artifact = artifact or default_artifact(bundle, backend)
+        check_parity_on(bundle, self.artifact, backend)  # the parity gate, bench and deploy open it regardless
         self.session = create_session(backend, bundle, artifact=self.artifact, intra_op_threads=intra_op_threads,
                                       device_id=device_id, allow_engine_fallback=allow_engine_fallback,
                                       options=backend_options)

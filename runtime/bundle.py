@@ -203,8 +203,9 @@ class BundleManifest(_Model):
     def _consistent(self) -> "BundleManifest":
         if self.golden and any(len(r) != len(self.class_names) for r in self.golden.logits):
             raise ValueError(f"golden logits must have {len(self.class_names)} columns, one per class")
-        if self.golden and set(self.golden.artifacts) - set(self.artifacts):
-            raise ValueError(f"golden outputs for unknown artifacts: {', '.join(set(self.golden.artifacts) - set(self.artifacts))}")
+        unknown = sorted(set(self.golden.artifacts) - set(self.artifacts)) if self.golden else []
+        if unknown:
+            raise ValueError(f"golden outputs for unknown artifacts: {', '.join(unknown)}")
         if self.default_artifact not in self.artifacts:
             raise ValueError(f"default_artifact '{self.default_artifact}' is not one of the artifacts "
                              f"({', '.join(self.artifacts)})")

@@ -68,7 +68,8 @@ def test_choose_student_respects_size_budget():
 def test_distill_cli_auto_and_control(run_copy):
     cfg, run_dir = run_copy
     d = yaml.safe_load(cfg.read_text())
-    d["distill"].update({"candidates": ["compact_cnn_w0.5", "compact_cnn_w1.0"], "epochs": 2, "measure_cost": False})
+    d["distill"].update({"candidates": ["compact_cnn_w0.5", "compact_cnn_w1.0"], "epochs": 2, "steps": None,
+                         "measure_cost": False})
     cfg.write_text(yaml.safe_dump(d))
     r = CliRunner().invoke(cli, ["distill", str(cfg), "--student", "auto", "--max-size-mb", "0.2", "--compare-without-kd"])
     assert r.exit_code == 0, r.output

@@ -2,6 +2,7 @@
 through the parity gate, bench, Triton repository and the server, and its one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -124,11 +125,14 @@ def test_bf16_on_a_cpu_without_bf16_is_one_line(bundle_dir, run_copy):
 @pytest.fixture(scope="module")
 def ov_bundle(tiny_run, tmp_path_factory):
     """The tiny teacher exported with onnxruntime INT8 and every OpenVINO artifact this CPU can check."""
-    cfg_path = tiny_run[0]
+    cfg_path, run_dir, _ = tiny_run
+    base = tmp_path_factory.mktemp("ov")
+    shutil.copytree(run_dir, base / "runs" / run_dir.name)  # export writes metrics.json: leave the shared run alone
     d = yaml.safe_load(cfg_path.read_text())
+    d["runs_dir"] = str(base / "runs")
     d["export"] = {"precisions": ["int8"], "calibration_size": 30,
                    "openvino": {"precisions": ["fp32", "fp16", "int8"] + (["bf16"] if HAS_BF16 else [])}}
-    cfg = tmp_path_factory.mktemp("ov") / "ov.yaml"
+    cfg = base / "ov.yaml"
     cfg.write_text(yaml.safe_dump(d))
     out = cfg.parent / "bundle"
     repo = cfg.parent / "triton"

@@ -99,7 +99,6 @@ def create_session(backend: str, bundle: Bundle, artifact: str = "onnx", intra_o
     if backend == "auto":
         return policy.auto_session(bundle, artifact, intra_op_threads, device_id)
     spec = backend_spec(backend)
-    check_parity_on(bundle, artifact, backend)
     if options is not None:
         if not spec.takes_options:
             raise BackendError(f"backend '{backend}' takes no backend options (got {options!r})")
