@@ -142,7 +142,7 @@ assert not any(f"{lib}: cannot open" in logs for lib in ("libcublasLt.so.13", "l
 print("auto skipped cuda for the driver's libcuda.so.1 only; serving on", meta["backend"], meta["provider"])
 
 b = runtime.read_bundle(bundle_dir)
-files, paths, golden, atol = b.golden()
+files, paths, golden, atol = b.golden(b.manifest.default_artifact)  # what the server serves by default
 x = runtime.preprocess(paths, b.preprocess)  # the bundle's preprocessing, torch-free
 c = triton.InferenceServerClient(f"127.0.0.1:{port}")
 inp = triton.InferInput(b.input_name, list(x.shape), "FP32")
