@@ -76,7 +76,7 @@ def test_openvino_predicts_without_importing_torch(bundle_dir, tiny_data):
 
 
 def test_unknown_and_unavailable_device_are_one_line_errors(bundle_dir):
-    r = _cli("serve", bundle_dir, "--backend", "openvino", "--openvino-device", "TPU", "--port", "1")
+    r = _cli("serve", bundle_dir, "--backend", "openvino", "--artifact", "onnx", "--openvino-device", "TPU", "--port", "1")
     assert r.exit_code == 2
     assert r.output.strip().splitlines() == [
         "error: openvino device 'TPU' is not one of CPU, GPU, NPU, AUTO (GPU.1 picks the second GPU)"]
@@ -84,7 +84,7 @@ def test_unknown_and_unavailable_device_are_one_line_errors(bundle_dir):
 
     if "GPU" in " ".join(openvino.Core().available_devices):
         pytest.skip("this machine has an OpenVINO GPU")
-    r = _cli("serve", bundle_dir, "--backend", "openvino", "--openvino-device", "GPU", "--port", "1")
+    r = _cli("serve", bundle_dir, "--backend", "openvino", "--artifact", "onnx", "--openvino-device", "GPU", "--port", "1")
     assert r.exit_code == 1
     devices = ", ".join([*openvino.Core().available_devices, "AUTO"])
     assert r.output.strip().splitlines() == [
@@ -112,7 +112,7 @@ def test_a_missing_openvino_package_is_one_line(bundle_dir):
 def test_bf16_on_a_cpu_without_bf16_is_one_line(bundle_dir, run_copy):
     if HAS_BF16:
         pytest.skip("this CPU runs bf16")
-    r = _cli("serve", bundle_dir, "--backend", "openvino", "--openvino-precision", "bf16", "--port", "1")
+    r = _cli("serve", bundle_dir, "--backend", "openvino", "--artifact", "onnx", "--openvino-precision", "bf16", "--port", "1")
     assert r.exit_code == 1
     assert len(r.output.strip().splitlines()) == 1
     assert "cannot run inference precision bf16 (it runs: f32" in r.output

@@ -412,14 +412,30 @@ def test_serve_self_tests_a_bundle_with_golden_images(run_copy, tiny_data):
     from tests.test_runtime_backends import _bundle_with_golden
 
     bundle = _bundle_with_golden(run_copy, tiny_data, shift=0.5)  # golden logits that the model does not produce
-    r = CliRunner().invoke(cli, ["serve", str(bundle), "--backend", "cpu", "--port", "1"])
+    r = CliRunner().invoke(cli, ["serve", str(bundle), "--backend", "cpu", "--artifact", "onnx", "--port", "1"])
     assert r.exit_code == 1
     errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "self-test failed on backend 'cpu' (onnx): max |Δlogit| 5.00e-01" in errors[0]
     assert "Traceback" not in r.output
     bundle = _bundle_with_golden(run_copy, tiny_data)  # correct golden logits: the lifespan self-test passes
-    with TestClient(create_app(_settings(bundle))) as c:
+    with TestClient(create_app(_settings(bundle, artifact="onnx"))) as c:
         assert c.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_serve_serves_the_default_artifact_and_self_tests_it(run_copy, caplog):
+    from starlette.testclient import TestClient
+
+    from runtime.bundle import read_bundle
+
+    _, run_dir = run_copy
+    bundle = run_dir / "bundle"
+    default = read_bundle(bundle).manifest.default_artifact
+    assert default == "onnx_int8"  # the tiny run ships its smallest candidate
+    with caplog.at_level("INFO", logger="edgekiln"):
+        with TestClient(create_app(_settings(bundle))) as c:  # no artifact named
+            assert c.get("/v2/health/ready").json() == {"ready": True}
+    assert "self-test passed on 4 golden images" in caplog.text and "backend cpu" in caplog.text
+    assert f"ready: artifact '{default}' on backend 'cpu'" in caplog.text
 
 
 def test_model_metadata_names_the_platform_that_runs(bundle_dir, clf):

@@ -23,8 +23,9 @@ from pipeline.cli.errors import handle_errors
               help="With --backend tensorrt-engine: when the bundle's TensorRT engine cannot run here (no engine, "
                    "no TensorRT or GPU, or another TensorRT version, GPU or compute capability than it was built "
                    "for), serve the bundle's ONNX model on the best onnxruntime backend instead, with a warning.")
-@click.option("--artifact", default="onnx", show_default=True,
-              help="The bundle artifact to serve (onnx_int8, openvino, openvino_int8, ...: bundle.json's artifacts).")
+@click.option("--artifact", default=None,
+              help="The bundle artifact to serve (onnx, onnx_int8, openvino, ...: bundle.json's artifacts). "
+                   "Default: the bundle's default artifact, the deployable export chose by measurement.")
 @click.option("--openvino-device", default=None, help="--backend openvino: CPU, GPU, NPU or AUTO (default CPU).")
 @click.option("--openvino-precision", default=None,
               help="--backend openvino: inference precision f32, bf16 or f16 (default: the artifact's; f32).")
@@ -49,7 +50,7 @@ from pipeline.cli.errors import handle_errors
               help="Longest a request waits for the model (503 beyond).")
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
 @handle_errors
-def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fallback: bool, artifact: str,
+def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fallback: bool, artifact: str | None,
           openvino_device: str | None, openvino_precision: str | None, openvino_hint: str | None,
           openvino_streams: int | None, max_batch: int,
           max_delay_ms: float, workers: int, intra_op_threads: int | None, model_name: str, max_queue: int,

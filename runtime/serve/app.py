@@ -114,8 +114,8 @@ async def lifespan(app: FastAPI):
     h.signature = ModelSignature(clf.bundle.input_name, clf.bundle.output_name, tuple(clf.input_shape),
                                  settings.max_images_per_request)
     h.clf, h.batcher, h.ready = clf, batcher, True
-    log.info("edgekiln server: model '%s' ready on backend '%s' (%s), max batch %d, max delay %.1f ms",
-             settings.model_name, clf.backend, clf.provider, settings.max_batch, settings.max_delay_ms)
+    log.info("edgekiln server: model '%s' ready: artifact '%s' on backend '%s' (%s), max batch %d, max delay %.1f ms",
+             settings.model_name, clf.artifact, clf.backend, clf.provider, settings.max_batch, settings.max_delay_ms)
     try:
         yield
     finally:

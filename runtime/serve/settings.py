@@ -31,7 +31,7 @@ class ServeSettings(BaseModel):
     max_images_per_request: int = Field(64, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     self_test: bool | None = None  # None: run it when the bundle has golden images
-    artifact: str = "onnx"  # the bundle artifact served (openvino, openvino_int8, onnx_int8, ...)
+    artifact: str | None = None  # the bundle artifact served (onnx, onnx_int8, openvino, ...); None: its default
     # backend openvino (runtime.backends.OpenVINOOptions; None: $EDGEKILN_OPENVINO_*, then its defaults)
     openvino_device: str | None = None
     openvino_precision: str | None = None
