@@ -225,6 +225,7 @@ class _Run:
     run_config: dict | None
     best_state: dict | None = None
     best_accuracy: float = -1.0
+    best_loss: float = float("inf")  # val loss of the best epoch: breaks ties in val accuracy
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     bad_epochs: int = 0
@@ -237,7 +238,7 @@ class _Run:
             "epoch": epoch, "finished": finished,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.amp.scaler.state_dict() if self.amp.scaler is not None else None,
-            "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
+            "best_accuracy": self.best_accuracy, "best_loss": self.best_loss, "best_epoch": self.best_epoch,
             "history": self.history, "bad_epochs": self.bad_epochs, "rng": rng_state(self.loader),
             "config": json.loads(json.dumps(self.run_config or {}, default=str)),
         })
@@ -253,6 +254,7 @@ class _Run:
         if self.amp.scaler is not None and state.get("scaler"):
             self.amp.scaler.load_state_dict(state["scaler"])
         self.best_state, self.best_accuracy, self.best_epoch = best, state["best_accuracy"], state["best_epoch"]
+        self.best_loss = state.get("best_loss", float("inf"))
         self.history, self.bad_epochs = state["history"], state["bad_epochs"]
         set_rng_state(self.loader, state["rng"])
         log.info("resuming from epoch %d (%s)", state["epoch"], self.checkpoint_dir)
@@ -267,8 +269,11 @@ class _Run:
             "epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_accuracy": val_acc,
             "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds,
         })
-        if val_acc > self.best_accuracy:
-            self.best_accuracy, self.best_epoch, self.bad_epochs = val_acc, epoch, 0
+        # Better: a higher val accuracy, or the same with a lower val loss. On a small validation split the
+        # accuracy saturates (30 images: 1.0 within a few epochs) while the model still improves; without
+        # the tie-break the first epoch to reach it was kept and early stopping cut the schedule short.
+        if val_acc > self.best_accuracy or (val_acc == self.best_accuracy and val_loss < self.best_loss):
+            self.best_accuracy, self.best_loss, self.best_epoch, self.bad_epochs = val_acc, val_loss, epoch, 0
             self.best_state = copy.deepcopy(self.model.state_dict())
         else:
             self.bad_epochs += 1
@@ -313,7 +318,8 @@ def _epochs(run: _Run, start: int, s: TrainSettings, loss_fn: Callable, desc: st
             run.save(epoch, finished=stopped_early or epoch == s.epochs)
             saved = epoch
             if stopped_early:
-                log.info("early stopping at epoch %d: no better val accuracy in %d validations", epoch, s.patience)
+                log.info("early stopping at epoch %d: no better val accuracy (or val loss at the same accuracy) "
+                         "in %d validations", epoch, s.patience)
                 return True
     except KeyboardInterrupt:
         if run.checkpoint_dir is None:
