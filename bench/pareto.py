@@ -33,7 +33,9 @@ def main() -> None:
 
     groups = pareto_groups(args.runs, rounds=args.rounds, threads=args.threads, batch=args.batch)
     out = {}
-    for name, choice, recorded in groups:
+    for (name, choice, recorded), path in zip(groups, args.runs):
+        if name in out:  # runs that share a name (runs/run of several configs): tell them apart by their folder
+            name = f"{name}-{path.resolve().parent.parent.name if path.parent.name == 'runs' else path.parent.name}"
         record = choice.to_dict()
         print_deploy(record, title=f"{name}: every candidate, measured side by side (★ best now, ◆ Pareto front)")
         if recorded:
