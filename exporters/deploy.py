@@ -246,8 +246,8 @@ def ship(src: Path, out: Path, chosen: Candidate, keep: list[str], record: dict[
                 shutil.copy2(p, tmp / p.name)
         manifest = m.model_copy(update={
             "artifacts": {k: a for k, a in m.artifacts.items() if k in keep},
-            "golden": m.golden.model_copy(update={"artifacts": {k: o for k, o in m.golden.artifacts.items() if k in keep}})
-            if m.golden else None,
+            "golden": m.golden and m.golden.model_copy(
+                update={"artifacts": {k: o for k, o in m.golden.artifacts.items() if k in keep}}),
             "default_artifact": chosen.artifact, "default_backend": chosen.backend, "deploy": record,
             "parity": m.parity.model_copy(update={"passed": True}) if m.parity else None,
         })

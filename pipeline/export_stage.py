@@ -212,7 +212,7 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
     # What ships is judged on what ships: a kept artifact's failure on another backend stays in its parity
-    # record (bundle.json), and the runtime refuses that artifact on that backend (runtime.backends.create_session).
+    # record (bundle.json), and runtime.load refuses that artifact on that backend (runtime.backends.check_parity_on).
     kept = GateResult(reports={k: r for k, r in gate.reports.items()
                                if k.partition("@")[0] in keep and ("@" not in k or r.passed)}, golden=gate.golden)
     result = export_result(shipped.root, shipped.manifest, kept, win.model)

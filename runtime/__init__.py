@@ -148,8 +148,8 @@ class Classifier:
             worst = int(diff.argmax())
             flipped = [files[i] for i in np.nonzero(~agree)[0]]
             raise ParityError(
-                f"{root}: self-test failed on backend '{self.backend}' ({self.artifact}): max |Δlogit| {report.max_abs_diff:.2e} "
-                f"(atol {atol:.0e}, worst image {files[worst]})"
+                f"{root}: self-test failed on backend '{self.backend}' ({self.artifact}): "
+                f"max |Δlogit| {report.max_abs_diff:.2e} (atol {atol:.0e}, worst image {files[worst]})"
                 + (f", top-1 label differs on {', '.join(flipped)}" if flipped else "")
             )
         log.info("edgekiln runtime: self-test passed on %d golden images (max |Δlogit| %.2e ≤ %.0e, backend %s)",
