@@ -125,15 +125,18 @@ class AdaptResult:
 def data_root(data: DataConfig) -> Path:
     from pipeline.data import demo_data_dir
 
-    return demo_data_dir() if data.demo else Path(data.root)
+    if data.demo:
+        return demo_data_dir()
+    return Path(data.manifest).resolve().parent if data.manifest is not None else Path(data.root)
 
 
 def make_run_split(cfg: PipelineConfig, run: RunDir) -> "Split":
-    """A new seeded, stratified split of the configured data, saved as the run's split.json."""
+    """A new seeded, stratified split of the configured data (an ImageFolder or a manifest), saved
+    as the run's split.json."""
     from pipeline.data import make_split
 
     d = cfg.data
-    split = make_split(data_root(d), d.val_fraction, d.test_fraction, cfg.seed)
+    split = make_split(data_root(d), d.val_fraction, d.test_fraction, cfg.seed, manifest=d.manifest)
     split.save(run.split)
     return split
 

@@ -6,8 +6,10 @@ happens once, here, at the edge; stages receive the narrow piece they need.
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal, Sequence, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,6 +31,9 @@ class DataConfig(_Strict):
     root: Path | None = Field(
         None, description="ImageFolder directory (one sub-folder per class). None with demo=true."
     )
+    manifest: Path | None = Field(
+        None, description="Instead of `root`: a CSV (path,label[,split]) or JSON Lines file listing the images; "
+        "paths are relative to the manifest. A split column (train/val/test) keeps your own split.")
     demo: bool = Field(False, description="Use the built-in digits data set instead of `root`.")
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -37,8 +42,12 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _root_or_demo(self) -> "DataConfig":
-        if self.root is None and not self.demo:
-            raise ValueError("set `root` to an ImageFolder directory, or `demo: true`")
+        given = [k for k, v in (("root", self.root), ("manifest", self.manifest), ("demo", self.demo or None))
+                 if v is not None]
+        if not given:
+            raise ValueError("set `root` to an ImageFolder directory, `manifest` to a CSV/JSONL file, or `demo: true`")
+        if len(given) > 1:
+            raise ValueError(f"set one of root, manifest and demo, not {' and '.join(given)}")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
         return self
@@ -218,11 +227,14 @@ class PipelineConfig(_Strict):
         return RunDir(self.run_dir)
 
 
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
-    """One short line per problem, naming the field path."""
+def format_validation_error(err: ValidationError, source: str = "config",
+                            overridden: Sequence[str] = ()) -> str:
+    """One short line per problem, naming the field path and where it came from: `source`, or
+    `--set` when the field (or a section above or below it) is one of the `overridden` keys."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        hit = any(loc == k or loc.startswith(k + ".") or k.startswith(loc + ".") for k in overridden)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling)"
@@ -230,22 +242,60 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
             msg = "required key is missing"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"{source}: {loc}: {msg}")
+        lines.append(f"{'--set' if hit else source}: {loc}: {msg}")
     return "\n".join(lines)
 
 
-def build_config(raw: dict, source: str = "config") -> PipelineConfig:
+def build_config(raw: dict, source: str = "config", overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Validate `raw` after applying `--set key=value` overrides; a problem in an overridden key is
+    reported against `--set`, every other one against `source`."""
+    raw = apply_overrides(raw, overrides)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        keys = [o.partition("=")[0].strip() for o in overrides]
+        raise ConfigError(format_validation_error(e, source, keys)) from None
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read a pipeline YAML file; raise ConfigError with one line per problem."""
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """A copy of `raw` with each `dotted.key=value` set; the value is read as YAML, so `false`, `3e-4`
+    and `[fp32, int8]` mean what they mean in the config file. Unknown keys are left for the
+    pydantic models to name, so a misspelling reads the same as in a YAML file."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item}: expected key=value, e.g. --set adapt.strategy=lora")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: value is not valid YAML: {text}") from None
+        node = out
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            nxt = node.setdefault(part, {})
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parents[: i + 1])} is a value, not a section")
+            node = nxt
+        node[leaf] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read a pipeline YAML file, or take a data directory with every default (the run is named
+    after the directory), then apply `--set` overrides; raise ConfigError with one line per problem."""
     path = Path(path)
+    if path.is_dir() or path.suffix.lower() in (".csv", ".jsonl"):
+        if not path.exists():
+            raise ConfigError(f"manifest not found: {path}")
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", (path.resolve().name if path.is_dir() else path.stem)).strip("-._")
+        key = "root" if path.is_dir() else "manifest"
+        return build_config({"name": name or "run", "data": {key: str(path.resolve())}}, str(path), overrides)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path} (give a YAML config or a folder of class sub-folders)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -254,10 +304,12 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
-    cfg = build_config(raw, source=str(path))
+    cfg = build_config(raw, source=str(path), overrides=overrides)
     # Relative data paths are relative to the config file, like most tools do.
     if cfg.data.root is not None and not cfg.data.root.is_absolute():
         cfg.data.root = (path.parent / cfg.data.root).resolve()
+    if cfg.data.manifest is not None and not cfg.data.manifest.is_absolute():
+        cfg.data.manifest = (path.parent / cfg.data.manifest).resolve()
     if cfg.distill.unlabeled is not None and not cfg.distill.unlabeled.is_absolute():
         cfg.distill.unlabeled = (path.parent / cfg.distill.unlabeled).resolve()
     return cfg

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -107,11 +107,102 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return [d.name for d in class_dirs], items
 
 
-def make_split(root: Path, val_fraction: float, test_fraction: float, seed: int) -> Split:
-    """Stratified, seeded split: the same inputs always give the same files in each part."""
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+SPLIT_PARTS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A labeled image list read from a CSV (`path,label[,split]`) or JSON Lines file
+    (`{"path": ..., "label": ..., "split": ...}`); paths are relative to the manifest's folder.
+    Items come in the order `scan_image_folder` gives (by class, then by path), so the same images
+    as a folder and as a manifest make the same split."""
+
+    root: Path
+    class_names: list[str]
+    items: list[tuple[str, int]]
+    parts: dict[str, str] | None  # path -> train/val/test when the manifest has a split column
+
+
+def _manifest_rows(path: Path) -> list[dict]:
+    import csv
+
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"data.manifest: {path} line {n}: not valid JSON") from None
+            if not isinstance(row, dict):
+                raise DataError(f"data.manifest: {path} line {n}: expected an object with path and label")
+            rows.append(row)
+        return rows
+    reader = csv.DictReader(text.splitlines())
+    missing = {"path", "label"} - set(reader.fieldnames or [])
+    if missing:
+        raise DataError(f"data.manifest: {path}: the header needs the columns path,label (missing: "
+                        f"{', '.join(sorted(missing))}; found: {', '.join(reader.fieldnames or []) or 'none'})")
+    return list(reader)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and check a manifest: every row has a path and a label, every file exists, no path twice."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.manifest: file not found: {path}")
+    if path.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise DataError(f"data.manifest: {path}: expected a .csv or .jsonl file")
+    root = path.parent.resolve()
+    rows = _manifest_rows(path)
+    entries: dict[str, tuple[str, str | None]] = {}
+    for n, row in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):
+        rel, label = str(row.get("path") or "").strip(), str(row.get("label") or "").strip()
+        part = str(row.get("split") or "").strip().lower() or None
+        if not rel or not label:
+            raise DataError(f"data.manifest: {path} row {n}: needs a path and a label")
+        if part is not None and part not in SPLIT_PARTS:
+            raise DataError(f"data.manifest: {path} row {n}: split '{part}' is not one of {', '.join(SPLIT_PARTS)}")
+        if not (root / rel).is_file():
+            raise DataError(f"data.manifest: {path} row {n}: image not found: {rel}")
+        key = PurePosixPath(Path(rel).as_posix()).as_posix()
+        if key in entries:
+            raise DataError(f"data.manifest: {path} row {n}: {rel} is listed twice")
+        entries[key] = (label, part)
+    class_names = sorted({label for label, _ in entries.values()})
+    if len(class_names) < 2:
+        raise DataError(f"data.manifest: {path} needs at least 2 labels, found {len(class_names)}")
+    index = {c: i for i, c in enumerate(class_names)}
+    order = sorted(entries, key=lambda k: (index[entries[k][0]], PurePosixPath(k).parts))
+    parts = {k: entries[k][1] for k in order}
+    given = [p for p in parts.values() if p is not None]
+    if given and len(given) != len(parts):
+        raise DataError(f"data.manifest: {path}: the split column is filled for {len(given)} of {len(parts)} "
+                        "rows; fill it for every row or for none")
+    return Manifest(root, class_names, [(k, index[entries[k][0]]) for k in order], parts if given else None)
+
+
+def make_split(root: Path, val_fraction: float, test_fraction: float, seed: int,
+               manifest: Path | None = None) -> Split:
+    """Stratified, seeded split of an ImageFolder (`root`) or a manifest: the same inputs always
+    give the same files in each part. A manifest with a split column keeps the user's split."""
     from sklearn.model_selection import train_test_split
 
-    class_names, items = scan_image_folder(root)
+    if manifest is not None:
+        m = read_manifest(manifest)
+        root, class_names, items = m.root, m.class_names, m.items
+        if m.parts is not None:
+            split = Split(root=root, class_names=class_names,
+                          **{part: [it for it in items if m.parts[it[0]] == part] for part in SPLIT_PARTS})
+            empty = [part for part in SPLIT_PARTS if not getattr(split, part)]
+            if empty:
+                raise DataError(f"data.manifest: {manifest}: the split column gives no {' and no '.join(empty)} images")
+            return split
+    else:
+        class_names, items = scan_image_folder(root)
     labels = np.array([y for _, y in items])
     counts = np.bincount(labels, minlength=len(class_names))
     if counts.min() < 3:

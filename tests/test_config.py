@@ -31,7 +31,8 @@ def test_not_yaml_and_missing_file(tmp_path):
     r = CliRunner().invoke(cli, ["run", _write(tmp_path, "data: [unclosed")])
     assert r.exit_code == 2 and "not valid YAML" in r.output
     r = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.yaml")])
-    assert r.exit_code == 2 and r.output.strip().endswith("config file not found: " + str(tmp_path / "nope.yaml"))
+    assert r.exit_code == 2 and r.output.strip() == (f"error: config file not found: {tmp_path / 'nope.yaml'} "
+                                                     "(give a YAML config or a folder of class sub-folders)")
 
 
 def test_data_root_is_relative_to_the_config_file(tmp_path):

@@ -16,7 +16,7 @@ from pipeline.cli.errors import handle_errors
 @config_argument
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from checkpoints/adapt-resume/.")
 @handle_errors
-def adapt(config: Path, resume: bool) -> None:
+def adapt(config: Path, overrides: tuple[str, ...], resume: bool) -> None:
     """Adapt the pretrained model to your data (writes checkpoints/teacher.safetensors).
 
     The strategy (feature_extraction, finetune, lora) is `adapt.strategy` in the config.
@@ -24,7 +24,7 @@ def adapt(config: Path, resume: bool) -> None:
     """
     from pipeline.adapt_stage import run_adapt
 
-    echo_adapt_result(run_adapt(load(config), resume=resume))
+    echo_adapt_result(run_adapt(load(config, overrides), resume=resume))
 
 
 def echo_adapt_result(r) -> None:
@@ -69,7 +69,7 @@ def _parse_shots(value: str) -> list[int | None]:
               help="Every run trains at least this many optimizer steps (small subsets have few steps per epoch).")
 @click.option("--no-scratch", is_flag=True, help="Skip the from-scratch baseline.")
 @handle_errors
-def efficiency(config: Path, shots: str, strategies: str | None, epochs: int | None, min_steps: int, no_scratch: bool) -> None:
+def efficiency(config: Path, overrides: tuple[str, ...], shots: str, strategies: str | None, epochs: int | None, min_steps: int, no_scratch: bool) -> None:
     """Accuracy against labeled examples per class, for each strategy and from scratch.
 
     Writes runs/<name>/efficiency.json, efficiency.png and updates report.md.
@@ -81,7 +81,7 @@ def efficiency(config: Path, shots: str, strategies: str | None, epochs: int | N
     from pipeline.efficiency import data_efficiency
     from pipeline.report import efficiency_table_rows
 
-    cfg = load(config)
+    cfg = load(config, overrides)
     names = [s.strip() for s in strategies.split(",")] if strategies else None
     res = data_efficiency(cfg, _parse_shots(shots), names, epochs, min_steps, scratch=not no_scratch)
     header, rows = efficiency_table_rows(res)

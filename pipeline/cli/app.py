@@ -16,14 +16,25 @@ def cli(verbose: bool) -> None:
     """edgekiln: from a pretrained vision model and a folder of labeled images
     to a verified ONNX deployment bundle, in one command.
 
-    Start with `edgekiln demo`, then `edgekiln run CONFIG.yaml` on your data.
+    Start with `edgekiln demo`, then `edgekiln run DATA_DIR` (one sub-folder per class) or
+    `edgekiln run CONFIG.yaml` on your data; `--set key=value` overrides any config field.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
+SET_HELP = ("Override one config field, as in the YAML file: --set adapt.strategy=lora "
+            "--set export.precisions='[fp32, int8]' (repeatable).")
+
+
+def set_option(fn):
+    """--set key=value (repeatable), applied over the config before validation (`overrides`)."""
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(fn)
+
+
 def config_argument(fn):
-    """The CONFIG argument: a YAML pipeline config (pipeline.config.load_config reads it)."""
-    return click.argument("config", type=click.Path(dir_okay=False, path_type=Path))(fn)
+    """The CONFIG argument (a YAML pipeline config, or a data folder to run with every default)
+    and the --set overrides; `load(config, overrides)` reads both."""
+    return click.argument("config", type=click.Path(path_type=Path))(set_option(fn))
 
 
 def bundle_argument(fn):
@@ -31,8 +42,9 @@ def bundle_argument(fn):
     return click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))(fn)
 
 
-def load(config: Path):
-    """The validated PipelineConfig of a YAML file (ConfigError, one line per problem, when it is not)."""
+def load(config: Path, overrides: tuple[str, ...] = ()):
+    """The validated PipelineConfig of a YAML file or a data folder, with --set overrides applied
+    (ConfigError, one line per problem, when it is not)."""
     from pipeline.config import load_config
 
-    return load_config(config)
+    return load_config(config, overrides)

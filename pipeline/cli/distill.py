@@ -17,7 +17,7 @@ from pipeline.cli.errors import handle_errors
 @click.option("--max-size-mb", type=float, default=None, help="With --student auto: ONNX file size budget.")
 @click.option("--compare-without-kd", is_flag=True, default=None, help="Also train the student without KD.")
 @handle_errors
-def distill(config: Path, student, max_latency_ms, max_size_mb, compare_without_kd) -> None:
+def distill(config: Path, overrides: tuple[str, ...], student, max_latency_ms, max_size_mb, compare_without_kd) -> None:
     """Distill the adapted teacher into a smaller student (writes checkpoints/student.safetensors).
 
     Prints what the student keeps and costs relative to the teacher. Example:
@@ -26,10 +26,10 @@ def distill(config: Path, student, max_latency_ms, max_size_mb, compare_without_
     from pipeline.distill_stage import run_distill
     from pipeline.report import print_distill_report
 
-    cfg = load(config)
-    overrides = {"student": student, "max_latency_ms": max_latency_ms, "max_size_mb": max_size_mb,
+    cfg = load(config, overrides)
+    flags = {"student": student, "max_latency_ms": max_latency_ms, "max_size_mb": max_size_mb,
                  "compare_without_kd": compare_without_kd}
-    for key, value in overrides.items():
+    for key, value in flags.items():
         if value is not None:
             setattr(cfg.distill, key, value)
     print_distill_report(run_distill(cfg))

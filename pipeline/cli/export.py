@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.app import bundle_argument, cli, config_argument, load
+from pipeline.cli.app import bundle_argument, cli, config_argument, load, set_option
 from pipeline.cli.errors import fail, handle_errors
 
 
@@ -69,7 +69,7 @@ def _print_int8_side_by_side(bundle_dir: Path) -> None:
               help="The bundle artifact the Triton repository serves (openvino, openvino_int8, ...: Triton's "
                    "OpenVINO backend).")
 @handle_errors
-def export(config: Path, role: str | None, out: Path | None, precisions: tuple[str, ...], tensorrt: bool,
+def export(config: Path, overrides: tuple[str, ...], role: str | None, out: Path | None, precisions: tuple[str, ...], tensorrt: bool,
            openvino: tuple[str, ...], triton_repo: Path | None, triton_artifact: str) -> None:
     """Export every candidate model (the teacher, and the student when distillation adopted it;
     or just --model) with FP32 ONNX, the precisions asked for (default fp32 + int8, + fp16 with a
@@ -83,7 +83,7 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
     from pipeline.report import print_deploy, verdict
     from pipeline.stages import run_export
 
-    cfg = load(config)
+    cfg = load(config, overrides)
     if precisions:
         from exporters.config import resolved_precisions
 
@@ -125,11 +125,12 @@ def export(config: Path, role: str | None, out: Path | None, precisions: tuple[s
 
 
 @cli.command()
-@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@set_option
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Bundle to check (default: runs/<name>/bundle). Without CONFIG: golden-image self-test only.")
 @handle_errors
-def validate(config: Path | None, bundle_dir: Path | None) -> None:
+def validate(config: Path | None, overrides: tuple[str, ...], bundle_dir: Path | None) -> None:
     """Check every artifact of a bundle against its PyTorch checkpoint on the test split
     (accuracy, agreement, |Δlogit|, KL, per-class delta, flipped images), plus the golden images.
 
@@ -159,7 +160,7 @@ def validate(config: Path | None, bundle_dir: Path | None) -> None:
         return
     from pipeline.stages import run_validate
 
-    gate = run_validate(load(config), bundle_dir)
+    gate = run_validate(load(config, overrides), bundle_dir)
     r = gate.primary
     click.echo(
         f"pytorch accuracy {r.reference_accuracy:.4f} | onnx accuracy {r.artifact_accuracy:.4f} | "

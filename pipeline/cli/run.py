@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.app import cli, config_argument, load
+from pipeline.cli.app import cli, config_argument, load, set_option
 from pipeline.cli.errors import fail, handle_errors
 
 
@@ -15,8 +15,9 @@ from pipeline.cli.errors import fail, handle_errors
               help="Where run directories are written.")
 @click.option("--name", default="demo", show_default=True, help="Run name (runs/<name>/).")
 @click.option("--student-epochs", type=click.IntRange(1), default=None, help="Distillation epochs (default: 15).")
+@set_option
 @handle_errors
-def demo(runs_dir: Path, name: str, student_epochs: int | None) -> None:
+def demo(runs_dir: Path, name: str, student_epochs: int | None, overrides: tuple[str, ...]) -> None:
     """Run the whole pipeline on the built-in digits data set.
 
     EfficientNet-Lite0 (ImageNet weights) is adapted by feature extraction and
@@ -24,9 +25,11 @@ def demo(runs_dir: Path, name: str, student_epochs: int | None) -> None:
     parity-checked, measured here, and the best is shipped (the table at the end
     marks it and says why). Works offline. Example: edgekiln demo --runs-dir /tmp/runs
     """
-    from pipeline.config import demo_config
+    from pipeline.config import build_config, demo_config
 
     cfg = demo_config(runs_dir=runs_dir, name=name)
+    if overrides:
+        cfg = build_config(cfg.model_dump(mode="json", by_alias=True, exclude_unset=True), "demo", overrides)
     if student_epochs:
         cfg.distill.epochs = student_epochs
     _run(cfg)
@@ -35,14 +38,16 @@ def demo(runs_dir: Path, name: str, student_epochs: int | None) -> None:
 @cli.command()
 @config_argument
 @handle_errors
-def run(config: Path) -> None:
-    """Run every stage (adapt, distill, export, validate) from a YAML config; ends with every
-    artifact's figures, the deployable marked, and a one-line verdict. Exits 1 when no candidate
-    passed its gate and met the `deploy` budgets.
+def run(config: Path, overrides: tuple[str, ...]) -> None:
+    """Run every stage (adapt, distill, export, validate) from a YAML config, or from a folder of
+    images (one sub-folder per class) with every default; ends with every artifact's figures, the
+    deployable marked, and a one-line verdict. The run directory keeps the resolved config.yaml.
+    Exits 1 when no candidate passed its gate and met the `deploy` budgets.
 
-    Example: edgekiln run configs/example.yaml
+    Examples: edgekiln run ./images --set distill.enabled=false
+              edgekiln run configs/example.yaml
     """
-    _run(load(config))
+    _run(load(config, overrides))
 
 
 def _run(cfg) -> None:
