@@ -136,9 +136,36 @@ def make_run_split(cfg: PipelineConfig, run: RunDir) -> "Split":
     from pipeline.data import make_split
 
     d = cfg.data
-    split = make_split(data_root(d), d.val_fraction, d.test_fraction, cfg.seed, manifest=d.manifest)
+    skipped = check_run_data(cfg, run) if d.check and not d.demo else []
+    split = make_split(data_root(d), d.val_fraction, d.test_fraction, cfg.seed, manifest=d.manifest,
+                       exclude=frozenset(skipped))
     split.save(run.split)
     return split
+
+
+def check_run_data(cfg: PipelineConfig, run: RunDir) -> list[str]:
+    """The data check before training (pipeline.datacheck): every problem at once. Writes
+    data_check.json; raises DataError listing every blocking problem; returns the unreadable files
+    that `data.on_bad_file: skip` leaves out."""
+    import json
+
+    from pipeline.datacheck import blocking_problems, check_data
+    from pipeline.errors import DataError
+
+    report = check_data(cfg.data, seed=cfg.seed)
+    skipped = report.bad_files if cfg.data.on_bad_file == "skip" else []
+    atomic_write_text(run.data_check, json.dumps({**report.to_dict(), "skipped": skipped}, indent=1) + "\n")
+    for p in report.warnings:
+        log.warning("data: %s", p.message)
+    blocking = blocking_problems(report, cfg.data.on_bad_file)
+    if blocking:
+        hint = " (data.on_bad_file: skip leaves unreadable files out)" if any(
+            p.kind in ("zero_byte", "corrupt", "truncated") for p in blocking) else ""
+        raise DataError(f"the data check found {len(blocking)} problem(s){hint}; details in {run.data_check}:\n"
+                        + "\n".join(f"  {p.kind}: {p.message}" for p in blocking))
+    if skipped:
+        log.warning("data: skipped %d unreadable file(s) (data.on_bad_file: skip): %s", len(skipped), ", ".join(skipped))
+    return skipped
 
 
 def _check_resume(cfg: PipelineConfig, run: RunDir) -> None:

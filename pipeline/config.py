@@ -35,6 +35,10 @@ class DataConfig(_Strict):
         None, description="Instead of `root`: a CSV (path,label[,split]) or JSON Lines file listing the images; "
         "paths are relative to the manifest. A split column (train/val/test) keeps your own split.")
     demo: bool = Field(False, description="Use the built-in digits data set instead of `root`.")
+    on_bad_file: Literal["fail", "skip"] = Field(
+        "fail", description="An unreadable, corrupt, truncated or empty image: stop with every problem listed "
+        "(fail), or leave it out and list it in the report (skip).")
+    check: bool = Field(True, description="Check every file before training (edgekiln check-data).")
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     batch_size: int = Field(64, ge=1)

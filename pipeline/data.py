@@ -4,6 +4,7 @@ and the evaluation transform whose numpy twin lives in runtime.preprocess."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -186,14 +187,12 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def make_split(root: Path, val_fraction: float, test_fraction: float, seed: int,
-               manifest: Path | None = None) -> Split:
+               manifest: Path | None = None, exclude: frozenset[str] = frozenset()) -> Split:
     """Stratified, seeded split of an ImageFolder (`root`) or a manifest: the same inputs always
     give the same files in each part. A manifest with a split column keeps the user's split."""
-    from sklearn.model_selection import train_test_split
-
     if manifest is not None:
         m = read_manifest(manifest)
-        root, class_names, items = m.root, m.class_names, m.items
+        root, class_names, items = m.root, m.class_names, [it for it in m.items if it[0] not in exclude]
         if m.parts is not None:
             split = Split(root=root, class_names=class_names,
                           **{part: [it for it in items if m.parts[it[0]] == part] for part in SPLIT_PARTS})
@@ -203,11 +202,30 @@ def make_split(root: Path, val_fraction: float, test_fraction: float, seed: int,
             return split
     else:
         class_names, items = scan_image_folder(root)
+        items = [it for it in items if it[0] not in exclude]
+    return split_items(Path(root), class_names, items, val_fraction, test_fraction, seed)
+
+
+def min_images_per_class(val_fraction: float, test_fraction: float) -> int:
+    """The fewest images a class may have so that the stratified split gives it at least one image
+    in each of train, val and test."""
+    train = 1 - val_fraction - test_fraction
+    return max(3, *(math.ceil(1 / f - 1e-9) for f in (val_fraction, test_fraction, train)))
+
+
+def split_items(root: Path, class_names: list[str], items: list[tuple[str, int]], val_fraction: float,
+                test_fraction: float, seed: int) -> Split:
+    """The seeded, stratified split of (relative path, label) items."""
+    from sklearn.model_selection import train_test_split
+
     labels = np.array([y for _, y in items])
     counts = np.bincount(labels, minlength=len(class_names))
-    if counts.min() < 3:
-        few = class_names[int(counts.argmin())]
-        raise DataError(f"data.root: class '{few}' has {counts.min()} image(s); every class needs at least 3 to split")
+    need = min_images_per_class(val_fraction, test_fraction)
+    if counts.min() < need:
+        few = [f"'{class_names[i]}' ({counts[i]})" for i in np.nonzero(counts < need)[0]]
+        raise DataError(f"data: class {', '.join(few)} below {need} images: the split (val {val_fraction:g}, test "
+                        f"{test_fraction:g}) needs at least {need} per class so that train, val and test each get "
+                        "one; add images or change data.val_fraction / data.test_fraction")
     idx = np.arange(len(items))
     try:
         rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)

@@ -47,6 +47,7 @@ class RunDir:
     CURVES_PNG = "training_curves.png"
     EFFICIENCY_PNG = "efficiency.png"
     EFFICIENCY_JSON = "efficiency.json"
+    DATA_CHECK = "data_check.json"
     LORA_ADAPTER = "lora_adapter"
     BUNDLE = "bundle"
 
@@ -127,6 +128,10 @@ class RunDir:
     @property
     def efficiency_json(self) -> Path:
         return self.root / self.EFFICIENCY_JSON
+
+    @property
+    def data_check(self) -> Path:
+        return self.root / self.DATA_CHECK
 
     def read_metrics(self) -> dict[str, Any]:
         """metrics.json, or {} before any stage wrote it."""

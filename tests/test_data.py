@@ -69,8 +69,8 @@ def test_eval_transform_output(tiny_data):
     "damage, message",
     [
         ("missing", "data.root: directory not found"),
-        ("empty_class", "has no images"),
-        ("corrupt", "cannot decode image"),
+        ("empty_class", "too_few: class 'zzz' has no readable images"),
+        ("corrupt", "truncated: digit1/broken.png: Truncated File Read"),
     ],
 )
 def test_bad_data_fails_cleanly_and_writes_no_bundle(tmp_path, damage, message):
@@ -78,7 +78,7 @@ def test_bad_data_fails_cleanly_and_writes_no_bundle(tmp_path, damage, message):
 
     from tests.conftest import tiny_config_dict
 
-    root = write_tiny_folder(tmp_path / "data", per_class=6)
+    root = write_tiny_folder(tmp_path / "data", per_class=8)
     if damage == "missing":
         root = tmp_path / "does-not-exist"
     elif damage == "empty_class":
@@ -91,7 +91,11 @@ def test_bad_data_fails_cleanly_and_writes_no_bundle(tmp_path, damage, message):
     r = CliRunner().invoke(cli, ["run", str(path)])
     assert r.exit_code == 1
     assert message in r.output
-    assert len(r.output.strip().splitlines()) == 2  # "run 'tiny' -> ..." + the error line
+    # "run 'tiny' -> ..." + the error line; or, from the data check, every problem under one heading
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 2 if damage == "missing" else lines[1:3] == [
+        "error:", f"the data check found 1 problem(s){' (data.on_bad_file: skip leaves unreadable files out)' if damage == 'corrupt' else ''}; "
+        f"details in {tmp_path / 'runs' / 'tiny' / 'data_check.json'}:"] and len(lines) == 4
     assert "Traceback" not in r.output
     assert not (tmp_path / "runs" / "tiny" / "bundle").exists()
     assert not list((tmp_path / "runs").rglob("*.onnx"))
