@@ -39,6 +39,9 @@ class DataConfig(_Strict):
         "fail", description="An unreadable, corrupt, truncated or empty image: stop with every problem listed "
         "(fail), or leave it out and list it in the report (skip).")
     check: bool = Field(True, description="Check every file before training (edgekiln check-data).")
+    balance: Literal["none", "weights", "sampler"] = Field(
+        "none", description="Imbalanced classes, in adapt and distill: 'weights' weighs the cross-entropy by "
+        "inverse class frequency; 'sampler' draws training batches with every class equally likely.")
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     batch_size: int = Field(64, ge=1)

@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader
 
 from pipeline.errors import EdgekilnError
 from pipeline.models import EdgeClassifier, count_params, create_model
-from pipeline.training import FitResult, TrainSettings, fit, kd_loss, set_seed, tensor_loader
+from pipeline.training import (
+    FitResult, TrainSettings, balanced_sampler, class_weights, fit, kd_loss, set_seed, tensor_loader,
+)
 
 # Candidate students for `--student auto`, smallest first.
 STUDENTS = (
@@ -106,6 +108,7 @@ def train_student(
     mixup: float = 0.0,
     validate_every: int = 1,
     patience: int | None = None,
+    balance: str = "none",
 ) -> FitResult:
     """Train `student` with KD (kd=None: plain cross-entropy, the control run).
 
@@ -118,9 +121,11 @@ def train_student(
     `teacher_outputs(teacher, x, features=hint)`, to share them between several students.
     """
     set_seed(seed)
+    weights = class_weights(y, student.num_classes) if balance == "weights" else None
     settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=1.0,
-                             patience=patience, validate_every=validate_every)
-    base = train_loader or tensor_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed)
+                             patience=patience, validate_every=validate_every,
+                             class_weights=tuple(weights.tolist()) if weights is not None else None)
+    base = train_loader or tensor_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed, balance=balance)
     if kd is None:
         return fit(student, base, vx, vy, settings=settings, desc=desc)
     if teacher is None:
@@ -130,7 +135,8 @@ def train_student(
 
     def loss_fn(out, labels, t_logits, labels2, lam, t_feats=None):
         s_logits, s_proj = out if hint else (out, None)
-        loss = kd_loss(s_logits, t_logits, labels, kd.temperature, kd.alpha, labels2, lam)
+        loss = kd_loss(s_logits, t_logits, labels, kd.temperature, kd.alpha, labels2, lam,
+                       weights.to(s_logits.device) if weights is not None else None)
         if hint:
             loss = loss + kd.hint_weight * F.mse_loss(s_proj, t_feats)
         return loss
@@ -138,7 +144,7 @@ def train_student(
     if cache_teacher and train_loader is None and mixup == 0:
         t_logits, t_feats = teacher_cache or teacher_outputs(teacher, x, features=hint)
         tensors = (x, y, t_logits, y, torch.ones(len(y))) + ((t_feats,) if hint else ())
-        loader = tensor_loader(*tensors, batch_size=batch_size, shuffle=True, seed=seed)
+        loader = tensor_loader(*tensors, batch_size=batch_size, shuffle=True, seed=seed, balance=balance)
     else:
         loader = _LiveTeacherLoader(base, teacher, hint, mixup, seed)
     val_model = student if not hint else _HeadOnly(model)
@@ -200,12 +206,17 @@ def unlabeled_paths(folder: Path) -> list[Path]:
     return paths
 
 
-def view_loader(x_uint8: torch.Tensor, y: torch.Tensor, spec, augment: str, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled batches of augmented views of uint8 crops (label -1 marks an unlabeled image)."""
+def view_loader(x_uint8: torch.Tensor, y: torch.Tensor, spec, augment: str, batch_size: int, seed: int,
+                balance: str = "none") -> DataLoader:
+    """Shuffled batches of augmented views of uint8 crops (label -1 marks an unlabeled image);
+    balance='sampler' draws every class (and the unlabeled images as one more) equally often."""
     from pipeline.strategies.data import AugmentedImages, train_transform
 
     ds = AugmentedImages(x_uint8, y, train_transform(augment, spec))
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    if balance == "sampler":
+        return DataLoader(ds, batch_size=batch_size, sampler=balanced_sampler(y, g))
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g)
 
 
 # --------------------------------------------------------------------------- cost on this machine

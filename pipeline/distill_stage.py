@@ -185,7 +185,7 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
         log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), dcfg.unlabeled)
         x8 = torch.cat([x8, load_uint8(extra, spec)])
         y = torch.cat([y, torch.full((len(extra),), -1, dtype=torch.long)])
-    return (lambda batch: view_loader(x8, y, spec, dcfg.augment, batch, cfg.seed)), len(y)
+    return (lambda batch: view_loader(x8, y, spec, dcfg.augment, batch, cfg.seed, cfg.data.balance)), len(y)
 
 
 def run_distill(cfg: PipelineConfig) -> DistillResult:
@@ -215,7 +215,8 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
                          min_steps=dcfg.min_steps)
     log.info("distill: training budget %s", budget.describe())
     common = dict(epochs=budget.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=budget.batch_size,
-                  seed=cfg.seed, validate_every=budget.validate_every, patience=dcfg.patience)
+                  seed=cfg.seed, validate_every=budget.validate_every, patience=dcfg.patience,
+                  balance=cfg.data.balance)
     names, auto = _candidates(dcfg, n_classes, spec.crop)
 
     best = None

@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from pipeline.data import Split, eval_transform, load_tensors
 from pipeline.errors import ConfigError
 from pipeline.features import cached_features
-from pipeline.training import tensor_loader
+from pipeline.training import balanced_sampler, tensor_loader
 from runtime.preprocess import PreprocessSpec, open_image
 
 
@@ -120,10 +120,16 @@ class AugmentedImages(Dataset):
         return self.transform(self.x[i]), self.y[i]
 
 
-def train_loader(data: AdaptData, augment: str, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
-    """Shuffled (seeded) training batches: preprocessed tensors, or uint8 crops through an augmentation preset."""
+def train_loader(data: AdaptData, augment: str, batch_size: int, seed: int, num_workers: int = 0,
+                 balance: str = "none") -> DataLoader:
+    """Shuffled (seeded) training batches: preprocessed tensors, or uint8 crops through an augmentation
+    preset; balance='sampler' draws every class equally often instead."""
     if augment == "none":
-        return tensor_loader(data.x("train"), data.y("train"), batch_size=batch_size, shuffle=True, seed=seed)
+        return tensor_loader(data.x("train"), data.y("train"), batch_size=batch_size, shuffle=True, seed=seed,
+                             balance=balance)
     ds = AugmentedImages(data.x_uint8("train"), data.y("train"), train_transform(augment, data.spec))
     g = torch.Generator().manual_seed(seed)
+    if balance == "sampler":
+        return DataLoader(ds, batch_size=batch_size, sampler=balanced_sampler(data.y("train"), g),
+                          num_workers=num_workers)
     return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, num_workers=num_workers)

@@ -40,7 +40,8 @@ def feature_extraction(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig,
         result = None
         val_acc = accuracy(predict_logits(head, feats["val"]), data.y("val"))
     else:
-        loader = tensor_loader(feats["train"], data.y("train"), batch_size=ctx.batch_size, shuffle=True, seed=ctx.seed)
+        loader = tensor_loader(feats["train"], data.y("train"), batch_size=ctx.batch_size, shuffle=True, seed=ctx.seed,
+                               balance=ctx.balance)
         result = fit_adapt(head, loader, data, cfg, ctx, val_x=feats["val"])
         val_acc = result.best_val_accuracy
     test_logits = predict_logits(head, feats["test"])

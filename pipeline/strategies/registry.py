@@ -18,7 +18,7 @@ from pipeline.config import AdaptConfig
 from pipeline.errors import ConfigError
 from pipeline.models import EdgeClassifier
 from pipeline.strategies.data import AdaptData, train_loader
-from pipeline.training import FitResult, TrainSettings, fit
+from pipeline.training import FitResult, TrainSettings, class_weights, fit
 from pipeline.training.budget import Budget, plan_budget
 from runtime.registry import Registry
 
@@ -38,6 +38,7 @@ class AdaptContext:
     is_main: bool = True
     desc: str = "adapt"
     budget: Budget | None = None  # the training length (with_budget sets it and the batch size)
+    balance: str = "none"  # data.balance: none | weights | sampler
 
 
 @dataclass
@@ -62,14 +63,17 @@ def with_budget(cfg: AdaptConfig, data: AdaptData, ctx: AdaptContext) -> AdaptCo
 
 
 def loader_for(data: AdaptData, augment: str, ctx: AdaptContext) -> DataLoader:
-    return train_loader(data, augment, ctx.batch_size, ctx.seed, ctx.num_workers)
+    return train_loader(data, augment, ctx.batch_size, ctx.seed, ctx.num_workers, balance=ctx.balance)
 
 
 def fit_adapt(model: nn.Module, loader, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext, val_x=None, **kw) -> FitResult:
     """pipeline.training.fit with the adapt settings, validated on the val split (or `val_x`, e.g. its features)."""
+    settings = TrainSettings.from_adapt(cfg, ctx.budget)
+    if ctx.balance == "weights":
+        settings = replace(settings, class_weights=tuple(class_weights(data.y("train"), data.num_classes).tolist()))
     return fit(
         model, loader, data.x("val") if val_x is None else val_x, data.y("val"),
-        settings=TrainSettings.from_adapt(cfg, ctx.budget), desc=ctx.desc, checkpoint_dir=ctx.checkpoint_dir,
+        settings=settings, desc=ctx.desc, checkpoint_dir=ctx.checkpoint_dir,
         resume=ctx.resume, run_config=ctx.run_config, **kw,
     )
 

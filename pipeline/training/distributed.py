@@ -70,7 +70,13 @@ def distributed_loader(loader: DataLoader, info: DistInfo) -> DataLoader:
         return loader
     if hasattr(loader, "rewrap"):
         return loader.rewrap(distributed_loader(loader.inner, info))
+    from torch.utils.data import WeightedRandomSampler
     from torch.utils.data.distributed import DistributedSampler
+
+    if isinstance(loader.sampler, WeightedRandomSampler):
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("data.balance: 'sampler' does not shard across torchrun processes; use 'weights'")
 
     sampler = DistributedSampler(loader.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler)

@@ -54,9 +54,35 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def tensor_loader(*tensors: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def tensor_loader(*tensors: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
+                  balance: str = "none") -> DataLoader:
+    """Batches of `tensors` (the second holds the labels); balance='sampler' draws every class
+    equally often (with replacement) instead of shuffling."""
+    ds = TensorDataset(*tensors)
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle, generator=g)
+    if shuffle and balance == "sampler":
+        return DataLoader(ds, batch_size=batch_size, sampler=balanced_sampler(tensors[1], g))
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
+
+
+def balanced_sampler(labels: torch.Tensor, generator: torch.Generator):
+    """torch's WeightedRandomSampler with weight 1/count(class) per image (unlabeled rows, -1, count as
+    one more class): one epoch draws as many images as there are, every class equally likely."""
+    from torch.utils.data import WeightedRandomSampler
+
+    y = torch.as_tensor(labels).long()
+    shifted = y + 1  # -1 (unlabeled) -> 0
+    counts = torch.bincount(shifted).float()
+    return WeightedRandomSampler((1.0 / counts[shifted]).double(), num_samples=len(y), replacement=True,
+                                generator=generator)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, normalised to mean 1 over the classes present (sklearn's 'balanced')."""
+    y = torch.as_tensor(labels).long()
+    counts = torch.bincount(y[y >= 0], minlength=num_classes).float()
+    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return w
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -83,7 +109,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float, labels2=None,
-            lam=None) -> torch.Tensor:
+            lam=None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hinton et al. 2015: alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE.
 
     The KL term needs no labels: rows labelled -1 (unlabeled images) feed it alone. With mixup,
@@ -98,11 +124,11 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: f
     if not known.any():
         ce = student_logits.sum() * 0.0
     elif labels2 is None:
-        ce = F.cross_entropy(student_logits[known], labels[known])
+        ce = F.cross_entropy(student_logits[known], labels[known], weight=weight)
     else:
         s, w = student_logits[known], lam[known]
-        ce = (w * F.cross_entropy(s, labels[known], reduction="none")
-              + (1 - w) * F.cross_entropy(s, labels2[known], reduction="none")).mean()
+        ce = (w * F.cross_entropy(s, labels[known], weight=weight, reduction="none")
+              + (1 - w) * F.cross_entropy(s, labels2[known], weight=weight, reduction="none")).mean()
     return alpha * (t * t) * kl + (1.0 - alpha) * ce
 
 
@@ -374,7 +400,8 @@ def fit(
     train_loader = distributed_loader(train_loader, info)
     scheduler = cosine_schedule(optimizer, s.epochs, len(train_loader), s.warmup_epochs)
     if loss_fn is None:
-        loss_fn = functools.partial(F.cross_entropy, label_smoothing=s.label_smoothing)
+        weight = torch.tensor(s.class_weights, device=device) if s.class_weights else None
+        loss_fn = functools.partial(F.cross_entropy, label_smoothing=s.label_smoothing, weight=weight)
     run = _Run(model, optimizer, scheduler, Amp(device), train_loader, info, checkpoint_dir, run_config)
     start, resumed_from = 1, None
     if resume:

@@ -27,6 +27,7 @@ class TrainSettings:
     grad_clip: float | None = None
     patience: int | None = None  # early stopping: validations without a better val accuracy
     validate_every: int = 1  # epochs between validations (the last epoch is always validated)
+    class_weights: tuple[float, ...] | None = None  # of the default cross-entropy (data.balance: weights)
 
     @classmethod
     def from_adapt(cls, a, budget=None) -> "TrainSettings":
