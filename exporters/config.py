@@ -103,6 +103,9 @@ class DeployConfig(_Strict):
     max_latency_ms: float | None = Field(None, gt=0, description="Budget: latency p50 at batch 1, on this machine.")
     max_size_mb: float | None = Field(None, gt=0, description="Budget: model file size (MB).")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Budget: test accuracy of the artifact.")
+    min_ood_auroc: float | None = Field(
+        None, ge=0, le=1, description="Budget: AUROC of the model's OOD score, test split vs data.ood's images "
+                                      "(exporters.trust; needs data.ood).")
     objective: Literal["latency", "size", "accuracy"] = Field(
         "latency", description="What the choice minimises (latency, size) or maximises (accuracy) within budgets.")
     batch: int = Field(16, ge=1, le=1024, description="Batch size of the throughput measurement.")

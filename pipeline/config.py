@@ -211,6 +211,13 @@ class PipelineConfig(_Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
+    @model_validator(mode="after")
+    def _ood_budget_needs_ood_images(self) -> "PipelineConfig":
+        if self.deploy.min_ood_auroc is not None and (self.data.ood is None or not self.trust.ood.enabled):
+            raise ValueError("deploy.min_ood_auroc needs data.ood (a folder of out-of-distribution images) and "
+                             "trust.ood.enabled")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return self.runs_dir / self.name

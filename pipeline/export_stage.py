@@ -231,6 +231,8 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
     run.update_metrics("trust", {r: f.to_metrics() for r, f in fits.items()})
     bundles = {r: read_bundle(b.out, verify=False) for r, b in built.items()}
     cands = [c for r, b in built.items() for c in gate_candidates(r, bundles[r], b.gate)]
+    for c in cands:  # the model's OOD quality, for the deploy.min_ood_auroc budget
+        c.ood_auroc = (fits[c.model].metrics.get("ood") or {}).get("auroc")
     measure(cands, {str(b.root): b for b in bundles.values()}, cfg.deploy)
     choice = choose(cands, cfg.deploy)
     record = {**choice.to_dict(), "refused_models": refused}

@@ -193,3 +193,23 @@ def test_a_missing_ood_folder_is_one_line_before_slow_work(run_copy, tmp_path):
     assert r.exit_code == 1
     assert r.output.strip() == f"error: data.ood: {tmp_path / 'nowhere'} is not a folder; point it at a folder of " \
                                "out-of-distribution images"
+
+
+def test_deploy_budget_on_ood_auroc_refuses_a_model_that_cannot_tell_outliers():
+    from exporters.config import DeployConfig
+    from exporters.deploy import Candidate, choose
+    from pipeline.config import build_config
+    from pipeline.errors import ConfigError
+
+    base = dict(arch="a", artifact="onnx", file="model.onnx", format="onnx", precision="fp32", backend="cpu",
+                bundle="b", size_mb=1.0, accuracy=0.96, accuracy_drop=0.0, drop_low=0.0, drop_high=0.0, n=360,
+                agreement=1.0, agreement_n=360)
+    student = Candidate(model="student", latency_p50_ms=3.5, ood_auroc=0.86, **base)
+    teacher = Candidate(model="teacher", latency_p50_ms=12.8, ood_auroc=0.968, **base)
+    unmeasured = Candidate(model="other", latency_p50_ms=1.0, **base)
+    choice = choose([student, teacher, unmeasured], DeployConfig(min_ood_auroc=0.9))
+    assert choice.chosen is teacher and "met the budgets (min_ood_auroc 0.9)" in choice.reason
+    assert student.missed == ["OOD AUROC 0.860 < 0.9"]
+    assert unmeasured.missed == ["OOD AUROC unmeasured (no data.ood images, or the unknown answer is off)"]
+    with pytest.raises(ConfigError, match="deploy.min_ood_auroc needs data.ood"):
+        build_config({"data": {"demo": True}, "deploy": {"min_ood_auroc": 0.9}})
