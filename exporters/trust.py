@@ -61,8 +61,11 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, list[float]]:
     """Equal-width confidence bins: per bin its mean confidence, accuracy and count."""
-    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
-    correct = (pred == np.asarray(labels)).astype(np.float64)
+    return _bins(probs.max(axis=1), probs.argmax(axis=1) == np.asarray(labels), bins)
+
+
+def _bins(conf: np.ndarray, correct: np.ndarray, bins: int) -> dict[str, list[float]]:
+    correct = np.asarray(correct, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
     out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}
@@ -78,9 +81,22 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     """ECE: the count-weighted mean |accuracy - confidence| over equal-width confidence bins."""
     if not len(probs):
         return 0.0
-    r = reliability(probs, labels, bins)
+    return _ece(reliability(probs, labels, bins))
+
+
+def _ece(r: dict[str, list[float]]) -> float:
     n = sum(r["count"])
     return float(sum(c * abs(a - f) for c, a, f in zip(r["count"], r["accuracy"], r["confidence"])) / n)
+
+
+def ece_floor(probs: np.ndarray, bins: int = 15, draws: int = 200, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model with these confidences shows on this many images, from sampling
+    alone (the mean over `draws` simulations where each answer is right with probability its confidence):
+    an ECE near it cannot be told from perfect calibration on this split."""
+    if not len(probs):
+        return 0.0
+    conf, rng = probs.max(axis=1), np.random.default_rng(seed)
+    return float(np.mean([_ece(_bins(conf, rng.random(len(conf)) < conf, bins)) for _ in range(draws)]))
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
@@ -158,6 +174,7 @@ def fit_trust(cfg: TrustConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[
                    "ece_after": expected_calibration_error(after, y, cfg.bins),
                    "nll_before": nll(z, y), "nll_after": nll(z, y, t)}
         e = m[part]
+        e["ece_floor"] = ece_floor(after, cfg.bins)
         e["ece_reduction"] = 1 - e["ece_after"] / e["ece_before"] if e["ece_before"] > 0 else 0.0
         diagram[part] = {"before": reliability(before, y, cfg.bins), "after": reliability(after, y, cfg.bins)}
     spec = None

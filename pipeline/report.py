@@ -55,7 +55,7 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
         e = t["test"]
         line = (f"trust ({role}{', shipped' if trust.get('shipped') == role else ''}): temperature "
                 f"{t['temperature']:.3g}, test ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f} "
-                f"({e['ece_reduction']:+.0%} reduction)")
+                f"({-e['ece_reduction']:+.0%})")
         o = t.get("ood")
         if o:
             line += (f"; unknown below {o['score']} {o['threshold']:.3f} (val recall {o['val_known_rate']:.1%}), "
@@ -253,9 +253,12 @@ def _trust_section(run: RunDir, trust: dict[str, Any]) -> list[str]:
     rows = [["temperature", *[f"{trust[r]['temperature']:.4g}" for r in roles]]]
     for part in ("val", "test"):
         rows += [[f"{part} ECE before → after", *[f"{trust[r][part]['ece_before']:.4f} → {trust[r][part]['ece_after']:.4f} "
-                                                  f"({trust[r][part]['ece_reduction']:+.0%})" for r in roles]],
+                                                  f"({-trust[r][part]['ece_reduction']:+.0%})" for r in roles]],
                  [f"{part} NLL before → after", *[f"{trust[r][part]['nll_before']:.4f} → {trust[r][part]['nll_after']:.4f}"
                                                   for r in roles]]]
+    if all("ece_floor" in trust[r]["test"] for r in roles):
+        rows.append(["test ECE of a perfectly calibrated model (sampling floor)",
+                     *[f"{trust[r]['test']['ece_floor']:.4f} (n={trust[r]['n_test']})" for r in roles]])
     if any(trust[r].get("ood") for r in roles):
         def o(r: str, fmt) -> str:
             x = trust[r].get("ood")

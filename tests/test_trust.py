@@ -43,6 +43,15 @@ def test_temperature_recovers_the_scale_of_overconfident_logits():
         0.5 * expected_calibration_error(raw / raw.sum(1, keepdims=True), y)
 
 
+def test_ece_floor_is_the_sampling_noise_of_a_calibrated_model():
+    from exporters.trust import ece_floor
+
+    probs = np.tile([0.97, 0.03], (360, 1))  # one bin: ECE = |share right - 0.97|, share ~ Binomial(360, 0.97)/360
+    expected = np.sqrt(0.97 * 0.03 / 360) * np.sqrt(2 / np.pi)  # E|N(0, sd)| = sd * sqrt(2/pi)
+    assert ece_floor(probs, draws=2000) == pytest.approx(expected, rel=0.1)
+    assert ece_floor(np.tile([0.97, 0.03], (36000, 1))) < expected / 5  # shrinks like 1/sqrt(n)
+
+
 def test_a_perfectly_separated_split_fits_no_temperature():
     z = np.array([[5.0, 0.0], [0.0, 5.0], [4.0, 1.0]])
     assert fit_temperature(z, np.array([0, 1, 0])) is None  # the NLL keeps falling as T -> 0
