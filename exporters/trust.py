@@ -31,6 +31,8 @@ from runtime.trust import ood_score, softmax
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of `labels` under softmax(logits / temperature)."""
+    if not len(logits):
+        return 0.0
     z = np.asarray(logits, dtype=np.float64) / temperature
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -178,7 +180,9 @@ def fit_trust(cfg: TrustConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[
         e["ece_reduction"] = 1 - e["ece_after"] / e["ece_before"] if e["ece_before"] > 0 else 0.0
         diagram[part] = {"before": reliability(before, y, cfg.bins), "after": reliability(after, y, cfg.bins)}
     spec = None
-    if cfg.ood.enabled:
+    if cfg.ood.enabled and not len(vy):
+        m["ood_note"] = "no validation images to choose the OOD threshold on: the bundle never answers unknown"
+    elif cfg.ood.enabled:
         kind = cfg.ood.score
         v_scores, t_scores = ood_score(vz, kind), ood_score(tz, kind)
         threshold = threshold_for_recall(v_scores, cfg.ood.target_recall)

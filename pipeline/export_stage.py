@@ -324,6 +324,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     from pipeline.distill_stage import run_distill
     from pipeline.report import write_run_report
 
+    ood_images(cfg)  # a bad data.ood fails now, not after training
     adapted = run_adapt(cfg)
     distilled = run_distill(cfg) if cfg.distill.enabled else None
     # The export's own gate is the validation: the bundle it checked is the one renamed into place,

@@ -198,10 +198,10 @@ def test_a_missing_ood_folder_is_one_line_before_slow_work(run_copy, tmp_path):
     d = yaml.safe_load(cfg_path.read_text())
     d["data"]["ood"] = str(tmp_path / "nowhere")
     cfg_path.write_text(yaml.safe_dump(d))
-    r = CliRunner().invoke(cli, ["export", str(cfg_path)])
-    assert r.exit_code == 1
-    assert r.output.strip() == f"error: data.ood: {tmp_path / 'nowhere'} is not a folder; point it at a folder of " \
-                               "out-of-distribution images"
+    want = f"error: data.ood: {tmp_path / 'nowhere'} is not a folder; point it at a folder of out-of-distribution images"
+    for command in ("export", "run"):  # `run` checks it before adapting
+        r = CliRunner().invoke(cli, [command, str(cfg_path)])
+        assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == want, r.output
 
 
 def test_deploy_budget_on_ood_auroc_refuses_a_model_that_cannot_tell_outliers():
