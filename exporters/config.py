@@ -127,8 +127,10 @@ class TrustConfig(_Strict):
     """Calibrated probabilities and the "unknown" answer, fitted per exported model on the validation
     split and written into bundle.json's `trust` section, which the runtime applies (runtime.trust)."""
 
-    calibration: Literal["temperature", "none"] = Field(
-        "temperature", description="temperature: one temperature fitted on the validation NLL; none: raw softmax.")
+    calibration: Literal["temperature", "vector", "none"] = Field(
+        "temperature", description="temperature: one temperature fitted on the validation NLL; vector: a scale and "
+                                   "a bias per class (may change the best class); none: raw softmax.")
+    vector_l2: float = Field(0.01, ge=0, description="vector: L2 pull of scale and bias towards the temperature fit.")
     bins: int = Field(15, ge=2, le=100, description="Confidence bins of the expected calibration error.")
     ood: OODConfig = OODConfig()
 

@@ -61,6 +61,44 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi
     return float(np.exp((a + b) / 2))
 
 
+def fit_vector(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, l2: float = 0.01,
+               steps: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Vector scaling: per-class (scale, bias) minimising the NLL of softmax(logits * scale + bias) plus
+    l2/2 * |(scale, bias) - (1/temperature, 0)|^2, which keeps a small or separable split from driving
+    them apart. Convex: gradient descent with a backtracking (Armijo) line search."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+    n, k = z.shape
+    onehot = np.eye(k)[y]
+    w0, theta = np.full(k, 1.0 / temperature), np.concatenate([np.full(k, 1.0 / temperature), np.zeros(k)])
+
+    def loss_grad(th: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = th[:k], th[k:]
+        a = z * w + b
+        a = a - a.max(axis=1, keepdims=True)
+        logp = a - np.log(np.exp(a).sum(axis=1, keepdims=True))
+        d = np.exp(logp) - onehot
+        reg = np.concatenate([w - w0, b])
+        loss = float(-(logp * onehot).sum() / n + l2 / 2 * (reg @ reg))
+        return loss, np.concatenate([(d * z).mean(axis=0), d.mean(axis=0)]) + l2 * reg
+
+    loss, grad = loss_grad(theta)
+    for _ in range(steps):
+        step, gg = 1.0, float(grad @ grad)
+        if gg < 1e-12:
+            break
+        while step > 1e-8:
+            cand = theta - step * grad
+            new_loss, new_grad = loss_grad(cand)
+            if new_loss <= loss - 0.5 * step * gg:
+                break
+            step /= 2
+        else:
+            break
+        theta, loss, grad = cand, new_loss, new_grad
+    return theta[:k], theta[k:]
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, list[float]]:
     """Equal-width confidence bins: per bin its mean confidence, accuracy and count."""
     return _bins(probs.max(axis=1), probs.argmax(axis=1) == np.asarray(labels), bins)
@@ -162,19 +200,29 @@ def fit_trust(cfg: TrustConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[
     at 95% TPR on the test split. Everything is computed from PyTorch logits (the parity gate then
     holds every artifact to the same decisions)."""
     (vz, vy), (tz, ty) = val, test
-    fitted = fit_temperature(vz, vy) if cfg.calibration == "temperature" else None
+    fitted = fit_temperature(vz, vy) if cfg.calibration != "none" else None
     t = round(fitted, 6) if fitted is not None else 1.0
+    scale = bias = None
+    if cfg.calibration == "vector" and len(vy):
+        w, b = fit_vector(vz, vy, t, cfg.vector_l2)
+        scale, bias = [round(float(v), 6) for v in w], [round(float(v), 6) for v in b]
     m: dict[str, Any] = {"calibration": cfg.calibration, "temperature": t, "bins": cfg.bins,
                          "fitted_on": "val", "n_val": len(vy), "n_test": len(ty)}
+    if scale is not None:
+        m["vector"] = {"scale": scale, "bias": bias, "l2": cfg.vector_l2}
     if cfg.calibration == "temperature" and fitted is None:
         m["calibration_note"] = ("no temperature fitted: the validation split has no NLL minimum (empty, or every "
                                  "image classified right with growing confidence as T -> 0); kept T = 1")
     diagram = {}
     for part, (z, y) in (("val", (vz, vy)), ("test", (tz, ty))):
-        before, after = softmax(np.asarray(z, np.float64)), softmax(np.asarray(z, np.float64) / t)
+        z64 = np.asarray(z, np.float64)
+        scaled = z64 * np.asarray(scale) + np.asarray(bias) if scale is not None else z64 / t
+        before, after = softmax(z64), softmax(scaled)
         m[part] = {"ece_before": expected_calibration_error(before, y, cfg.bins),
                    "ece_after": expected_calibration_error(after, y, cfg.bins),
-                   "nll_before": nll(z, y), "nll_after": nll(z, y, t)}
+                   "nll_before": nll(z, y), "nll_after": nll(scaled, y),
+                   "accuracy_before": float((before.argmax(1) == y).mean()) if len(y) else 0.0,
+                   "accuracy_after": float((after.argmax(1) == y).mean()) if len(y) else 0.0}
         e = m[part]
         e["ece_floor"] = ece_floor(after, cfg.bins)
         e["ece_reduction"] = 1 - e["ece_after"] / e["ece_before"] if e["ece_before"] > 0 else 0.0
@@ -208,7 +256,7 @@ def fit_trust(cfg: TrustConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[
                   "ece_after": m["val"]["ece_after"]}
     if spec is not None:
         fit_record["ood"] = {k: v for k, v in m["ood"].items() if k in ("validated", "auroc", "fpr_at_95_tpr", "n_ood")}
-    trust = Trust(temperature=t, ood=spec, fit=fit_record)
+    trust = Trust(temperature=t, scale=scale, bias=bias, ood=spec, fit=fit_record)
     return TrustFit(trust=trust, metrics=m, diagram=diagram)
 
 
@@ -239,7 +287,8 @@ def plot_reliability(fit: TrustFit, path: Path, title: str = "") -> Path | None:
         ax.bar(centers[has], (np.asarray(r["confidence"]) - np.asarray(r["accuracy"]))[has],
                bottom=np.asarray(r["accuracy"])[has], width=width * 0.95, color="#dd8452", alpha=0.5, label="gap")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
-        label = "raw softmax" if when == "before" else f"temperature {fit.metrics['temperature']:.3g}"
+        label = ("raw softmax" if when == "before" else "vector scaling" if "vector" in fit.metrics
+                 else f"temperature {fit.metrics['temperature']:.3g}")
         ax.set_title(f"{label}: ECE {ece:.3f}")
         ax.set_xlabel("confidence")
         ax.set_xlim(0, 1)

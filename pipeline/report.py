@@ -53,8 +53,8 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
         if not isinstance(t, dict):
             continue
         e = t["test"]
-        line = (f"trust ({role}{', shipped' if trust.get('shipped') == role else ''}): temperature "
-                f"{t['temperature']:.3g}, test ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f} "
+        how = "vector scaling" if t.get("vector") else f"temperature {t['temperature']:.3g}"
+        line = (f"trust ({role}{', shipped' if trust.get('shipped') == role else ''}): {how}, test ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f} "
                 f"({-e['ece_reduction']:+.0%})")
         o = t.get("ood")
         if o:
@@ -251,6 +251,12 @@ def _trust_section(run: RunDir, trust: dict[str, Any]) -> list[str]:
     lines = ["## Trust: calibrated probabilities and the unknown answer", "", intro, ""]
     header = ["", *[f"{r}{' (shipped)' if trust.get('shipped') == r else ''}" for r in roles]]
     rows = [["temperature", *[f"{trust[r]['temperature']:.4g}" for r in roles]]]
+    if any("vector" in trust[r] for r in roles):
+        rows.append(["vector scaling: scale / bias per class", *[
+            f"{min(v['scale']):.3g}–{max(v['scale']):.3g} / {min(v['bias']):+.3g}–{max(v['bias']):+.3g}"
+            if (v := trust[r].get("vector")) else "—" for r in roles]])
+        rows.append(["test accuracy before → after", *[f"{trust[r]['test'].get('accuracy_before', 0):.4f} → "
+                                                        f"{trust[r]['test'].get('accuracy_after', 0):.4f}" for r in roles]])
     for part in ("val", "test"):
         rows += [[f"{part} ECE before → after", *[f"{trust[r][part]['ece_before']:.4f} → {trust[r][part]['ece_after']:.4f} "
                                                   f"({-trust[r][part]['ece_reduction']:+.0%})" for r in roles]],

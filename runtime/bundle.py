@@ -189,8 +189,18 @@ class Trust(_Model):
     below its threshold. `fit` records how export chose them (split, n, ECE before/after, OOD figures)."""
 
     temperature: float = Field(1.0, gt=0)
+    # vector scaling (Guo et al., 2017): probabilities = softmax(logits * scale + bias), one value per class;
+    # when set, they replace the temperature (which then only records the 1-D fit they started from)
+    scale: list[float] | None = None
+    bias: list[float] | None = None
     ood: OODSpec | None = None
     fit: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _vector(self) -> "Trust":
+        if (self.scale is None) != (self.bias is None) or (self.scale and len(self.scale) != len(self.bias)):
+            raise ValueError("vector scaling needs `scale` and `bias` of the same length (one value per class)")
+        return self
 
 
 class BundleManifest(_Model):
@@ -231,6 +241,8 @@ class BundleManifest(_Model):
         unknown = sorted(set(self.golden.artifacts) - set(self.artifacts)) if self.golden else []
         if unknown:
             raise ValueError(f"golden outputs for unknown artifacts: {', '.join(unknown)}")
+        if self.trust and self.trust.scale is not None and len(self.trust.scale) != len(self.class_names):
+            raise ValueError(f"trust.scale and trust.bias must have {len(self.class_names)} values, one per class")
         if self.trust and self.trust.ood and self.trust.ood.unknown_label in self.class_names:
             raise ValueError(f"trust.ood.unknown_label '{self.trust.ood.unknown_label}' is also a class name")
         if self.default_artifact not in self.artifacts:

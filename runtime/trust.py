@@ -6,6 +6,7 @@ plain logits model and every precision and backend answers the same way:
 
     out = postprocess(logits, bundle.manifest.trust)      # Outputs: probs, score, known
     out.probs      softmax(logits / temperature)           (temperature scaling, Guo et al. 2017)
+                   or softmax(logits * scale + bias)       (vector scaling: may change the best class)
     out.score      the out-of-distribution score, higher = more like the training data
     out.known      score >= threshold (all True without an `ood` section, or with ood=False)
 
@@ -59,7 +60,10 @@ def postprocess(logits: np.ndarray, trust: Trust | None, ood: bool = True) -> Ou
     `ood=False` turns the "unknown" answer off (the score is still computed when the bundle has one)."""
     z = np.asarray(logits, dtype=np.float32)
     temperature = trust.temperature if trust else 1.0
-    probs = softmax(z / np.float32(temperature)) if temperature != 1.0 else softmax(z)
+    if trust is not None and trust.scale is not None:  # vector scaling
+        probs = softmax(z * np.asarray(trust.scale, np.float32) + np.asarray(trust.bias, np.float32))
+    else:
+        probs = softmax(z / np.float32(temperature)) if temperature != 1.0 else softmax(z)
     spec = trust.ood if trust else None
     score = ood_score(z, spec.score) if spec else None
     known = score >= spec.threshold if (spec and ood) else np.ones(len(z), dtype=bool)

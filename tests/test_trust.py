@@ -52,6 +52,25 @@ def test_ece_floor_is_the_sampling_noise_of_a_calibrated_model():
     assert ece_floor(np.tile([0.97, 0.03], (36000, 1))) < expected / 5  # shrinks like 1/sqrt(n)
 
 
+def test_vector_scaling_recovers_per_class_scales_and_the_runtime_applies_them():
+    from exporters.trust import fit_vector
+
+    z, y = _overconfident(6000, 1.0, seed=3)
+    skew = np.array([3.0, 1.0, 2.0, 0.5])
+    w, b = fit_vector(z * skew, y, l2=0.0)
+    assert np.allclose(w, 1 / skew, rtol=0.15) and np.abs(b).max() < 0.15
+    half = len(y) // 2
+    vec = fit_trust(TrustConfig(calibration="vector"), (z[:half] * skew, y[:half]), (z[half:] * skew, y[half:]))
+    temp = fit_trust(TrustConfig(), (z[:half] * skew, y[:half]), (z[half:] * skew, y[half:]))
+    assert vec.metrics["test"]["nll_after"] < temp.metrics["test"]["nll_after"] < temp.metrics["test"]["nll_before"]
+    assert vec.trust.scale == vec.metrics["vector"]["scale"] and len(vec.trust.bias) == 4
+    got = postprocess(z[:5] * skew, vec.trust).probs
+    want = np.exp(z[:5] * skew * vec.trust.scale + vec.trust.bias)
+    assert np.allclose(got, want / want.sum(1, keepdims=True), atol=1e-5)
+    with pytest.raises(ValueError, match="same length"):
+        Trust(scale=[1.0, 2.0], bias=[0.0])
+
+
 def test_a_perfectly_separated_split_fits_no_temperature():
     z = np.array([[5.0, 0.0], [0.0, 5.0], [4.0, 1.0]])
     assert fit_temperature(z, np.array([0, 1, 0])) is None  # the NLL keeps falling as T -> 0
