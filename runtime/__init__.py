@@ -33,7 +33,7 @@ from runtime.bundle import Bundle, read_bundle
 from runtime.errors import BackendError, BundleError, EdgekilnError, ImageError, ImageTooLargeError, ParityError
 from runtime.preprocess import MAX_PIXELS, as_image_list, preprocess
 from runtime.signing import PUBLIC_KEY_ENV
-from runtime.trust import Outputs, postprocess
+from runtime.trust import Outputs, postprocess, softmax  # noqa: F401  (runtime.softmax, as before)
 
 __all__ = [
     "load", "Classifier", "Prediction", "SelfTestReport", "backend_names",
