@@ -29,7 +29,7 @@ from exporters.parity import GateResult, parity_gate
 from exporters.specs import ExportSpec, export_spec_for
 from exporters.thresholds import resolve_thresholds
 from runtime.bundle import (
-    Artifact, Bundle, BundleManifest, Golden, ModelInfo, ParitySummary, Preprocess, TensorSpec, read_bundle,
+    Artifact, Bundle, BundleManifest, Golden, ModelInfo, ParitySummary, Preprocess, TensorSpec, Trust, read_bundle,
     write_manifest,
 )
 from runtime.files import atomic_dir
@@ -75,6 +75,7 @@ class ExportJob:
     version: str = ""  # the edgekiln version writing the bundle
     metrics: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training metrics, for bundle.json
     all_backends: bool = True  # check each artifact on every backend of its runtimes available here
+    trust: Trust | None = None  # calibration and OOD threshold (exporters.trust.fit_trust), for bundle.json
 
 
 @dataclass(frozen=True)
@@ -204,4 +205,5 @@ def _manifest(job: ExportJob, spec: type[ExportSpec], artifacts: dict[str, Artif
         artifacts=artifacts,
         golden=golden,
         metrics=job.metrics,
+        trust=job.trust,
     )

@@ -103,11 +103,36 @@ class DeployConfig(_Strict):
     max_latency_ms: float | None = Field(None, gt=0, description="Budget: latency p50 at batch 1, on this machine.")
     max_size_mb: float | None = Field(None, gt=0, description="Budget: model file size (MB).")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Budget: test accuracy of the artifact.")
+    min_ood_auroc: float | None = Field(
+        None, ge=0, le=1, description="Budget: AUROC of the model's OOD score, test split vs data.ood's images "
+                                      "(exporters.trust; needs data.ood).")
     objective: Literal["latency", "size", "accuracy"] = Field(
         "latency", description="What the choice minimises (latency, size) or maximises (accuracy) within budgets.")
     batch: int = Field(16, ge=1, le=1024, description="Batch size of the throughput measurement.")
     latency_rounds: int = Field(30, ge=5, le=10_000, description="Timed batch-1 runs per candidate (median kept).")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads while timing (None: its default).")
+
+
+class OODConfig(_Strict):
+    """The "unknown" answer: an out-of-distribution score from the logits and a threshold chosen on the
+    validation split (exporters.trust); the runtime answers `unknown_label` below it."""
+
+    enabled: bool = Field(True, description="Off: the bundle gets no OOD section and never answers unknown.")
+    score: Literal["energy", "max_logit"] = Field("energy", description="energy = logsumexp(logits); max_logit.")
+    target_recall: float = Field(0.95, gt=0, lt=1, description="Share of validation images that stay known.")
+    unknown_label: str = Field("unknown", min_length=1, description="The label of an unknown answer.")
+
+
+class TrustConfig(_Strict):
+    """Calibrated probabilities and the "unknown" answer, fitted per exported model on the validation
+    split and written into bundle.json's `trust` section, which the runtime applies (runtime.trust)."""
+
+    calibration: Literal["temperature", "vector", "none"] = Field(
+        "temperature", description="temperature: one temperature fitted on the validation NLL; vector: a scale and "
+                                   "a bias per class (may change the best class); none: raw softmax.")
+    vector_l2: float = Field(0.01, ge=0, description="vector: L2 pull of scale and bias towards the temperature fit.")
+    bins: int = Field(15, ge=2, le=100, description="Confidence bins of the expected calibration error.")
+    ood: OODConfig = OODConfig()
 
 
 class PrecisionThresholds(_Strict):
@@ -120,6 +145,9 @@ class PrecisionThresholds(_Strict):
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="0.01 = 1 accuracy point.")
     max_kl: float | None = Field(None, gt=0)
     min_accuracy: float | None = Field(None, ge=0, le=1)
+    min_decision_agreement: float | None = Field(None, ge=0, le=1, description="Same answer (label or unknown).")
+    max_abs_prob_diff: float | None = Field(None, gt=0, description="Max |Δ calibrated probability|.")
+    max_abs_score_diff: float | None = Field(None, gt=0, description="Max |Δ OOD score|.")
 
 
 class ValidateConfig(_Strict):
@@ -139,6 +167,10 @@ class ValidateConfig(_Strict):
     min_agreement: float = Field(1.0, ge=0, le=1, description="FP32 top-1 agreement required (1.0 = 100%).")
     max_abs_logit_diff: float = Field(1e-3, gt=0, description="FP32 max |Δlogit|.")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Optional floor on artifact accuracy.")
+    min_decision_agreement: float | None = Field(
+        None, ge=0, le=1, description="FP32: the same answer (label, or unknown) as PyTorch; None: the spec's (100%).")
+    max_abs_prob_diff: float | None = Field(None, gt=0, description="FP32 max |Δ calibrated probability| (spec: 1e-4).")
+    max_abs_score_diff: float | None = Field(None, gt=0, description="FP32 max |Δ OOD score| (spec: 1e-4).")
     agreement_views: int = Field(1, ge=0, le=16, description="Augmented views of each held-out image in the agreement set.")
     unlabeled: Path | None = Field(None, description="A folder of unlabeled images, added to the agreement set.")
     fp16: PrecisionThresholds = PrecisionThresholds()

@@ -71,6 +71,7 @@ class Candidate:
     missed: list[str] = field(default_factory=list)  # the budgets (or the gate) it missed
     pareto: bool = False
     chosen: bool = False
+    ood_auroc: float | None = None  # its model's OOD score AUROC on data.ood (exporters.trust), None: unmeasured
 
     @property
     def label(self) -> str:
@@ -101,7 +102,7 @@ class Choice:
 
 def budgets(d: DeployConfig) -> dict[str, float]:
     return {k: v for k, v in (("max_latency_ms", d.max_latency_ms), ("max_size_mb", d.max_size_mb),
-                              ("min_accuracy", d.min_accuracy)) if v is not None}
+                              ("min_accuracy", d.min_accuracy), ("min_ood_auroc", d.min_ood_auroc)) if v is not None}
 
 
 def candidate_of(role: str, bundle: Bundle, key: str, backend: str, r: dict[str, Any]) -> Candidate:
@@ -179,6 +180,9 @@ def choose(cands: list[Candidate], deploy: DeployConfig) -> Choice:
             c.missed.append(f"size {c.size_mb:.2f} MB > {deploy.max_size_mb:g}")
         if deploy.min_accuracy is not None and c.accuracy < deploy.min_accuracy:
             c.missed.append(f"accuracy {c.accuracy:.4f} < {deploy.min_accuracy:g}")
+        if deploy.min_ood_auroc is not None and (c.ood_auroc is None or c.ood_auroc < deploy.min_ood_auroc):
+            c.missed.append(f"OOD AUROC {c.ood_auroc:.3f} < {deploy.min_ood_auroc:g}" if c.ood_auroc is not None
+                            else "OOD AUROC unmeasured (no data.ood images, or the unknown answer is off)")
     pareto_front(cands)
     ok = sorted((c for c in cands if c.eligible), key=lambda c: _rank_key(c, deploy.objective))
     if not ok:

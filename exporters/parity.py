@@ -5,7 +5,9 @@ artifact's logits on the same labeled images, collect every failed check.
 paired interval and exact McNemar test (exporters.stats), top-1 agreement on the
 test split plus an agreement set of unlabeled views (exporters.agreement), max
 and mean |Δlogit|, KL divergence of the probabilities, per-class accuracy delta,
-flipped images); `parity_gate` runs every artifact of
+flipped images; with bundle.json's `trust` section, the answers the runtime gives from those logits
+through its one postprocessing path (runtime.trust): calibrated probabilities and OOD scores (max
+|Δ|) and the decision, label or "unknown", agreeing on the test split); `parity_gate` runs every artifact of
 a bundle through the runtime's own backends (runtime.backends.session_for_artifact,
 the code that serves) and the runtime's preprocessing; `GateResult` collects the
 reports of every artifact of a bundle.
@@ -23,9 +25,9 @@ import numpy as np
 from exporters.agreement import AgreementSet
 from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.thresholds import Thresholds
-from runtime import softmax
 from runtime.backends import EngineUnavailable, session_for_artifact
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, Trust
+from runtime.trust import postprocess, softmax
 from runtime.errors import BackendError, ParityError
 from runtime.preprocess import preprocess
 
@@ -66,6 +68,15 @@ class ParityReport:
     agreement_sources: dict[str, int] = field(default_factory=dict)
     agreement_interval: tuple[float, float] = (0.0, 1.0)  # its 95% Wilson interval
     backend: str = "cpu"  # the runtime backend the artifact ran on (runtime.backends)
+    # bundle.json's `trust` answers (None without one): the decision (label, or unknown) agreeing with
+    # PyTorch's logits through the same postprocessing on the test split, its 95% interval, how many
+    # images each side calls unknown, and max |Δ| of calibrated probabilities and OOD scores (all images)
+    decision_agreement: float | None = None
+    decision_interval: tuple[float, float] | None = None
+    unknown_counts: dict[str, int] = field(default_factory=dict)
+    max_abs_prob_diff: float | None = None
+    max_abs_score_diff: float | None = None
+    decision_flipped: list[dict] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -88,11 +99,14 @@ def compare_logits(
     class_names: list[str] | None = None,
     extra: tuple[np.ndarray, np.ndarray] | None = None,
     extra_sources: dict[str, int] | None = None,
+    trust: Trust | None = None,
 ) -> ParityReport:
     """Accuracy of each and their delta (with its paired 95% interval), top-1 agreement, |Δlogit|,
     KL divergence, per-class accuracy delta, flipped images; every violated threshold becomes a
     failure line. `extra` = (reference, candidate) logits on unlabeled images (an agreement set):
-    they count in the agreement and |Δlogit| figures, not in accuracy."""
+    they count in the agreement and |Δlogit| figures, not in accuracy. With `trust` (bundle.json's),
+    both sides also go through the runtime's postprocessing (runtime.trust.postprocess): decisions on
+    the test split, probabilities and OOD scores on every image."""
     reference = np.asarray(reference, dtype=np.float64)
     candidate = np.asarray(candidate, dtype=np.float64)
     labels = np.asarray(labels)
@@ -133,6 +147,8 @@ def compare_logits(
         ],
     )
     report.accuracy_delta = report.artifact_accuracy - report.reference_accuracy
+    if trust is not None:
+        _compare_answers(report, trust, reference, candidate, labels, names, extra)
     n_classes = reference.shape[1] if reference.ndim == 2 else 0
     for c in range(n_classes):
         mask = labels == c
@@ -141,6 +157,32 @@ def compare_logits(
             report.per_class_accuracy_delta[key] = float((cand_top[mask] == c).mean() - (ref_top[mask] == c).mean())
     report.failures = _failures(report, thresholds, stats)
     return report
+
+
+def _compare_answers(report: ParityReport, trust: Trust, reference: np.ndarray, candidate: np.ndarray,
+                     labels: np.ndarray, names: list[str] | None, extra: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """The runtime's answers from both sides' logits: decisions on the test split, |Δ| everywhere."""
+    ref, cand = postprocess(reference, trust), postprocess(candidate, trust)
+    rd, cd = ref.decisions, cand.decisions
+    same = int((rd == cd).sum())
+    report.decision_agreement = same / len(rd) if len(rd) else 1.0
+    report.decision_interval = agreement_interval(same, len(rd))
+    report.unknown_counts = {"pytorch": int((~ref.known).sum()), "artifact": int((~cand.known).sum()), "n": len(rd)}
+    report.decision_flipped = [{"image": names[i] if names else int(i), "label": int(labels[i]),
+                                "pytorch": int(rd[i]), "artifact": int(cd[i])} for i in np.nonzero(rd != cd)[0]]
+    probs, scores = [np.abs(ref.probs - cand.probs).ravel()], []
+    if ref.score is not None:
+        scores.append(np.abs(ref.score - cand.score))
+    if extra is not None and len(extra[0]):
+        xr, xc = postprocess(extra[0], trust), postprocess(extra[1], trust)
+        probs.append(np.abs(xr.probs - xc.probs).ravel())
+        if xr.score is not None:
+            scores.append(np.abs(xr.score - xc.score))
+    allp = np.concatenate(probs)
+    report.max_abs_prob_diff = float(allp.max()) if allp.size else 0.0
+    if scores:
+        alls = np.concatenate(scores)
+        report.max_abs_score_diff = float(alls.max()) if alls.size else 0.0
 
 
 def _failures(report: ParityReport, t: Thresholds, stats: DropStats) -> list[str]:
@@ -168,6 +210,20 @@ def _failures(report: ParityReport, t: Thresholds, stats: DropStats) -> list[str
         )
     if t.max_kl is not None and report.kl_divergence > t.max_kl:
         out.append(f"KL divergence {report.kl_divergence:.3g} > {t.max_kl:.3g}")
+    if report.decision_agreement is None:
+        return out
+    # Like the agreement: fail when the data show the decisions agree less than the floor (upper bound).
+    if t.min_decision_agreement is not None and report.decision_interval[1] < t.min_decision_agreement - 1e-12:
+        shown = ", ".join(f"{f['image']} ({f['pytorch']} -> {f['artifact']})" for f in report.decision_flipped[:5])
+        u = report.unknown_counts
+        out.append(f"decision agreement (label or unknown) {report.decision_agreement:.2%} < "
+                   f"{t.min_decision_agreement:.2%} on {u['n']} test images (unknown: PyTorch {u['pytorch']}, "
+                   f"artifact {u['artifact']}; -1 = unknown: {shown})")
+    if t.max_abs_prob_diff is not None and report.max_abs_prob_diff > t.max_abs_prob_diff:
+        out.append(f"max |Δ calibrated probability| {report.max_abs_prob_diff:.3g} > {t.max_abs_prob_diff:.3g}")
+    if (t.max_abs_score_diff is not None and report.max_abs_score_diff is not None
+            and report.max_abs_score_diff > t.max_abs_score_diff):
+        out.append(f"max |Δ OOD score| {report.max_abs_score_diff:.3g} > {t.max_abs_score_diff:.3g}")
     return out
 
 
@@ -277,7 +333,7 @@ def parity_gate(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, paths
         extra = (extra_out[None], extra_out[label]) if extra_out else None
         reports[label] = compare_logits(art.file, reference, cand, labels, thresholds_for(art.precision), names,
                                         precision=art.precision, class_names=list(m.class_names), extra=extra,
-                                        extra_sources=sources)
+                                        extra_sources=sources, trust=m.trust)
         reports[label].backend = backend or art.runtimes[0]
     primary_runners = {k: r for k, r in runners.items() if "@" not in k}
     golden = self_test(bundle, runners=primary_runners) if m.golden else {}

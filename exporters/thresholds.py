@@ -26,6 +26,11 @@ class Thresholds:
     min_accuracy: float | None = None
     max_accuracy_drop: float | None = None
     max_kl: float | None = None
+    # bundle.json's `trust` answers (runtime.trust): the same decision (label, or unknown) as PyTorch's
+    # logits give through the same postprocessing, and how far calibrated probabilities and OOD scores move
+    min_decision_agreement: float | None = None
+    max_abs_prob_diff: float | None = None
+    max_abs_score_diff: float | None = None
 
     @classmethod
     def only(cls, **checks: float) -> "Thresholds":
@@ -39,8 +44,10 @@ def resolve_thresholds(vcfg: "ValidateConfig", precision: str, spec: "type[Expor
         from exporters.specs import ExportSpec as spec
     tol = spec.tolerances[precision]
     if precision == "fp32":
+        trust = {k: getattr(vcfg, k) for k in ("min_decision_agreement", "max_abs_prob_diff", "max_abs_score_diff")
+                 if getattr(vcfg, k) is not None}
         return replace(tol, min_agreement=vcfg.min_agreement, max_abs_logit_diff=vcfg.max_abs_logit_diff,
-                       min_accuracy=vcfg.min_accuracy)
+                       min_accuracy=vcfg.min_accuracy, **trust)
     override = getattr(vcfg, precision)
     picked = {f.name: getattr(override, f.name) for f in fields(Thresholds) if getattr(override, f.name) is not None}
     if override.min_accuracy is None:

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Literal, Sequence, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from exporters.config import DeployConfig, ExportConfig, PrecisionThresholds, TensorRTConfig, ValidateConfig  # noqa: F401
+from exporters.config import (  # noqa: F401
+    DeployConfig, ExportConfig, OODConfig, PrecisionThresholds, TensorRTConfig, TrustConfig, ValidateConfig,
+)
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -46,6 +48,8 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
+    ood: Path | None = Field(None, description="A folder of out-of-distribution images (none of the classes): "
+                             "the OOD score's AUROC and FPR at 95% TPR are measured on them at export.")
 
     @model_validator(mode="after")
     def _root_or_demo(self) -> "DataConfig":
@@ -219,8 +223,16 @@ class PipelineConfig(_Strict):
     export: ExportConfig = ExportConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     deploy: DeployConfig = DeployConfig()
+    trust: TrustConfig = TrustConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @model_validator(mode="after")
+    def _ood_budget_needs_ood_images(self) -> "PipelineConfig":
+        if self.deploy.min_ood_auroc is not None and (self.data.ood is None or not self.trust.ood.enabled):
+            raise ValueError("deploy.min_ood_auroc needs data.ood (a folder of out-of-distribution images) and "
+                             "trust.ood.enabled")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -319,6 +331,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
         cfg.data.manifest = (path.parent / cfg.data.manifest).resolve()
     if cfg.distill.unlabeled is not None and not cfg.distill.unlabeled.is_absolute():
         cfg.distill.unlabeled = (path.parent / cfg.distill.unlabeled).resolve()
+    if cfg.data.ood is not None and not cfg.data.ood.is_absolute():
+        cfg.data.ood = (path.parent / cfg.data.ood).resolve()
     return cfg
 
 

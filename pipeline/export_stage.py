@@ -28,7 +28,7 @@ from exporters.parity import GateResult
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.data import Split, load_tensors
-from pipeline.errors import EdgekilnError
+from pipeline.errors import DataError, EdgekilnError
 from pipeline.rundir import load_split
 
 if TYPE_CHECKING:
@@ -152,18 +152,57 @@ def candidate_roles(cfg: PipelineConfig) -> tuple[list[str], dict[str, str]]:
     return roles, refused
 
 
-def _build(cfg: PipelineConfig, role: str, loaded: tuple, split: Split, out: Path):
-    """One model's bundle with every artifact, parity-checked (an exporters.bundle.BuildResult)."""
+def ood_images(cfg: PipelineConfig) -> list[Path]:
+    """The images of `data.ood` ([] when unset); DataError when it is not a folder of images."""
+    from exporters.agreement import list_images
+
+    folder = cfg.data.ood
+    if folder is None:
+        return []
+    if not Path(folder).is_dir():
+        raise DataError(f"data.ood: {folder} is not a folder; point it at a folder of out-of-distribution images")
+    found = list_images(folder)
+    if not found:
+        raise DataError(f"data.ood: {folder} holds no images (.png, .jpg, ...); add some or unset data.ood")
+    return found
+
+
+def fit_model_trust(cfg: PipelineConfig, role: str, model: nn.Module, meta, split: Split,
+                    test: tuple[np.ndarray, np.ndarray], ood: list[Path]):
+    """The model's calibration temperature and OOD threshold, fitted on the validation split, with ECE
+    before/after, the unknown rate and (given OOD images) AUROC / FPR@95TPR; the reliability diagram
+    beside metrics.json (an exporters.trust.TrustFit)."""
+    from exporters.trust import fit_trust, plot_reliability
+
+    val = pytorch_reference(model, split, meta.preprocess, part="val")
+    ood_logits = None
+    if ood:
+        x, _ = load_tensors(ood, [0] * len(ood), meta.preprocess, desc="loading OOD images")
+        from pipeline.training import predict_logits
+
+        ood_logits = predict_logits(model, x, desc="pytorch logits (OOD)").numpy()
+    fit = fit_trust(cfg.trust, val, test, ood_logits, ood_source=str(cfg.data.ood) if ood else None)
+    png = cfg.run.reliability_png(role)
+    if plot_reliability(fit, png, title=f"{role} ({meta.arch})"):
+        fit.metrics["plot"] = png.name
+    return fit
+
+
+def _build(cfg: PipelineConfig, role: str, loaded: tuple, split: Split, out: Path, ood: list[Path]):
+    """One model's bundle with every artifact, parity-checked (an exporters.bundle.BuildResult), and
+    its fitted trust section (exporters.trust.TrustFit)."""
     from pipeline import __version__
     from exporters.bundle import ExportJob, build_bundle
 
     run = cfg.run
     model, meta = loaded
     trained = {k: v for k, v in run.read_metrics().get(role, {}).items() if k != "history"}
+    reference = pytorch_reference(model, split, meta.preprocess)
+    fit = fit_model_trust(cfg, role, model, meta, split, reference, ood)
     job = ExportJob(model=model, checkpoint=meta, role=role, split=split, settings=cfg.export,
-                    validate=cfg.validate_, reference=pytorch_reference(model, split, meta.preprocess),
-                    seed=cfg.seed, cache_dir=run.tensorrt_cache, version=__version__, metrics=trained)
-    return build_bundle(out, job)
+                    validate=cfg.validate_, reference=reference, seed=cfg.seed, cache_dir=run.tensorrt_cache,
+                    version=__version__, metrics=trained, trust=fit.trust)
+    return build_bundle(out, job), fit
 
 
 def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = None,
@@ -180,14 +219,20 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
     t0 = time.perf_counter()
     run = cfg.run
     roles, refused = ([role], {}) if role else candidate_roles(cfg)
+    ood = ood_images(cfg)
     loaded = {r: load_checkpoint(run.checkpoint(r)) for r in roles}  # every checkpoint readable before slow work
     staging = run.root / "candidates"
     if role is None:
         shutil.rmtree(staging, ignore_errors=True)  # candidates of an earlier run
     split = load_split(run)
-    built = {r: _build(cfg, r, loaded.pop(r), split, staging / r) for r in roles}
+    built, fits = {}, {}
+    for r in roles:
+        built[r], fits[r] = _build(cfg, r, loaded.pop(r), split, staging / r, ood)
+    run.update_metrics("trust", {r: f.to_metrics() for r, f in fits.items()})
     bundles = {r: read_bundle(b.out, verify=False) for r, b in built.items()}
     cands = [c for r, b in built.items() for c in gate_candidates(r, bundles[r], b.gate)]
+    for c in cands:  # the model's OOD quality, for the deploy.min_ood_auroc budget
+        c.ood_auroc = (fits[c.model].metrics.get("ood") or {}).get("auroc")
     measure(cands, {str(b.root): b for b in bundles.values()}, cfg.deploy)
     choice = choose(cands, cfg.deploy)
     record = {**choice.to_dict(), "refused_models": refused}
@@ -222,6 +267,7 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
 
         result.triton_model = str(write_triton_repo(shipped.root, Path(triton_repo)))
     run.update_metrics("onnx", result.to_metrics())
+    run.update_metrics("trust", {**{r: f.to_metrics() for r, f in fits.items()}, "shipped": win.model})
     return result
 
 
@@ -278,6 +324,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     from pipeline.distill_stage import run_distill
     from pipeline.report import write_run_report
 
+    ood_images(cfg)  # a bad data.ood fails now, not after training
     adapted = run_adapt(cfg)
     distilled = run_distill(cfg) if cfg.distill.enabled else None
     # The export's own gate is the validation: the bundle it checked is the one renamed into place,

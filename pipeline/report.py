@@ -39,7 +39,31 @@ def print_summary(result: PipelineResult, run: RunDir, console: Console | None =
     if metrics.get("deploy"):
         print_deploy(metrics["deploy"], console)
         console.print(verdict(metrics), soft_wrap=True)
+    if metrics.get("trust"):
+        for line in trust_lines(metrics["trust"]):
+            console.print(line, soft_wrap=True)
     console.print(f"bundle: {run.bundle}   metrics: {run.metrics}")
+
+
+def trust_lines(trust: dict[str, Any]) -> list[str]:
+    """One line per candidate model: temperature, ECE before/after (test split), the unknown answer and
+    how it was measured against outliers (or that it was not)."""
+    lines = []
+    for role, t in trust.items():
+        if not isinstance(t, dict):
+            continue
+        e = t["test"]
+        how = "vector scaling" if t.get("vector") else f"temperature {t['temperature']:.3g}"
+        line = (f"trust ({role}{', shipped' if trust.get('shipped') == role else ''}): {how}, test ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f} "
+                f"({-e['ece_reduction']:+.0%})")
+        o = t.get("ood")
+        if o:
+            line += (f"; unknown below {o['score']} {o['threshold']:.3f} (val recall {o['val_known_rate']:.1%}), "
+                     f"test unknown rate {o['test_unknown_rate']:.1%}")
+            line += (f"; vs {o['n_ood']} OOD images: AUROC {o['auroc']:.3f}, FPR@95TPR {o['fpr_at_95_tpr']:.1%}"
+                     if o["validated"] else f"; {o['note']}")
+        lines.append(line)
+    return lines
 
 
 def print_deploy(record: dict[str, Any], console: Console | None = None, title: str = "") -> None:
@@ -212,7 +236,56 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
         lines += _md_table(["", "model", "test accuracy", "size MB", "top-1 agreement", "max abs Δlogit"], [list(r) for r in rows])
     if metrics.get("deploy"):
         lines += _deploy_section(run, metrics)
+    if metrics.get("trust"):
+        lines += _trust_section(run, metrics["trust"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _trust_section(run: RunDir, trust: dict[str, Any]) -> list[str]:
+    """Calibration (ECE and NLL before/after temperature scaling, val and test) and the unknown answer
+    (threshold, unknown rates, AUROC and FPR@95TPR against OOD images) per candidate model."""
+    roles = [r for r, t in trust.items() if isinstance(t, dict)]
+    intro = ("Temperature and OOD threshold are fitted on the validation split and written into bundle.json's "
+             "`trust` section, which the runtime applies the same way on every backend and in the server. ECE: "
+             f"expected calibration error over {trust[roles[0]]['bins']} confidence bins.")
+    lines = ["## Trust: calibrated probabilities and the unknown answer", "", intro, ""]
+    header = ["", *[f"{r}{' (shipped)' if trust.get('shipped') == r else ''}" for r in roles]]
+    rows = [["temperature", *[f"{trust[r]['temperature']:.4g}" for r in roles]]]
+    if any("vector" in trust[r] for r in roles):
+        rows.append(["vector scaling: scale / bias per class", *[
+            f"{min(v['scale']):.3g}–{max(v['scale']):.3g} / {min(v['bias']):+.3g}–{max(v['bias']):+.3g}"
+            if (v := trust[r].get("vector")) else "—" for r in roles]])
+        rows.append(["test accuracy before → after", *[f"{trust[r]['test'].get('accuracy_before', 0):.4f} → "
+                                                        f"{trust[r]['test'].get('accuracy_after', 0):.4f}" for r in roles]])
+    for part in ("val", "test"):
+        rows += [[f"{part} ECE before → after", *[f"{trust[r][part]['ece_before']:.4f} → {trust[r][part]['ece_after']:.4f} "
+                                                  f"({-trust[r][part]['ece_reduction']:+.0%})" for r in roles]],
+                 [f"{part} NLL before → after", *[f"{trust[r][part]['nll_before']:.4f} → {trust[r][part]['nll_after']:.4f}"
+                                                  for r in roles]]]
+    if all("ece_floor" in trust[r]["test"] for r in roles):
+        rows.append(["test ECE of a perfectly calibrated model (sampling floor)",
+                     *[f"{trust[r]['test']['ece_floor']:.4f} (n={trust[r]['n_test']})" for r in roles]])
+    if any(trust[r].get("ood") for r in roles):
+        def o(r: str, fmt) -> str:
+            x = trust[r].get("ood")
+            return fmt(x) if x else "off"
+
+        rows += [["OOD score, threshold", *[o(r, lambda x: f"{x['score']} ≥ {x['threshold']:.4f}") for r in roles]],
+                 ["val known (target)", *[o(r, lambda x: f"{x['val_known_rate']:.1%} ({x['target_recall']:.0%})")
+                                          for r in roles]],
+                 ["test unknown rate", *[o(r, lambda x: f"{x['test_unknown_rate']:.1%}") for r in roles]],
+                 ["OOD images: n, AUROC", *[o(r, lambda x: f"{x['n_ood']}, {x['auroc']:.4f}" if x["validated"] else "—")
+                                            for r in roles]],
+                 ["OOD: FPR at 95% TPR, unknown rate", *[o(r, lambda x: f"{x['fpr_at_95_tpr']:.1%}, "
+                                                         f"{x['ood_unknown_rate']:.1%}" if x["validated"] else "—")
+                                                         for r in roles]]]
+    lines += _md_table(header, rows)
+    notes = {trust[r]["ood"]["note"] for r in roles if trust[r].get("ood") and not trust[r]["ood"]["validated"]}
+    lines += [f"**{n[0].upper() + n[1:]}.**" for n in notes] + ([""] if notes else [])
+    for r in roles:
+        if trust[r].get("plot") and (run.root / trust[r]["plot"]).is_file():
+            lines += [f"![reliability diagram, {r}]({trust[r]['plot']})", ""]
+    return lines
 
 
 def _deploy_section(run: RunDir, metrics: dict[str, Any]) -> list[str]:

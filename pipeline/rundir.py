@@ -125,6 +125,10 @@ class RunDir:
     def efficiency_png(self) -> Path:
         return self.root / self.EFFICIENCY_PNG
 
+    def reliability_png(self, role: str) -> Path:
+        """The reliability diagram (before/after temperature scaling) of a candidate model."""
+        return self.root / f"reliability-{role}.png"
+
     @property
     def efficiency_json(self) -> Path:
         return self.root / self.EFFICIENCY_JSON

@@ -6,6 +6,10 @@
         print(p.label, p.probability)
     clf.self_test()                                      # the bundle's golden images -> expected logits
     clf.artifact                                         # the bundle's default artifact unless one was named
+    runtime.load("runs/demo/bundle", public_key="edgekiln.pub")   # refuses an unsigned or badly signed bundle
+
+Probabilities are calibrated and a prediction may be "unknown" (`p.known` False, `p.score` below the
+bundle's threshold) when bundle.json has a `trust` section (runtime.trust); `ood=False` turns that off.
 
 Backends live in runtime.backends (a named backend that cannot run is an
 error, never a fallback — except that `tensorrt-engine` may run the bundle's
@@ -16,6 +20,7 @@ the HTTP server in runtime.serve (docs/deploy.md).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,8 @@ from runtime.backends.base import check_parity_on
 from runtime.bundle import Bundle, read_bundle
 from runtime.errors import BackendError, BundleError, EdgekilnError, ImageError, ImageTooLargeError, ParityError
 from runtime.preprocess import MAX_PIXELS, as_image_list, preprocess
+from runtime.signing import PUBLIC_KEY_ENV
+from runtime.trust import Outputs, postprocess, softmax  # noqa: F401  (runtime.softmax, as before)
 
 __all__ = [
     "load", "Classifier", "Prediction", "SelfTestReport", "backend_names",
@@ -38,10 +45,16 @@ log = logging.getLogger("edgekiln.runtime")
 
 @dataclass(frozen=True)
 class Prediction:
+    """One image's answer. `label` is the best class, or the bundle's unknown label (default "unknown")
+    when its OOD `score` is below the threshold (`known` False); `index` and `top_k` always name the
+    classes, with calibrated probabilities. `score` is None when the bundle has no OOD section."""
+
     label: str
     index: int
     probability: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
+    known: bool = True
+    score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,19 +72,15 @@ class SelfTestReport:
         return self.labels_agree and self.max_abs_diff <= self.atol
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 class Classifier:
     """An image classifier loaded from a bundle directory."""
 
     def __init__(self, bundle: Bundle, backend: str = "cpu", intra_op_threads: int | None = None, max_batch: int = 64,
                  artifact: str | None = None, max_pixels: int | None = MAX_PIXELS, device_id: int = 0,
-                 allow_engine_fallback: bool = False, backend_options: Any = None):
+                 allow_engine_fallback: bool = False, backend_options: Any = None, ood: bool = True):
         self.bundle = bundle
+        self.trust = bundle.manifest.trust
+        self.ood = ood  # answer "unknown" below the bundle's OOD threshold (when it has one)
         self.spec = bundle.preprocess
         self.class_names = bundle.class_names
         self.max_batch = max_batch
@@ -108,22 +117,34 @@ class Classifier:
         """Run the model on an already preprocessed float32 NCHW batch."""
         return self.session.run(batch)
 
-    def predict(self, inputs: Any, top_k: int = 1) -> list[Prediction]:
-        """Labels with probabilities for one image or many (paths, PIL images, bytes or uint8 arrays)."""
-        return self.predictions_from_logits(self.logits(inputs), top_k)
+    def predict(self, inputs: Any, top_k: int = 1, ood: bool | None = None) -> list[Prediction]:
+        """Labels with probabilities for one image or many (paths, PIL images, bytes or uint8 arrays).
+        ood: answer "unknown" below the bundle's OOD threshold (None: as loaded)."""
+        return self.predictions_from_logits(self.logits(inputs), top_k, ood=ood)
 
-    def predictions_from_logits(self, logits: np.ndarray, top_k: int = 1) -> list[Prediction]:
-        probs = softmax(np.asarray(logits, dtype=np.float32))
-        k = max(1, min(top_k, probs.shape[1]))
+    def outputs(self, logits: np.ndarray, ood: bool | None = None) -> Outputs:
+        """Calibrated probabilities, OOD scores and known/unknown for raw logits (runtime.trust.postprocess)."""
+        return postprocess(logits, self.trust, ood=self.ood if ood is None else ood)
+
+    @property
+    def unknown_label(self) -> str | None:
+        return self.trust.ood.unknown_label if self.trust and self.trust.ood else None
+
+    def predictions_from_logits(self, logits: np.ndarray, top_k: int = 1, ood: bool | None = None) -> list[Prediction]:
+        out = self.outputs(logits, ood=ood)
+        k = max(1, min(top_k, out.probs.shape[1]))
         preds = []
-        for p in probs:
+        for i, p in enumerate(out.probs):
             order = np.argsort(-p, kind="stable")[:k]
+            known = bool(out.known[i])
             preds.append(
                 Prediction(
-                    label=self.class_names[int(order[0])],
+                    label=self.class_names[int(order[0])] if known else self.unknown_label,
                     index=int(order[0]),
                     probability=float(p[order[0]]),
                     top_k=[(self.class_names[int(j)], float(p[j])) for j in order],
+                    known=known,
+                    score=None if out.score is None else float(out.score[i]),
                 )
             )
         return preds
@@ -170,8 +191,14 @@ def default_artifact(bundle: Bundle, backend: str) -> str:
 
 def load(bundle_dir: str | Path, backend: str = "cpu", intra_op_threads: int | None = None, *,
          artifact: str | None = None, max_batch: int = 64, max_pixels: int | None = MAX_PIXELS,
-         device_id: int = 0, allow_engine_fallback: bool = False, backend_options: Any = None) -> Classifier:
+         device_id: int = 0, allow_engine_fallback: bool = False, backend_options: Any = None,
+         public_key: str | Path | None = None, ood: bool = True) -> Classifier:
     """Load and verify a bundle (sha256 of every file) and return a Classifier.
+
+    public_key: an Ed25519 public key (PEM file, `edgekiln keygen`; default $EDGEKILN_PUBLIC_KEY): the
+    bundle must carry a valid signature by it (`edgekiln sign`) over bundle.json, which pins every
+    file's sha256; an unsigned bundle or a bad signature raises BundleError.
+    ood: answer "unknown" below the bundle's OOD threshold (runtime.trust); False turns it off.
 
     artifact: a key of bundle.json's "artifacts" (onnx, onnx_int8, ...); None opens the bundle's
     `default_artifact`, the deployable export chose by measurement (`auto` then picks the best
@@ -186,6 +213,8 @@ def load(bundle_dir: str | Path, backend: str = "cpu", intra_op_threads: int | N
     model on the best onnxruntime backend, with a WARNING naming the reason.
     'openvino' runs the ONNX or OpenVINO IR artifact (backend_options: runtime.backends.OpenVINOOptions).
     """
-    return Classifier(read_bundle(bundle_dir, verify=True), backend=backend, intra_op_threads=intra_op_threads,
-                      max_batch=max_batch, artifact=artifact, max_pixels=max_pixels, device_id=device_id,
-                      allow_engine_fallback=allow_engine_fallback, backend_options=backend_options)
+    public_key = public_key or os.environ.get(PUBLIC_KEY_ENV) or None
+    return Classifier(read_bundle(bundle_dir, verify=True, public_key=public_key), backend=backend,
+                      intra_op_threads=intra_op_threads, max_batch=max_batch, artifact=artifact,
+                      max_pixels=max_pixels, device_id=device_id, allow_engine_fallback=allow_engine_fallback,
+                      backend_options=backend_options, ood=ood)

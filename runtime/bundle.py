@@ -17,7 +17,9 @@ Schema history: 1 = edgekiln 0.1.0 (an untyped dict; per-artifact parity lived i
 `parity.artifacts`, and artifacts had no `runtimes`); 2 = typed, one parity record per
 artifact; 3 = this module: `default_artifact` / `default_backend` (the deployable that
 export chose by measurement, which `runtime.load` opens when no artifact is named) and the
-`deploy` record of that choice. Older bundles are upgraded in memory when they load (their
+`deploy` record of that choice; 4 = `trust`: the calibration temperature the runtime divides the
+logits by, and the out-of-distribution score and threshold below which it answers "unknown"
+(runtime.trust). Older bundles are upgraded in memory when they load (their
 default artifact is the FP32 ONNX model); anything newer than this runtime knows is refused
 with one line saying how to re-export.
 """
@@ -36,8 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from runtime.errors import BundleError
 from runtime.files import atomic_write_text, sha256_file
 from runtime.preprocess import PreprocessSpec
+from runtime.signing import SIGNATURE_FILE
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUNDLE_FILE = "bundle.json"
 FORMAT = "edgekiln-bundle"
 
@@ -169,10 +172,41 @@ class ParitySummary(_Model):
     golden: dict[str, Any] = Field(default_factory=dict)  # the golden-image self-test
 
 
-class BundleManifest(_Model):
-    """bundle.json, schema version 3."""
+class OODSpec(_Model):
+    """When the runtime answers "unknown": `score` (computed from the logits, runtime.trust.ood_score;
+    higher = more like the training data) below `threshold`, which export chose on the validation
+    split so that `target_recall` of in-distribution images stay known."""
 
-    schema_version: Literal[3] = SCHEMA_VERSION
+    score: Literal["energy", "max_logit"] = "energy"
+    threshold: float
+    target_recall: float = Field(0.95, gt=0, le=1)
+    unknown_label: str = Field("unknown", min_length=1)
+
+
+class Trust(_Model):
+    """How the runtime turns logits into an answer (runtime.trust.postprocess, the one path every backend
+    and the server use): probabilities = softmax(logits / temperature); with `ood`, a score and "unknown"
+    below its threshold. `fit` records how export chose them (split, n, ECE before/after, OOD figures)."""
+
+    temperature: float = Field(1.0, gt=0)
+    # vector scaling (Guo et al., 2017): probabilities = softmax(logits * scale + bias), one value per class;
+    # when set, they replace the temperature (which then only records the 1-D fit they started from)
+    scale: list[float] | None = None
+    bias: list[float] | None = None
+    ood: OODSpec | None = None
+    fit: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _vector(self) -> "Trust":
+        if (self.scale is None) != (self.bias is None) or (self.scale and len(self.scale) != len(self.bias)):
+            raise ValueError("vector scaling needs `scale` and `bias` of the same length (one value per class)")
+        return self
+
+
+class BundleManifest(_Model):
+    """bundle.json, schema version 4."""
+
+    schema_version: Literal[4] = SCHEMA_VERSION
     format: Literal["edgekiln-bundle"] = FORMAT
     edgekiln_version: str
     created: str
@@ -190,6 +224,7 @@ class BundleManifest(_Model):
     default_artifact: str = "onnx"  # the key `runtime.load` opens when none is named (export's measured choice)
     default_backend: str | None = None  # the backend it was measured best on (a record; `auto` decides per machine)
     deploy: dict[str, Any] | None = None  # how export chose it (exporters.deploy: budgets, objective, figures, why)
+    trust: Trust | None = None  # calibration and the "unknown" answer (None: raw softmax, never unknown)
     files: dict[str, FileEntry] = Field(default_factory=dict)
 
     @field_validator("files")
@@ -206,6 +241,10 @@ class BundleManifest(_Model):
         unknown = sorted(set(self.golden.artifacts) - set(self.artifacts)) if self.golden else []
         if unknown:
             raise ValueError(f"golden outputs for unknown artifacts: {', '.join(unknown)}")
+        if self.trust and self.trust.scale is not None and len(self.trust.scale) != len(self.class_names):
+            raise ValueError(f"trust.scale and trust.bias must have {len(self.class_names)} values, one per class")
+        if self.trust and self.trust.ood and self.trust.ood.unknown_label in self.class_names:
+            raise ValueError(f"trust.ood.unknown_label '{self.trust.ood.unknown_label}' is also a class name")
         if self.default_artifact not in self.artifacts:
             raise ValueError(f"default_artifact '{self.default_artifact}' is not one of the artifacts "
                              f"({', '.join(self.artifacts)})")
@@ -245,8 +284,13 @@ def _upgrade_v2(meta: dict[str, Any]) -> dict[str, Any]:
     meta = dict(meta)
     arts = meta.get("artifacts") or {}
     meta["default_artifact"] = "onnx" if "onnx" in arts or not arts else next(iter(arts))
-    meta["schema_version"] = SCHEMA_VERSION
+    meta["schema_version"] = 3
     return meta
+
+
+def _upgrade_v3(meta: dict[str, Any]) -> dict[str, Any]:
+    """Schema 3 -> 4: no `trust` section (raw softmax probabilities, never "unknown"), as schema-3 readers did."""
+    return {**meta, "schema_version": SCHEMA_VERSION}
 
 
 def parse_manifest(meta: Any, where: str | os.PathLike = BUNDLE_FILE) -> BundleManifest:
@@ -259,6 +303,8 @@ def parse_manifest(meta: Any, where: str | os.PathLike = BUNDLE_FILE) -> BundleM
         meta = _upgrade_v1(meta)
     if version in (1, 2):
         meta = _upgrade_v2(meta)
+    if version in (1, 2, 3):
+        meta = _upgrade_v3(meta)
     elif version != SCHEMA_VERSION:
         raise BundleError(
             f"{where}: bundle schema_version {version!r} (written by edgekiln {made_by}) is not supported by this "
@@ -336,14 +382,21 @@ class Bundle:
         return list(golden.files), paths, np.asarray(logits, dtype=np.float64), float(atol)
 
 
-def read_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Load and validate bundle.json and (by default) check every listed file's sha256."""
+def read_bundle(root: str | os.PathLike, verify: bool = True, public_key: str | os.PathLike | None = None) -> Bundle:
+    """Load and validate bundle.json and (by default) check every listed file's sha256. With
+    `public_key`, bundle.json must carry a valid signature by it (runtime.signing), checked on the
+    very bytes that are then parsed."""
     root = Path(root)
     meta_path = root / BUNDLE_FILE
     if not meta_path.is_file():
         raise BundleError(f"{root}: not a bundle (no {BUNDLE_FILE})")
+    data = meta_path.read_bytes()
+    if public_key is not None:
+        from runtime.signing import verify_signature
+
+        verify_signature(data, root, public_key)
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{meta_path}: not valid JSON ({e})") from None
     bundle = Bundle(root=root, manifest=parse_manifest(meta, meta_path))
@@ -370,8 +423,9 @@ def write_manifest(root: Path, manifest: BundleManifest) -> BundleManifest:
     """Record the sha256 of every file in `root` (except bundle.json and hidden files), check that
     every file the manifest names exists, and write bundle.json atomically. Returns what was written."""
     root = Path(root)
-    files = {p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
-             for p in sorted(root.iterdir()) if p.is_file() and p.name != BUNDLE_FILE and not p.name.startswith(".")}
+    # bundle.json's signature (runtime.signing) signs the table, so it cannot be in it
+    files = {p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size) for p in sorted(root.iterdir())
+             if p.is_file() and p.name not in (BUNDLE_FILE, SIGNATURE_FILE) and not p.name.startswith(".")}
     named = [a.file for a in manifest.artifacts.values()] + (manifest.golden.files if manifest.golden else [])
     missing = [n for n in named if n not in files]
     if missing:

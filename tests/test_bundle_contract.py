@@ -26,14 +26,14 @@ def _edit(bundle, fn):
 
 
 def _as_v2(meta: dict) -> None:
-    """Rewrite a schema-3 bundle.json the way edgekiln wrote schema 2 (no measured default artifact)."""
+    """Rewrite a schema-4 bundle.json the way edgekiln wrote schema 2 (no measured default artifact, no trust)."""
     meta["schema_version"] = 2
-    for key in ("default_artifact", "default_backend", "deploy"):
+    for key in ("default_artifact", "default_backend", "deploy", "trust"):
         meta.pop(key)
 
 
 def _as_v1(meta: dict) -> None:
-    """Rewrite a schema-3 bundle.json the way edgekiln 0.1.0 wrote it."""
+    """Rewrite a schema-4 bundle.json the way edgekiln 0.1.0 wrote it."""
     _as_v2(meta)
     meta["schema_version"] = 1
     meta["edgekiln_version"] = "0.1.0"
@@ -73,7 +73,7 @@ def test_a_schema_2_bundle_loads_with_the_fp32_model_as_default(bundle_copy):
     raw = json.loads((bundle_copy / "bundle.json").read_text())
     assert raw["schema_version"] == 2 and "default_artifact" not in raw
     m = read_bundle(bundle_copy).manifest
-    assert m.schema_version == SCHEMA_VERSION == 3 and m.default_artifact == "onnx" and m.deploy is None
+    assert m.schema_version == SCHEMA_VERSION == 4 and m.default_artifact == "onnx" and m.deploy is None
     clf = runtime.load(bundle_copy, backend="auto")
     assert clf.artifact == "onnx" and clf.session.model_file.endswith("model.onnx") and clf.self_test().passed
 

@@ -13,7 +13,7 @@ def test_run_directory_layout_and_metrics(tiny_run):
         assert (run_dir / f).is_file(), f
     assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.glob(".bundle*"))
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert set(m) == {"teacher", "student", "onnx", "validate", "deploy"}
+    assert set(m) == {"teacher", "student", "onnx", "validate", "deploy", "trust"}
     # Tiny compact CNNs on 3 real digit classes: well above chance (1/3).
     assert m["teacher"]["test_accuracy"] >= 0.6
     assert m["student"]["test_accuracy"] >= 0.6
@@ -37,7 +37,7 @@ def test_run_directory_layout_and_metrics(tiny_run):
 def test_bundle_json_is_self_describing(tiny_run):
     _, run_dir, _ = tiny_run
     m = read_bundle(run_dir / "bundle").manifest
-    assert json.loads((run_dir / "bundle" / "bundle.json").read_text())["schema_version"] == m.schema_version == 3
+    assert json.loads((run_dir / "bundle" / "bundle.json").read_text())["schema_version"] == m.schema_version == 4
     assert m.class_names == ["digit0", "digit1", "digit2"]
     assert m.preprocess.crop == 32 and m.preprocess.mean == (0.5, 0.5, 0.5)
     assert m.input.name == "input" and m.output.name == "logits"

@@ -110,7 +110,8 @@ def test_tritonclient_health_metadata_and_infer(server, clf):
     meta = c.get_model_metadata(MODEL)
     c_, h, w = clf.input_shape
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, c_, h, w]}]
-    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, len(clf.class_names)]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, len(clf.class_names)]},
+                               {"name": "ood_score", "datatype": "FP32", "shape": [-1]}]  # the bundle's OOD score
     assert meta["versions"] == ["1"]
     x = np.random.default_rng(1).normal(size=(3, c_, h, w)).astype(np.float32)
     want = clf.run(x)
@@ -123,6 +124,7 @@ def test_tritonclient_health_metadata_and_infer(server, clf):
         assert np.abs(r.as_numpy("logits") - want).max() <= 1e-5
     r = c.infer(MODEL, [inp], model_version="1")  # no outputs named: all of them, binary
     assert np.abs(r.as_numpy("logits") - want).max() <= 1e-5
+    assert np.abs(r.as_numpy("ood_score") - clf.outputs(want).score).max() <= 1e-4
     with pytest.raises(triton.InferenceServerException, match="unknown model 'resnet'"):
         c.get_model_metadata("resnet")
     c.close()
@@ -214,7 +216,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, images,
         assert message in r.json()["error"]
     with httpx.Client(base_url=f"http://{server}", timeout=30) as c:  # a fresh connection still gets answers
         ok = c.post("/v1/classify", content=images["png"][0])
-        assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] in clf.class_names
+        assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] in [*clf.class_names, "unknown"]
 
 
 # ----------------------------------------------------------- /v1/classify
@@ -233,6 +235,52 @@ def test_classify_multipart_and_raw_bytes_match_the_runtime(server, images, clf)
             assert [t["label"] for t in got["top_k"]] == [lab for lab, _ in exp.top_k]
         r = c.post("/v1/classify", content=images["png"][1], headers={"content-type": "image/png"})
         assert r.json()["predictions"][0]["label"] == want[1].label
+
+
+def _noise_png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_classify_answers_unknown_out_of_domain_and_the_label_in_domain(server, clf, tiny_run):
+    """The held-out digit the served model scores most in-distribution gets its label; random-noise images,
+    which the tiny model scores below every digit, get `unknown`; ?ood=false turns the answer off."""
+    split = json.loads((tiny_run[1] / "split.json").read_text())
+    held_out = split["val"] + split["test"]
+    scores = [p.score for p in clf.predict([f"{split['root']}/{p}" for p, _ in held_out])]
+    path, label = held_out[int(np.argmax(scores))]
+    noise = [_noise_png(seed) for seed in range(4)]
+    runtime_says = clf.predict(noise)
+    assert any(not p.known for p in runtime_says), [p.score for p in runtime_says]
+    with httpx.Client(base_url=f"http://{server}", timeout=30) as c:
+        r = c.post("/v1/classify", content=open(f"{split['root']}/{path}", "rb").read()).json()["predictions"][0]
+        assert r["known"] and r["label"] == clf.class_names[label] and r["score"] >= clf.trust.ood.threshold
+        for body, want in zip(noise, runtime_says):  # the server answers exactly as the runtime
+            got = c.post("/v1/classify", content=body).json()["predictions"][0]
+            assert (got["label"], got["known"]) == (want.label, want.known)
+            assert abs(got["score"] - want.score) <= 1e-4 and abs(got["probability"] - want.probability) <= 1e-5
+        unknown = next(b for b, p in zip(noise, runtime_says) if not p.known)
+        got = c.post("/v1/classify", content=unknown).json()["predictions"][0]
+        assert got["label"] == "unknown" and not got["known"] and got["score"] < clf.trust.ood.threshold
+        got = c.post("/v1/classify", params={"ood": "false"}, content=unknown).json()["predictions"][0]
+        assert got["known"] and got["label"] == clf.class_names[got["index"]]
+        r = c.post("/v1/classify", params={"ood": "maybe"}, content=unknown)
+        assert r.status_code == 400 and r.json()["error"] == "ood must be true or false, got 'maybe'"
+
+
+def test_infer_returns_the_ood_score_as_an_extra_output(server, clf):
+    c_, h, w = clf.input_shape
+    x = np.random.default_rng(3).normal(size=(2, c_, h, w)).astype(np.float32)
+    with httpx.Client(base_url=f"http://{server}", timeout=30) as c:
+        body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+        out = {o["name"]: o for o in c.post(f"/v2/models/{MODEL}/infer", json=body).json()["outputs"]}
+        assert out["ood_score"]["shape"] == [2] and out["ood_score"]["datatype"] == "FP32"
+        assert np.allclose(out["ood_score"]["data"], clf.outputs(clf.run(x)).score, atol=1e-4)
+        only = c.post(f"/v2/models/{MODEL}/infer", json={**body, "outputs": [{"name": "logits"}]}).json()
+        assert [o["name"] for o in only["outputs"]] == ["logits"]
+        bad = c.post(f"/v2/models/{MODEL}/infer", json={**body, "outputs": [{"name": "probs"}]})
+        assert bad.status_code == 400 and bad.json()["error"] == "unknown output 'probs'; this model's outputs are logits, ood_score"
 
 
 # ---------------------------------------------- batching, queue, timeout, metrics

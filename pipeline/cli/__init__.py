@@ -7,7 +7,7 @@ turns domain errors into one-line messages (errors.handle_errors).
     run.py      demo, run              adapt.py    adapt, efficiency, advise
     distill.py  distill                export.py   export, validate, bench
     predict.py  predict                serve.py    serve
-    data.py     check-data
+    data.py     check-data             sign.py     keygen, sign
 
 Modules import torch, the stages and the exporters inside command bodies only, so that
 `edgekiln serve` and `edgekiln predict` start without torch.
@@ -17,7 +17,7 @@ Modules import torch, the stages and the exporters inside command bodies only, s
     edgekiln predict runs/demo/bundle img1.png img2.png
 """
 
-from pipeline.cli import adapt, data, distill, export, predict, run, serve  # noqa: F401  (each adds its commands)
+from pipeline.cli import adapt, data, distill, export, predict, run, serve, sign  # noqa: F401  (each adds its commands)
 from pipeline.cli.app import cli
 
 

@@ -48,3 +48,19 @@ def load(config: Path, overrides: tuple[str, ...] = ()):
     from pipeline.config import load_config
 
     return load_config(config, overrides)
+
+
+def public_key_option(fn):
+    """--public-key (or $EDGEKILN_PUBLIC_KEY): refuse a bundle without a valid signature by this key."""
+    from runtime.signing import PUBLIC_KEY_ENV
+
+    return click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        envvar=PUBLIC_KEY_ENV, show_envvar=True,
+                        help="An Ed25519 public key (edgekiln keygen): refuse the bundle unless it carries a valid "
+                             "signature by it (edgekiln sign).")(fn)
+
+
+def ood_option(fn):
+    """--ood/--no-ood: the "unknown" answer of a bundle with an OOD threshold (bundle.json's trust section)."""
+    return click.option("--ood/--no-ood", default=True, show_default=True,
+                        help="Answer 'unknown' when an image's OOD score is below the bundle's threshold.")(fn)

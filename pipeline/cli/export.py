@@ -24,7 +24,9 @@ def _print_gate(gate) -> None:
                 f"agreement {r.agreement:.2%} | max |Δlogit| {r.max_abs_logit_diff:.2e} | "
                 f"KL {r.kl_divergence:.2e} | {r.n_images} images, agreement on {r.agreement_n}"
                 + (f" | drop 95% CI [{r.drop_stats['low'] * 100:+.2f}, {r.drop_stats['high'] * 100:+.2f}] pts"
-                   if r.drop_stats else ""))
+                   if r.drop_stats else "")
+                + (f" | decisions (label or unknown) {r.decision_agreement:.2%}, unknown {r.unknown_counts['artifact']}"
+                   f" (pytorch {r.unknown_counts['pytorch']})" if r.decision_agreement is not None else ""))
         click.echo(line)
         for f in r.failures:
             click.echo(f"   FAILED {key}: {f}")
@@ -80,7 +82,7 @@ def export(config: Path, overrides: tuple[str, ...], role: str | None, out: Path
     Example: edgekiln export my.yaml --precision fp16 --triton-repo triton/
     """
     from exporters.deploy import DeployError
-    from pipeline.report import print_deploy, verdict
+    from pipeline.report import print_deploy, trust_lines, verdict
     from pipeline.stages import run_export
 
     cfg = load(config, overrides)
@@ -118,6 +120,8 @@ def export(config: Path, overrides: tuple[str, ...], role: str | None, out: Path
                    + ", ".join(f"{k}:{v}" for k, v in cal["per_class"].items())
                    + f"; {len(guard['excluded_nodes'])} node(s) kept in float")
     _print_int8_side_by_side(r.bundle)
+    for line in trust_lines(metrics.get("trust") or {}):
+        click.echo(line)
     if r.triton_model:
         click.echo(f"triton model: {r.triton_model}")
     if not r.passed:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.app import bundle_argument, cli
+from pipeline.cli.app import bundle_argument, cli, ood_option, public_key_option
 from pipeline.cli.errors import handle_errors
 
 
@@ -14,15 +14,20 @@ from pipeline.cli.errors import handle_errors
 @bundle_argument
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(1, 100), help="Classes to show per image.")
+@ood_option
+@public_key_option
 @handle_errors
-def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int) -> None:
-    """Classify image files with a bundle (torch-free runtime).
+def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int, ood: bool, public_key: Path | None) -> None:
+    """Classify image files with a bundle (torch-free runtime). One line per image: the file, the label
+    (or `unknown` when the OOD score is below the bundle's threshold), the calibrated probability of the
+    best class, the OOD score when the bundle has one, and with --top-k the best classes.
 
     Example: edgekiln predict runs/demo/bundle photo1.jpg photo2.png --top-k 3
     """
     import runtime
 
-    clf = runtime.load(bundle_dir)
+    clf = runtime.load(bundle_dir, public_key=public_key, ood=ood)
     for path, p in zip(images, clf.predict(list(images), top_k=top_k)):
         alts = "  ".join(f"{label}:{prob:.3f}" for label, prob in p.top_k)
-        click.echo(f"{path}\t{p.label}\t{p.probability:.4f}" + (f"\t{alts}" if top_k > 1 else ""))
+        score = f"\tscore {p.score:.3f}" if p.score is not None else ""
+        click.echo(f"{path}\t{p.label}\t{p.probability:.4f}{score}" + (f"\t{alts}" if top_k > 1 else ""))

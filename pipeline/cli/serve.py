@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.app import bundle_argument, cli
+from pipeline.cli.app import bundle_argument, cli, ood_option, public_key_option
 from pipeline.cli.errors import handle_errors
 
 
@@ -49,12 +49,15 @@ from pipeline.cli.errors import handle_errors
 @click.option("--timeout-s", "request_timeout_s", default=30.0, show_default=True, type=click.FloatRange(0.001),
               help="Longest a request waits for the model (503 beyond).")
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@ood_option
+@public_key_option
 @handle_errors
 def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fallback: bool, artifact: str | None,
           openvino_device: str | None, openvino_precision: str | None, openvino_hint: str | None,
           openvino_streams: int | None, max_batch: int,
           max_delay_ms: float, workers: int, intra_op_threads: int | None, model_name: str, max_queue: int,
-          max_body_mb: float, max_megapixels: float, request_timeout_s: float, access_log: bool) -> None:
+          max_body_mb: float, max_megapixels: float, request_timeout_s: float, access_log: bool, ood: bool,
+          public_key: Path | None) -> None:
     """Serve a bundle over HTTP: the Open Inference Protocol v2 (KServe/Triton
     clients), POST /v1/classify for encoded images, Prometheus /metrics.
 
@@ -80,9 +83,13 @@ def serve(bundle_dir: Path, host: str, port: int, backend: str, allow_engine_fal
             model_name=model_name, intra_op_threads=intra_op_threads,
             max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
             max_body_bytes=int(max_body_mb * 2**20), max_pixels=int(max_megapixels * 1e6),
-            request_timeout_s=request_timeout_s,
+            request_timeout_s=request_timeout_s, ood=ood, public_key=str(public_key) if public_key else None,
         )
     except ValidationError as e:
         raise ConfigError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
     settings.backend_options()  # a bad --openvino-* value: one line now, not in a worker
+    if public_key:  # an unsigned bundle or a bad signature: one line now, not in a worker
+        from runtime.bundle import read_bundle
+
+        read_bundle(bundle_dir, verify=False, public_key=public_key)
     run_server(settings, host=host, port=port, workers=workers, access_log=access_log)

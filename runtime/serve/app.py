@@ -5,7 +5,8 @@
     GET  /v2/models/{name}[/versions/1]        model metadata (input FP32 [-1,3,H,W], output FP32 [-1,classes])
     GET  /v2/models/{name}[/versions/1]/ready
     POST /v2/models/{name}[/versions/1]/infer  JSON tensors, or Triton's binary tensor extension
-    POST /v1/classify?top_k=3                  encoded images (multipart files or raw bytes) -> labels + probabilities
+    POST /v1/classify?top_k=3[&ood=false]      encoded images (multipart files or raw bytes) -> labels, calibrated
+                                               probabilities, OOD score, known ("unknown" below the threshold)
     GET  /metrics                              Prometheus
 
 The model loads in the lifespan, never at import (or a loaded classifier is handed to
@@ -42,6 +43,8 @@ from runtime.serve.settings import ServeSettings
 log = logging.getLogger("edgekiln.server")
 # Triton's platform name for what the backend runs
 _PLATFORM = {"tensorrt-engine": "tensorrt_plan"}
+# The v2 infer extra output with the OOD score (runtime.trust), when the bundle has an OOD section
+SCORE_OUTPUT = "ood_score"
 
 
 @dataclass
@@ -94,7 +97,8 @@ def load_classifier(settings: ServeSettings) -> Any:
 
     return runtime.load(settings.bundle_dir, backend=settings.backend, intra_op_threads=settings.intra_op_threads,
                         max_pixels=settings.max_pixels, allow_engine_fallback=settings.allow_engine_fallback,
-                        artifact=settings.artifact, backend_options=settings.backend_options())
+                        artifact=settings.artifact, backend_options=settings.backend_options(),
+                        public_key=settings.public_key, ood=settings.ood)
 
 
 @asynccontextmanager
@@ -112,7 +116,8 @@ async def lifespan(app: FastAPI):
                              h.metrics)
     batcher.start()
     h.signature = ModelSignature(clf.bundle.input_name, clf.bundle.output_name, tuple(clf.input_shape),
-                                 settings.max_images_per_request)
+                                 settings.max_images_per_request,
+                                 score_name=SCORE_OUTPUT if clf.unknown_label is not None else None)
     h.clf, h.batcher, h.ready = clf, batcher, True
     log.info("edgekiln server: model '%s' ready: artifact '%s' on backend '%s' (%s), max batch %d, max delay %.1f ms",
              settings.model_name, clf.artifact, clf.backend, clf.provider, settings.max_batch, settings.max_delay_ms)
@@ -148,9 +153,11 @@ def _model_metadata(h: ModelHandle) -> ModelMetadataResponse:
         versions=["1"],
         platform=_PLATFORM.get(clf.backend, "onnxruntime_onnx"),
         inputs=[MetadataTensor(name=clf.bundle.input_name, datatype="FP32", shape=[-1, c, height, width])],
-        outputs=[MetadataTensor(name=clf.bundle.output_name, datatype="FP32", shape=[-1, len(clf.class_names)])],
+        outputs=[MetadataTensor(name=clf.bundle.output_name, datatype="FP32", shape=[-1, len(clf.class_names)])]
+        + ([MetadataTensor(name=SCORE_OUTPUT, datatype="FP32", shape=[-1])] if h.signature.score_name else []),
         parameters={"backend": clf.backend, "provider": clf.provider, "class_names": clf.class_names,
-                    "preprocess": clf.bundle.manifest.preprocess.model_dump(mode="json"), "max_batch": h.settings.max_batch},
+                    "preprocess": clf.bundle.manifest.preprocess.model_dump(mode="json"), "max_batch": h.settings.max_batch,
+                    **({"trust": clf.trust.model_dump(mode="json", exclude={"fit"})} if clf.trust else {})},
     )
 
 
@@ -191,8 +198,11 @@ async def infer(request: Request):
     else:
         req = await asyncio.to_thread(parse_infer_request, body, header_len, h.signature)
     y = await h.predict_rows(req.x)
-    content, head_len = encode_infer_response(y, h.signature.output_name, h.settings.model_name, req.id,
-                                              req.binary_output)
+    sig, wanted = h.signature, req.outputs or h.signature.output_names
+    tensors = [(sig.output_name, y)] if sig.output_name in wanted else []
+    if sig.score_name in wanted:  # the OOD score from the logits, as the runtime computes it for /v1/classify
+        tensors.append((sig.score_name, h.clf.outputs(y).score))
+    content, head_len = encode_infer_response(tensors, h.settings.model_name, req.id, req.binary_output)
     if head_len is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",
@@ -245,20 +255,28 @@ async def classify(request: Request):
         top_k = 0
     if not 1 <= top_k <= len(clf.class_names):
         raise ApiError(400, f"top_k must be an integer from 1 to {len(clf.class_names)}, got '{raw_k}'")
+    raw_ood = request.query_params.get("ood")
+    if raw_ood is not None and raw_ood.lower() not in _BOOL:
+        raise ApiError(400, f"ood must be true or false, got '{raw_ood}'")
+    ood = None if raw_ood is None else _BOOL[raw_ood.lower()]
     limit = h.settings.max_images_per_request
     images = await _read_images(request, limit)
     if len(images) > limit:
         raise ApiError(413, f"{len(images)} images exceed the limit of {limit} per request")
     logits = await h.predict_rows(await asyncio.to_thread(_decode, clf, images))
-    preds = clf.predictions_from_logits(logits, top_k)
+    preds = clf.predictions_from_logits(logits, top_k, ood=ood)
     return {
         "model_name": h.settings.model_name,
         "predictions": [
             {"filename": fname, "label": p.label, "index": p.index, "probability": p.probability,
+             "known": p.known, "score": p.score,
              "top_k": [{"label": lab, "probability": prob} for lab, prob in p.top_k]}
             for (fname, _), p in zip(images, preds)
         ],
     }
+
+
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 async def prometheus(request: Request):

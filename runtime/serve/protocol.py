@@ -68,21 +68,29 @@ class InferenceRequest(BaseModel):
 
 @dataclass
 class InferRequest:
-    """A checked infer request: the float32 NCHW batch and how to answer."""
+    """A checked infer request: the float32 NCHW batch and how to answer (`outputs`: the names asked
+    for, None = every output of the model)."""
 
     x: np.ndarray
     id: str | None
     binary_output: bool
+    outputs: list[str] | None = None
 
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """What a request must match: tensor names, one image's (C, H, W), rows allowed per request."""
+    """What a request must match: tensor names, one image's (C, H, W), rows allowed per request;
+    `score_name`: the extra output carrying the OOD score (runtime.trust), when the bundle has one."""
 
     input_name: str
     output_name: str
     chw: tuple[int, int, int]
     max_rows: int
+    score_name: str | None = None
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.output_name] + ([self.score_name] if self.score_name else [])
 
 
 def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -162,11 +170,12 @@ def parse_infer_request(body: bytes, header_length: str | None, sig: ModelSignat
     x = _tensor(req.inputs[0], binary, sig)
     binary_output = bool((req.parameters or {}).get("binary_data_output", False))
     for o in req.outputs or ():
-        if o.name != sig.output_name:
-            raise ApiError(400, f"unknown output '{o.name}'; this model's output is '{sig.output_name}'")
+        if o.name not in sig.output_names:
+            raise ApiError(400, f"unknown output '{o.name}'; this model's outputs are {', '.join(sig.output_names)}")
         if (o.parameters or {}).get("binary_data"):
             binary_output = True
-    return InferRequest(x, None if req.id is None else str(req.id), binary_output)
+    names = [o.name for o in req.outputs] if req.outputs else None
+    return InferRequest(x, None if req.id is None else str(req.id), binary_output, names)
 
 
 # ----------------------------------------------------------------- responses
@@ -187,19 +196,23 @@ class InferenceResponse(BaseModel):
     id: str | None = None
 
 
-def encode_infer_response(y: np.ndarray, output_name: str, model_name: str, request_id: str | None,
+def encode_infer_response(tensors: list[tuple[str, np.ndarray]], model_name: str, request_id: str | None,
                           binary_output: bool) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when the logits follow it as binary data."""
-    y = np.ascontiguousarray(y, dtype=np.float32)
-    out = ResponseOutput.model_construct(name=output_name, datatype="FP32", shape=list(y.shape))
-    resp = InferenceResponse.model_construct(model_name=model_name, model_version="1", outputs=[out], id=request_id)
+    """The response body with each (name, FP32 array) output, and the JSON header's length when the
+    outputs follow it as binary data (in order)."""
+    arrays = [np.ascontiguousarray(y, dtype=np.float32) for _, y in tensors]
+    outs = [ResponseOutput.model_construct(name=name, datatype="FP32", shape=list(y.shape))
+            for (name, _), y in zip(tensors, arrays)]
+    resp = InferenceResponse.model_construct(model_name=model_name, model_version="1", outputs=outs, id=request_id)
     if not binary_output:
-        out.data = y.ravel().tolist()
+        for out, y in zip(outs, arrays):
+            out.data = y.ravel().tolist()
         return resp.model_dump_json(exclude_none=True).encode(), None
-    raw = y.astype("<f4", copy=False).tobytes()  # already float32: no copy on little-endian hosts
-    out.parameters = {"binary_data_size": len(raw)}
+    raws = [y.astype("<f4", copy=False).tobytes() for y in arrays]  # already float32: no copy on little-endian hosts
+    for out, raw in zip(outs, raws):
+        out.parameters = {"binary_data_size": len(raw)}
     head = resp.model_dump_json(exclude_none=True).encode()
-    return head + raw, len(head)
+    return head + b"".join(raws), len(head)
 
 
 class MetadataTensor(BaseModel):

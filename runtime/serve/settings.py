@@ -32,6 +32,8 @@ class ServeSettings(BaseModel):
     request_timeout_s: float = Field(30.0, gt=0)
     self_test: bool | None = None  # None: run it when the bundle has golden images
     artifact: str | None = None  # the bundle artifact served (onnx, onnx_int8, openvino, ...); None: its default
+    public_key: str | None = None  # refuse a bundle without a valid signature by this Ed25519 key (runtime.signing)
+    ood: bool = True  # /v1/classify answers "unknown" below the bundle's OOD threshold (per request: ?ood=false)
     # backend openvino (runtime.backends.OpenVINOOptions; None: $EDGEKILN_OPENVINO_*, then its defaults)
     openvino_device: str | None = None
     openvino_precision: str | None = None
