@@ -155,8 +155,14 @@ def check_run_data(cfg: PipelineConfig, run: RunDir) -> list[str]:
     report = check_data(cfg.data, seed=cfg.seed)
     skipped = report.bad_files if cfg.data.on_bad_file == "skip" else []
     atomic_write_text(run.data_check, json.dumps({**report.to_dict(), "skipped": skipped}, indent=1) + "\n")
-    for p in report.warnings:
-        log.warning("data: %s", p.message)
+    shown: dict[str, int] = {}
+    for p in report.warnings:  # a few of each kind; every one is in data_check.json
+        shown[p.kind] = shown.get(p.kind, 0) + 1
+        if shown[p.kind] <= 3:
+            log.warning("data: %s", p.message)
+    for kind, n in shown.items():
+        if n > 3:
+            log.warning("data: ... and %d more %s warning(s) in %s", n - 3, kind, run.data_check)
     blocking = blocking_problems(report, cfg.data.on_bad_file)
     if blocking:
         hint = " (data.on_bad_file: skip leaves unreadable files out)" if any(
