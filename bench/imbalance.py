@@ -3,7 +3,7 @@ minority classes' recall of the adapted teacher with balance none / weights / sa
 over several seeds. Every run: `edgekiln adapt DIR --set data.balance=...` (EfficientNet-Lite0,
 feature extraction, the config's defaults otherwise; input 96 px for the 8x8 scans).
 
-    PYTHONPATH=. python bench/imbalance.py /tmp/imbalance --seeds 0,1,2
+    PYTHONPATH=. python bench/imbalance.py /tmp/imbalance --seeds 0,1,2 [--select-metric macro_f1]
 
 The set: scikit-learn's digits (real scanned handwriting, 8x8), classes 0-4 with 170 images each
 and classes 5-9 with 17 each (10:1). Not a test.
@@ -37,6 +37,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workdir", type=Path)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--select-metric", default="accuracy", choices=["accuracy", "macro_f1"],
+                    help="data.select_metric of every run (what picks the best epoch)")
     args = ap.parse_args()
     from pipeline.adapt_stage import run_adapt
     from pipeline.config import load_config
@@ -46,7 +48,8 @@ def main() -> None:
     rows: dict[str, list[tuple[float, float, float]]] = {}
     for balance in ("none", "weights", "sampler"):
         for seed in seeds:
-            cfg = load_config(data, [f"runs_dir={args.workdir / 'runs'}", f"name=b-{balance}-{seed}", f"seed={seed}",
+            cfg = load_config(data, [f"runs_dir={args.workdir / 'runs'}", f"name=b-{balance}-{seed}-{args.select_metric}", f"seed={seed}",
+                                     f"data.select_metric={args.select_metric}",
                                      "model.input_size=96", "model.crop_pct=1.0", f"data.balance={balance}",
                                      "distill.enabled=false"])
             r = run_adapt(cfg)

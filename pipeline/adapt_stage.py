@@ -229,7 +229,7 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
         arch=cfg.model.name, seed=cfg.seed, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
         adapter_dir=run.lora_adapter, checkpoint_dir=run.adapt_resume, resume=resume,
         run_config=cfg.model_dump(mode="json", by_alias=True), is_main=info.is_main, desc=f"adapt ({a.strategy})",
-        balance=cfg.data.balance,
+        balance=cfg.data.balance, select_metric=cfg.data.select_metric,
     )
     params = count_params(model)
     t0 = time.perf_counter()

@@ -44,6 +44,9 @@ class DataConfig(_Strict):
     balance: Literal["none", "weights", "sampler"] = Field(
         "none", description="Imbalanced classes, in adapt and distill: 'weights' weighs the cross-entropy by "
         "inverse class frequency; 'sampler' draws training batches with every class equally likely.")
+    select_metric: Literal["accuracy", "macro_f1"] = Field(
+        "accuracy", description="The validation metric that picks the best epoch and drives early stopping in "
+        "adapt and distill (macro_f1 weighs a rare class like a common one).")
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     batch_size: int = Field(64, ge=1)

@@ -109,6 +109,7 @@ def train_student(
     validate_every: int = 1,
     patience: int | None = None,
     balance: str = "none",
+    select_metric: str = "accuracy",
 ) -> FitResult:
     """Train `student` with KD (kd=None: plain cross-entropy, the control run).
 
@@ -124,7 +125,8 @@ def train_student(
     weights = class_weights(y, student.num_classes) if balance == "weights" else None
     settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=1.0,
                              patience=patience, validate_every=validate_every,
-                             class_weights=tuple(weights.tolist()) if weights is not None else None)
+                             class_weights=tuple(weights.tolist()) if weights is not None else None,
+                             select_metric=select_metric)
     base = train_loader or tensor_loader(x, y, batch_size=batch_size, shuffle=True, seed=seed, balance=balance)
     if kd is None:
         return fit(student, base, vx, vy, settings=settings, desc=desc)

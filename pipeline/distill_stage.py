@@ -216,7 +216,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     log.info("distill: training budget %s", budget.describe())
     common = dict(epochs=budget.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=budget.batch_size,
                   seed=cfg.seed, validate_every=budget.validate_every, patience=dcfg.patience,
-                  balance=cfg.data.balance)
+                  balance=cfg.data.balance, select_metric=cfg.data.select_metric)
     names, auto = _candidates(dcfg, n_classes, spec.crop)
 
     best = None

@@ -57,3 +57,18 @@ def _minority_recall(balance: str) -> float:
 def test_weights_and_sampler_raise_minority_recall():
     none, weights, sampler = _minority_recall("none"), _minority_recall("weights"), _minority_recall("sampler")
     assert none < 0.6 and weights > none + 0.2 and sampler > none + 0.2, (none, weights, sampler)
+
+
+def test_macro_f1_selection_keeps_the_epoch_best_for_the_rare_class():
+    """Selecting on macro-F1 keeps the epoch whose macro-F1 is the best of the history, and the
+    reported val accuracy is that epoch's accuracy (not the selection score)."""
+    x, y = _imbalanced()
+    vx, vy = _imbalanced(200, 20, seed=1)  # imbalanced validation, as a stratified split gives
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    res = fit(model, tensor_loader(x, y, batch_size=32, shuffle=True), vx, vy,
+              settings=TrainSettings(epochs=8, lr=0.05, select_metric="macro_f1"), desc="t")
+    f1s = {h["epoch"]: h["val_macro_f1"] for h in res.history}
+    best = max(f1s.values())
+    assert f1s[res.best_epoch] == best
+    assert res.best_val_accuracy == next(h["val_accuracy"] for h in res.history if h["epoch"] == res.best_epoch)

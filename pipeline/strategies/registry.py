@@ -39,6 +39,7 @@ class AdaptContext:
     desc: str = "adapt"
     budget: Budget | None = None  # the training length (with_budget sets it and the batch size)
     balance: str = "none"  # data.balance: none | weights | sampler
+    select_metric: str = "accuracy"  # data.select_metric
 
 
 @dataclass
@@ -68,7 +69,7 @@ def loader_for(data: AdaptData, augment: str, ctx: AdaptContext) -> DataLoader:
 
 def fit_adapt(model: nn.Module, loader, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext, val_x=None, **kw) -> FitResult:
     """pipeline.training.fit with the adapt settings, validated on the val split (or `val_x`, e.g. its features)."""
-    settings = TrainSettings.from_adapt(cfg, ctx.budget)
+    settings = replace(TrainSettings.from_adapt(cfg, ctx.budget), select_metric=ctx.select_metric)
     if ctx.balance == "weights":
         settings = replace(settings, class_weights=tuple(class_weights(data.y("train"), data.num_classes).tolist()))
     return fit(

@@ -19,6 +19,7 @@ from pipeline.training.loop import (
     class_weights,
     fit,
     kd_loss,
+    macro_f1,
     predict_logits,
     set_seed,
     tensor_loader,
@@ -29,7 +30,7 @@ from pipeline.training.resume import load_resume_state, save_resume_state
 
 __all__ = [
     "DistInfo", "FitResult", "OPTIMIZERS", "TrainSettings", "TrainingDiverged", "TrainingInterrupted", "accuracy",
-    "balanced_sampler", "class_weights",
+    "balanced_sampler", "class_weights", "macro_f1",
     "cosine_schedule", "dist_info", "fit", "init_distributed", "kd_loss", "load_resume_state", "make_optimizer",
     "param_groups", "predict_logits", "save_resume_state", "set_seed", "tensor_loader", "train_device",
     "train_one_epoch",
