@@ -26,6 +26,7 @@ from exporters.calibration import calibration_set
 from exporters.config import ExportConfig, ValidateConfig, resolved_precisions
 from exporters.golden import pick_golden, write_golden
 from exporters.parity import GateResult, parity_gate
+from exporters.resources import measured
 from exporters.specs import ExportSpec, export_spec_for
 from exporters.thresholds import resolve_thresholds
 from runtime.bundle import (
@@ -123,16 +124,30 @@ def build_bundle(out: Path, job: ExportJob) -> BuildResult:
     check_export_options(job.settings)
     job = replace(job, settings=job.settings.model_copy(update={"precisions": resolved_precisions(job.settings)}))
     spec = export_spec_for(job.checkpoint.arch)
+    t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         artifacts = _build_artifacts(tmp, job, spec)
         opset = onnx_opset(tmp / artifacts["onnx"].file)
         manifest = write_manifest(tmp, _manifest(job, spec, artifacts, _golden(tmp, job, spec), opset))
         reference, labels = job.reference
         # write_manifest has just hashed every file: parse the written bundle.json, don't hash it all again
-        gate = check_bundle(read_bundle(tmp, verify=False), reference, labels, job.split, job.validate,
-                            model=job.model, seed=job.seed, all_backends=job.all_backends)
-        manifest = write_manifest(tmp, with_parity(manifest, gate))
+        with measured() as parity_cost:
+            gate = check_bundle(read_bundle(tmp, verify=False), reference, labels, job.split, job.validate,
+                                model=job.model, seed=job.seed, all_backends=job.all_backends)
+        manifest = with_parity(manifest, gate)
+        manifest = write_manifest(tmp, manifest.model_copy(update={"metrics": {
+            **manifest.metrics, "export": export_cost(manifest.artifacts, parity_cost, time.perf_counter() - t0)}}))
     return BuildResult(out=Path(out), manifest=manifest, gate=gate)
+
+
+def export_cost(artifacts: dict[str, Artifact], parity: dict, seconds: float) -> dict:
+    """bundle.json's metrics["export"]: wall time of the whole build, and its peak resident memory (the
+    highest of the steps': each artifact builder's, recorded in its details["build"], and the parity gate's)."""
+    steps = {k: a.details["build"] for k, a in artifacts.items() if "build" in a.details}
+    steps["parity"] = parity
+    peak = max(s["peak_rss_mb"] for s in steps.values())
+    return {"seconds": round(seconds, 1), "peak_rss_mb": peak,
+            "peak_step": next(k for k, s in steps.items() if s["peak_rss_mb"] == peak), "steps": steps}
 
 
 def _build_artifacts(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> dict[str, Artifact]:
@@ -148,7 +163,12 @@ def _build_artifacts(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> dict[
         check_images=split.paths("test")[:16], guard_images=split.paths("val"), guard_labels=split.labels("val"),
         cache_dir=job.cache_dir, calibration=calib,
     )
-    return {b.name: b.build(ctx) for b in builders}
+    artifacts = {}
+    for b in builders:
+        with measured() as cost:
+            art = b.build(ctx)
+        artifacts[b.name] = art.model_copy(update={"details": {**art.details, "build": cost}})
+    return artifacts
 
 
 def _golden(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> Golden | None:

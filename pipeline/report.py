@@ -210,6 +210,12 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
     if rows:
         lines += ["## Pipeline", ""]
         lines += _md_table(["", "model", "test accuracy", "size MB", "top-1 agreement", "max abs Δlogit"], [list(r) for r in rows])
+    cost = (metrics.get("onnx") or {}).get("cost")
+    if cost:
+        steps = ", ".join(f"{k} {s['seconds']:.0f} s / {s['peak_rss_mb']:.0f} MB" for k, s in cost["steps"].items())
+        lines += ["## Export cost (shipped model, this machine)", "",
+                  f"{cost['seconds']:.0f} s wall time; peak resident memory {cost['peak_rss_mb']:.0f} MB "
+                  f"(in {cost['peak_step']}). Per step: {steps}.", ""]
     if metrics.get("deploy"):
         lines += _deploy_section(run, metrics)
     return "\n".join(lines).rstrip() + "\n"
