@@ -131,9 +131,15 @@ _WEIGHT_COPIES = 5
 _ACTIVATION_COPIES = 2
 
 
+# Activations of a calibration/guard batch are kept under this, whatever the machine has: a bigger batch
+# buys little speed on a CPU and the export's peak should not depend on the memory that happens to be free.
+ACTIVATION_BUDGET = 1_000_000_000
+
+
 def plan_memory(pre_path: Path, max_batch: int = 16, available: int | None = None) -> MemoryPlan:
-    """The largest batch (<= max_batch) whose estimated peak fits in half the memory available; a
-    MemoryBudgetError, before any calibration, when not even one image fits."""
+    """The largest batch (<= max_batch) whose estimated activations fit in ACTIVATION_BUDGET and whose
+    estimated peak fits in half the memory available; a MemoryBudgetError, before any calibration,
+    when not even one image fits."""
     from exporters.resources import available_memory_bytes
 
     graph = onnx.load(str(pre_path), load_external_data=False).graph
@@ -144,7 +150,7 @@ def plan_memory(pre_path: Path, max_batch: int = 16, available: int | None = Non
     require_memory(one, f"INT8 quantization of {Path(pre_path).name} ({weights / 1e6:.0f} MB of weights, "
                    f"{per_image / 1e6:.0f} MB of activations per image)",
                    "lower model.input_size, or export without int8 (export.precisions: [fp32])", available=have)
-    room = max(0, have // 2 - fixed)
+    room = min(ACTIVATION_BUDGET, max(0, have // 2 - fixed))
     batch = int(max(1, min(max_batch, room // max(1, _ACTIVATION_COPIES * per_image))))
     return MemoryPlan(weights, per_image, batch)
 

@@ -80,7 +80,23 @@ def verdict(metrics: dict[str, Any]) -> str:
     others = len(cands) - len(failed) - len(over) - (1 if chosen else 0)
     if others > 0:
         parts.append(f"{others} other candidate(s) passed but ranked lower on {d['objective']}")
+    slower = int8_slower(cands)
+    if slower:
+        parts.append("INT8 is slower than FP32 on this CPU for " + ", ".join(slower))
     return "; ".join(parts) + "."
+
+
+def int8_slower(cands: list[dict[str, Any]]) -> list[str]:
+    """Each model x backend whose INT8 artifact measured slower (latency p50, batch 1) than its FP32 one
+    here: on a CPU without VNNI, or a small or attention-heavy model, the Q/DQ overhead can outweigh the
+    integer matmuls, and the report says so rather than implying INT8 is the fast option."""
+    by = {(c["model"], c["backend"], c["format"], c["precision"]): c for c in cands}
+    out = []
+    for (model, backend, fmt, precision), c in by.items():
+        fp32 = by.get((model, backend, fmt, "fp32"))
+        if precision == "int8" and fp32 and c["latency_p50_ms"] > fp32["latency_p50_ms"]:
+            out.append(f"{model} {fmt} on {backend} ({c['latency_p50_ms']:.2f} vs {fp32['latency_p50_ms']:.2f} ms)")
+    return out
 
 
 def distill_rows(r) -> list[tuple[str, str]]:
