@@ -26,6 +26,7 @@ import numpy as np
 from exporters.calibration import CalibrationSet, ImageSource
 from exporters.config import ExportConfig, ValidateConfig, resolved_precisions
 from exporters.errors import BuilderError
+from exporters.resources import release_freed_memory
 from exporters.specs import ExportSpec
 from exporters.thresholds import resolve_thresholds
 from runtime.bundle import Artifact
@@ -106,6 +107,7 @@ def build_onnx(ctx: BuildContext) -> Artifact:
     from exporters.onnx_export import export_onnx, simplify_onnx
 
     export_onnx(ctx.model, ctx.preprocess.crop, ctx.fp32_onnx, ctx.settings.opset, ctx.settings.dynamic_batch, ctx.spec)
+    release_freed_memory()  # the exporter's graphs are garbage now; hand their pages back before INT8 starts
     simplified = None
     if ctx.settings.simplify:
         check_x = preprocess(ctx.check_images, ctx.preprocess)

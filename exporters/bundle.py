@@ -115,7 +115,19 @@ def check_bundle(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, spli
         agreement = (aset, torch_runner(model))
     return parity_gate(bundle, reference, labels, split.paths(part), [p for p, _ in getattr(split, part)],
                        thresholds_for=lambda precision: resolve_thresholds(validate, precision, spec),
-                       agreement=agreement, all_backends=all_backends)
+                       batch=parity_batch(bundle), agreement=agreement, all_backends=all_backends)
+
+
+def parity_batch(bundle: Bundle, limit: int = 64) -> int:
+    """Images per chunk in the parity gate, where every session (and the PyTorch model) holds a chunk's
+    activations at once: the INT8 builder's memory plan when it made one, else 64 at 64 px scaled down
+    with the pixel count (ViT-B/16 at 224 px and batch 64 held 6 GB across its four sessions)."""
+    int8 = bundle.manifest.artifacts.get("onnx_int8")
+    plan = ((int8.details.get("quantization") or {}).get("guard") or {}).get("preprocess", {}).get("memory") if int8 else None
+    if plan:
+        return max(1, min(limit, plan["batch"]))
+    crop = bundle.preprocess.crop
+    return max(4, min(limit, int(limit * (64 / crop) ** 2)))
 
 
 def build_bundle(out: Path, job: ExportJob) -> BuildResult:

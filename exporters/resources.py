@@ -76,3 +76,20 @@ def require_memory(need: int, what: str, advice: str, available: int | None = No
     if need > have:
         raise MemoryBudgetError(f"{what} needs about {need / 1e9:.1f} GB of memory and {have / 1e9:.1f} GB is "
                                 f"available; {advice}")
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc's malloc_trim; a no-op elsewhere):
+    after torch.onnx's export the freed graphs otherwise stay resident for the rest of the export."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass

@@ -9,6 +9,7 @@ traces `forward`.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -206,6 +207,11 @@ def _strict_load(module: nn.Module, sd: dict[str, torch.Tensor], source: str) ->
         if shape:
             parts.append(f"{len(shape)} with the wrong shape (e.g. {shape[0]})")
         raise ModelError(f"{source}: weights do not fit the model: {'; '.join(parts)}")
+    # A safetensors file keeps tensors only, not the per-module `_metadata` versions that torch's own
+    # state dicts carry; a module that checks its version on load (torchvision's MNASNet) refuses a
+    # dict without them. The weights were made for this architecture, so its own versions apply.
+    sd = OrderedDict(sd)
+    sd._metadata = getattr(own, "_metadata", OrderedDict())  # type: ignore[attr-defined]
     module.load_state_dict(sd, strict=True)
 
 
