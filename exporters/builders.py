@@ -23,9 +23,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exporters.calibration import CalibrationSet
+from exporters.calibration import CalibrationSet, ImageSource
 from exporters.config import ExportConfig, ValidateConfig, resolved_precisions
 from exporters.errors import BuilderError
+from exporters.resources import release_freed_memory
 from exporters.specs import ExportSpec
 from exporters.thresholds import resolve_thresholds
 from runtime.bundle import Artifact
@@ -106,6 +107,7 @@ def build_onnx(ctx: BuildContext) -> Artifact:
     from exporters.onnx_export import export_onnx, simplify_onnx
 
     export_onnx(ctx.model, ctx.preprocess.crop, ctx.fp32_onnx, ctx.settings.opset, ctx.settings.dynamic_batch, ctx.spec)
+    release_freed_memory()  # the exporter's graphs are garbage now; hand their pages back before INT8 starts
     simplified = None
     if ctx.settings.simplify:
         check_x = preprocess(ctx.check_images, ctx.preprocess)
@@ -130,19 +132,22 @@ def build_onnx_int8(ctx: BuildContext) -> Artifact:
 
     s, calib, file = ctx.settings, ctx.calibration, get_builder("onnx_int8").file
     budget = resolve_thresholds(ctx.validate, "int8", ctx.spec).max_accuracy_drop
-    vx, vy = ctx.guard_set()
     log.info("int8: calibrating on %d train images (%s per class: %s)", len(calib.files), s.calibration_method,
              ", ".join(f"{k}={v}" for k, v in calib.per_class.items()))
-    res = quantize_int8(ctx.fp32_onnx, ctx.out_dir / file, calib.images, vx, vy,
+    # Both image sets stream: decoded and preprocessed a batch at a time (exporters.calibration.ImageSource).
+    res = quantize_int8(ctx.fp32_onnx, ctx.out_dir / file, calib.source(),
+                        ImageSource(ctx.guard_images, ctx.preprocess), np.asarray(ctx.guard_labels),
                         max_accuracy_drop=budget if budget is not None else 1.0, method=s.calibration_method,
                         per_channel=ctx.spec.int8_per_channel, max_excluded_nodes=s.max_excluded_nodes,
-                        op_types_to_keep_float=ctx.spec.int8_keep_float_op_types)
+                        op_types_to_keep_float=ctx.spec.int8_keep_float_op_types,
+                        op_types_to_quantize=ctx.spec.int8_op_types)
     if not res.budget_met:
         log.warning("int8: accuracy drop %.2f points on the validation split exceeds the budget %.2f even with %d "
                     "node(s) kept in float; the parity gate will judge it on the test split",
                     res.accuracy_drop * 100, res.budget * 100, len(res.excluded_nodes))
     quantization = {
         "tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+        "op_types": list(ctx.spec.int8_op_types) if ctx.spec.int8_op_types else "all",
         "weights": "int8, per-channel" if ctx.spec.int8_per_channel else "int8, per-tensor", "activations": "uint8",
         "calibration": {**calib.summary(), "method": s.calibration_method},
         "guard": {"split": "val", **res.to_dict()},

@@ -26,6 +26,7 @@ from exporters.calibration import calibration_set
 from exporters.config import ExportConfig, ValidateConfig, resolved_precisions
 from exporters.golden import pick_golden, write_golden
 from exporters.parity import GateResult, parity_gate
+from exporters.resources import measured
 from exporters.specs import ExportSpec, export_spec_for
 from exporters.thresholds import resolve_thresholds
 from runtime.bundle import (
@@ -115,7 +116,19 @@ def check_bundle(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, spli
         agreement = (aset, torch_runner(model))
     return parity_gate(bundle, reference, labels, split.paths(part), [p for p, _ in getattr(split, part)],
                        thresholds_for=lambda precision: resolve_thresholds(validate, precision, spec),
-                       agreement=agreement, all_backends=all_backends)
+                       batch=parity_batch(bundle), agreement=agreement, all_backends=all_backends)
+
+
+def parity_batch(bundle: Bundle, limit: int = 64) -> int:
+    """Images per chunk in the parity gate, where every session (and the PyTorch model) holds a chunk's
+    activations at once: the INT8 builder's memory plan when it made one, else 64 at 64 px scaled down
+    with the pixel count (ViT-B/16 at 224 px and batch 64 held 6 GB across its four sessions)."""
+    int8 = bundle.manifest.artifacts.get("onnx_int8")
+    plan = ((int8.details.get("quantization") or {}).get("guard") or {}).get("preprocess", {}).get("memory") if int8 else None
+    if plan:
+        return max(1, min(limit, plan["batch"]))
+    crop = bundle.preprocess.crop
+    return max(4, min(limit, int(limit * (64 / crop) ** 2)))
 
 
 def build_bundle(out: Path, job: ExportJob) -> BuildResult:
@@ -124,16 +137,30 @@ def build_bundle(out: Path, job: ExportJob) -> BuildResult:
     check_export_options(job.settings)
     job = replace(job, settings=job.settings.model_copy(update={"precisions": resolved_precisions(job.settings)}))
     spec = export_spec_for(job.checkpoint.arch)
+    t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         artifacts = _build_artifacts(tmp, job, spec)
         opset = onnx_opset(tmp / artifacts["onnx"].file)
         manifest = write_manifest(tmp, _manifest(job, spec, artifacts, _golden(tmp, job, spec), opset))
         reference, labels = job.reference
         # write_manifest has just hashed every file: parse the written bundle.json, don't hash it all again
-        gate = check_bundle(read_bundle(tmp, verify=False), reference, labels, job.split, job.validate,
-                            model=job.model, seed=job.seed, all_backends=job.all_backends)
-        manifest = write_manifest(tmp, with_parity(manifest, gate))
+        with measured() as parity_cost:
+            gate = check_bundle(read_bundle(tmp, verify=False), reference, labels, job.split, job.validate,
+                                model=job.model, seed=job.seed, all_backends=job.all_backends)
+        manifest = with_parity(manifest, gate)
+        manifest = write_manifest(tmp, manifest.model_copy(update={"metrics": {
+            **manifest.metrics, "export": export_cost(manifest.artifacts, parity_cost, time.perf_counter() - t0)}}))
     return BuildResult(out=Path(out), manifest=manifest, gate=gate)
+
+
+def export_cost(artifacts: dict[str, Artifact], parity: dict, seconds: float) -> dict:
+    """bundle.json's metrics["export"]: wall time of the whole build, and its peak resident memory (the
+    highest of the steps': each artifact builder's, recorded in its details["build"], and the parity gate's)."""
+    steps = {k: a.details["build"] for k, a in artifacts.items() if "build" in a.details}
+    steps["parity"] = parity
+    peak = max(s["peak_rss_mb"] for s in steps.values())
+    return {"seconds": round(seconds, 1), "peak_rss_mb": peak,
+            "peak_step": next(k for k, s in steps.items() if s["peak_rss_mb"] == peak), "steps": steps}
 
 
 def _build_artifacts(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> dict[str, Artifact]:
@@ -149,7 +176,12 @@ def _build_artifacts(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> dict[
         check_images=split.paths("test")[:16], guard_images=split.paths("val"), guard_labels=split.labels("val"),
         cache_dir=job.cache_dir, calibration=calib,
     )
-    return {b.name: b.build(ctx) for b in builders}
+    artifacts = {}
+    for b in builders:
+        with measured() as cost:
+            art = b.build(ctx)
+        artifacts[b.name] = art.model_copy(update={"details": {**art.details, "build": cost}})
+    return artifacts
 
 
 def _golden(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> Golden | None:

@@ -135,21 +135,27 @@ def bundle_candidates(bundle: Bundle) -> list[Candidate]:
 
 
 def measure(cands: list[Candidate], bundles: dict[str, Bundle], deploy: DeployConfig) -> list[Candidate]:
-    """Time every candidate (`bundles` keyed by each candidate's `bundle` path) side by side, on its backend."""
+    """Time every candidate (`bundles` keyed by each candidate's `bundle` path) side by side, on its backend:
+    latency at batch 1 with every session open, in alternating blocks; then throughput at `deploy.batch`
+    one candidate at a time, each session closed before the next opens (a session's memory arena grows to
+    the batch's activations: ViT-B/16's four sessions at batch 16 held 6 GB at once)."""
     runners, inputs = {}, {}
     for i, c in enumerate(cands):
         b = bundles[c.bundle]
         run = session_for_artifact(b, c.artifact, backend=c.backend, intra_op_threads=deploy.threads).run
         if c.bundle not in inputs:
-            inputs[c.bundle] = (timing_inputs(b, 1), timing_inputs(b, deploy.batch))
-        runners[i] = (run, *inputs[c.bundle])
+            inputs[c.bundle] = timing_inputs(b, 1)
+        runners[i] = (run, inputs[c.bundle])
     blocks = 3
     per = max(1, deploy.latency_rounds // blocks)
-    lat = alternating_latency({i: (lambda _x, r=r, x=x1: r(x)) for i, (r, x1, _) in runners.items()}, None,
+    lat = alternating_latency({i: (lambda _x, r=r, x=x1: r(x)) for i, (r, x1) in runners.items()}, None,
                               blocks=blocks, per_block=per, warmup=3)
-    thr = alternating_latency({i: (lambda _x, r=r, x=xb: r(x)) for i, (r, _, xb) in runners.items()}, None,
-                              blocks=2, per_block=2, warmup=1)
+    runners.clear()
     for i, c in enumerate(cands):
+        b = bundles[c.bundle]
+        run = session_for_artifact(b, c.artifact, backend=c.backend, intra_op_threads=deploy.threads).run
+        thr = alternating_latency({i: run}, timing_inputs(b, deploy.batch), blocks=2, per_block=2, warmup=1)
+        del run
         c.latency_p50_ms = float(np.median(lat[i])) * 1e3
         c.throughput_ips = deploy.batch / float(np.median(thr[i]))
     return cands

@@ -58,6 +58,8 @@ class ExportSpec:
     int8_keep_float_op_types: ClassVar[tuple[str, ...]] = ()
     # INT8: quantize weights per output channel (needed for depthwise convolutions).
     int8_per_channel: ClassVar[bool] = True
+    # INT8: the op types the quantizer may touch (None: every op it supports).
+    int8_op_types: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
     def input_name(cls) -> str:
@@ -134,3 +136,19 @@ class CompactCNNSpec(ExportSpec):
 
     family = "compact_cnn"
     arch_patterns = ("compact_cnn_*",)
+
+
+@register_export_spec
+class TransformerSpec(ExportSpec):
+    """Vision transformers (ViT, Swin, MaxViT): INT8 on the matrix multiplications only.
+
+    LayerNorm, Softmax and GELU stay in float: their inputs have outlier channels (LayerNorm) or a
+    range that one UINT8 scale resolves badly (Softmax's probabilities, GELU's negative tail), and
+    onnxruntime's CPU kernels run them in float anyway, so quantizing them only adds Q/DQ pairs.
+    The accuracy guard keeps further MatMuls in float when the budget says so.
+    """
+
+    family = "transformer"
+    arch_patterns = ("torchvision/vit_*", "torchvision/swin_*", "torchvision/maxvit_*", "timm/vit_*", "timm/deit*",
+                     "timm/swin*", "timm/maxvit*", "timm/beit*", "timm/eva*")
+    int8_op_types = ("MatMul", "Gemm", "Conv")

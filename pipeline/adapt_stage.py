@@ -211,7 +211,7 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
     """
     from pipeline import evaluation
     from pipeline.checkpoint import CheckpointMeta, save_checkpoint
-    from pipeline.models import count_params, create_model
+    from pipeline.models import check_runs, count_params, create_model, model_defaults
     from pipeline.strategies import AdaptContext, AdaptData, adapt_model
     from pipeline.training import init_distributed, set_seed
 
@@ -220,9 +220,13 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
     set_seed(cfg.seed)
     if resume:
         _check_resume(cfg, run)
+    # The model's constraints (input size, family) are checked before the split is made or data loaded.
+    defaults = model_defaults(cfg.model.name)
+    spec = defaults.preprocess(cfg.model.input_size, cfg.model.crop_pct)
+    defaults.check_input_size(cfg.model.name, spec.crop)
     split = _prepare(cfg, run, resume, info)
-    model = create_model(cfg.model.name, len(split.class_names), cfg.model.weights)
-    spec = model.defaults.preprocess(cfg.model.input_size, cfg.model.crop_pct)
+    model = create_model(cfg.model.name, len(split.class_names), cfg.model.weights, input_size=spec.crop)
+    check_runs(model, spec.crop)
     log.info("adapt: %s, strategy %s, %d classes, input %d", cfg.model.name, a.strategy, len(split.class_names), spec.crop)
     data = AdaptData.from_split(split, spec)
     ctx = AdaptContext(
@@ -278,7 +282,8 @@ def _baselines(cfg: PipelineConfig, data, ctx) -> tuple[dict[str, Baseline], lis
     sev = evaluation.classification_metrics(scratch.test_logits, y_test, names)
     scratch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    probe = linear_probe_baseline(create_model(cfg.model.name, data.num_classes, cfg.model.weights), data,
+    probe = linear_probe_baseline(create_model(cfg.model.name, data.num_classes, cfg.model.weights,
+                                               input_size=data.spec.crop), data,
                                   cfg.model.name, cfg.seed)
     pev = evaluation.classification_metrics(probe["test_logits"], y_test, names)
     return {

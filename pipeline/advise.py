@@ -107,13 +107,13 @@ def advise(
 ) -> Advice:
     """Data statistics + a logistic-regression probe on the model's (cached) features -> a strategy."""
     from pipeline.features import linear_probe, weights_digest
-    from pipeline.models import count_params, create_model
+    from pipeline.models import count_params, create_model, model_defaults
     from pipeline.strategies import AdaptData
 
     stats = data_stats(root)
     split = make_split(Path(root), 0.15, 0.2, seed)
-    model = create_model(model_name, len(split.class_names), weights)
-    spec = model.defaults.preprocess(input_size, crop_pct)
+    spec = model_defaults(model_name).preprocess(input_size, crop_pct)
+    model = create_model(model_name, len(split.class_names), weights, input_size=spec.crop)
     data = AdaptData.from_split(split, spec)
     digest = weights_digest(model.backbone)
     model.backbone.eval()

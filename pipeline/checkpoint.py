@@ -66,6 +66,6 @@ def load_checkpoint(path: Path) -> tuple[EdgeClassifier, CheckpointMeta]:
         role=d.get("role", "model"),
         extra=d.get("extra", {}),
     )
-    model = create_model(meta.arch, len(meta.class_names), "none")
+    model = create_model(meta.arch, len(meta.class_names), "none", input_size=meta.preprocess.crop)
     _strict_load(model, state, str(path))
     return model.eval(), meta

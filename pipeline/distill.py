@@ -42,8 +42,13 @@ def reset_bn_momentum(model: nn.Module, momentum: float = 0.1) -> None:
             m.momentum = momentum
 
 
-def build_student(name: str, num_classes: int, weights: str) -> EdgeClassifier:
-    student = create_model(name, num_classes, weights)
+def build_student(name: str, num_classes: int, weights: str, input_size: int | None = None) -> EdgeClassifier:
+    """The student, built for the teacher's input size (refused in one line when it cannot take it)."""
+    from pipeline.models import check_runs
+
+    student = create_model(name, num_classes, weights, input_size=input_size)
+    if input_size is not None:
+        check_runs(student, input_size)
     if weights == "none":
         reset_bn_momentum(student)
     return student
@@ -271,7 +276,8 @@ def choose_student(
     the caller trains the fitting ones and keeps the most accurate.
     """
     rows, fits = [], []
-    costs = onnx_costs({name: create_model(name, num_classes, "none") for name in candidates}, input_size, blocks=3)
+    costs = onnx_costs({name: create_model(name, num_classes, "none", input_size=input_size)
+                        for name in candidates}, input_size, blocks=3)
     for name in candidates:
         cost = costs[name]
         ok = (max_latency_ms is None or cost.latency_b1_ms <= max_latency_ms) and (

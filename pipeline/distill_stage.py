@@ -225,7 +225,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     shared = (teacher_outputs(teacher, x, features=kd.hint_weight > 0)
               if views is None and dcfg.cache_teacher and len(names) > 1 else None)
     for name in names:
-        student = build_student(name, n_classes, dcfg.weights)
+        student = build_student(name, n_classes, dcfg.weights, spec.crop)
         fitted = train_student(student, x, y, vx, vy, kd=kd, teacher=teacher, cache_teacher=dcfg.cache_teacher,
                                teacher_cache=shared, desc=f"distill ({name})", mixup=dcfg.mixup,
                                train_loader=views(budget.batch_size) if views else None, **common)
@@ -243,7 +243,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     if result.refusal:
         log.warning("distill: %s", result.refusal)
     if dcfg.compare_without_kd:
-        control = build_student(name, n_classes, dcfg.weights)
+        control = build_student(name, n_classes, dcfg.weights, spec.crop)
         c_fit = train_student(control, x, y, vx, vy, kd=None, desc=f"control, no KD ({name})",
                               train_loader=views(budget.batch_size) if views else None, **common)
         result.without_kd = WithoutKD(accuracy(predict_logits(control, tx), ty), c_fit.best_val_accuracy)

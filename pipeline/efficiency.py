@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluation import plot_efficiency
-from pipeline.models import create_model
+from pipeline.models import create_model, model_defaults
 from pipeline.report import write_run_report
 from pipeline.rundir import load_split
 from pipeline.strategies import AdaptContext, AdaptData, adapt_model, list_strategies, train_from_scratch
@@ -73,8 +73,8 @@ def data_efficiency(
     if Path(split.root) != Path(data_root(cfg.data)).resolve():
         log.warning("efficiency: using the split in %s (data root %s)", run.split, split.root)
     set_seed(cfg.seed)  # the new head's initialisation (torch seeds itself randomly per process)
-    template = create_model(cfg.model.name, len(split.class_names), cfg.model.weights)
-    spec = template.defaults.preprocess(cfg.model.input_size, cfg.model.crop_pct)
+    spec = model_defaults(cfg.model.name).preprocess(cfg.model.input_size, cfg.model.crop_pct)
+    template = create_model(cfg.model.name, len(split.class_names), cfg.model.weights, input_size=spec.crop)
     data = AdaptData.from_split(split, spec)
     epochs = epochs or cfg.adapt.epochs or 5
     keys = ["all" if k is None else str(k) for k in shots]

@@ -87,6 +87,9 @@ class ExportResult:
     default_artifact: str = "onnx"  # the deployable: the shipped bundle's default artifact and backend
     default_backend: str | None = None
     seconds: float = 0.0  # the export stage's own time (every candidate built, checked and measured)
+    # The shipped bundle's build: wall time, peak resident memory and the step that reached it, per step
+    # (bundle.json's metrics["export"]).
+    cost: dict[str, Any] | None = None
     gate: GateResult | None = field(default=None, repr=False)
     deploy: dict[str, Any] | None = field(default=None, repr=False)  # metrics.json's `deploy` section
 
@@ -291,6 +294,7 @@ def export_result(out: Path, m, gate: GateResult, role: str) -> ExportResult:
         artifacts=arts, passed=gate.passed, failures=gate.failures,
         int8=m.artifacts["onnx_int8"].details["quantization"] if "onnx_int8" in m.artifacts else None,
         default_artifact=m.default_artifact, default_backend=m.default_backend, gate=gate,
+        cost=m.metrics.get("export"),
     )
 
 

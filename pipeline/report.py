@@ -104,7 +104,23 @@ def verdict(metrics: dict[str, Any]) -> str:
     others = len(cands) - len(failed) - len(over) - (1 if chosen else 0)
     if others > 0:
         parts.append(f"{others} other candidate(s) passed but ranked lower on {d['objective']}")
+    slower = int8_slower(cands)
+    if slower:
+        parts.append("INT8 is slower than FP32 on this CPU for " + ", ".join(slower))
     return "; ".join(parts) + "."
+
+
+def int8_slower(cands: list[dict[str, Any]]) -> list[str]:
+    """Each model x backend whose INT8 artifact measured slower (latency p50, batch 1) than its FP32 one
+    here: on a CPU without VNNI, or a small or attention-heavy model, the Q/DQ overhead can outweigh the
+    integer matmuls, and the report says so rather than implying INT8 is the fast option."""
+    by = {(c["model"], c["backend"], c["format"], c["precision"]): c for c in cands}
+    out = []
+    for (model, backend, fmt, precision), c in by.items():
+        fp32 = by.get((model, backend, fmt, "fp32"))
+        if precision == "int8" and fp32 and c["latency_p50_ms"] > fp32["latency_p50_ms"]:
+            out.append(f"{model} {fmt} on {backend} ({c['latency_p50_ms']:.2f} vs {fp32['latency_p50_ms']:.2f} ms)")
+    return out
 
 
 def distill_rows(r) -> list[tuple[str, str]]:
@@ -234,6 +250,12 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
     if rows:
         lines += ["## Pipeline", ""]
         lines += _md_table(["", "model", "test accuracy", "size MB", "top-1 agreement", "max abs Δlogit"], [list(r) for r in rows])
+    cost = (metrics.get("onnx") or {}).get("cost")
+    if cost:
+        steps = ", ".join(f"{k} {s['seconds']:.0f} s / {s['peak_rss_mb']:.0f} MB" for k, s in cost["steps"].items())
+        lines += ["## Export cost (shipped model, this machine)", "",
+                  f"{cost['seconds']:.0f} s wall time; peak resident memory {cost['peak_rss_mb']:.0f} MB "
+                  f"(in {cost['peak_step']}). Per step: {steps}.", ""]
     if metrics.get("deploy"):
         lines += _deploy_section(run, metrics)
     if metrics.get("trust"):

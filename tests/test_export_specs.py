@@ -11,6 +11,7 @@ CLAIMS = {
     "mobilenet_v3": "torchvision/mobilenet_v3_small",
     "resnet": "torchvision/resnet18",
     "compact_cnn": "compact_cnn_w0.5",
+    "transformer": "torchvision/vit_b_16",
 }
 
 

@@ -18,7 +18,7 @@ def train_from_scratch(arch: str, data: AdaptData, cfg: AdaptConfig, ctx: AdaptC
     """The same architecture from random initialisation, every layer trained, same epochs and schedule."""
     from pipeline.distill import reset_bn_momentum
 
-    model = create_model(arch, data.num_classes, "none")
+    model = create_model(arch, data.num_classes, "none", input_size=data.spec.crop)
     reset_bn_momentum(model)
     return finetune_groups(model, data, cfg, ctx, "all", 1.0, None)
 

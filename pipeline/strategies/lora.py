@@ -26,11 +26,37 @@ def _is_pointwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
 
 
+def _transformer_like(named: list[tuple[str, nn.Module]]) -> bool:
+    """More weights in linear layers and attention than in convolutions (timm models, whose family the
+    registry does not name)."""
+    lin = count_params(p for _, m in named if isinstance(m, (nn.Linear, nn.MultiheadAttention)) for p in m.parameters(recurse=False))
+    conv = count_params(m.weight for _, m in named if isinstance(m, nn.Conv2d))
+    return lin > conv
+
+
 def default_lora_targets(model: EdgeClassifier) -> list[str]:
-    """The pointwise (1x1) convolutions and linear layers of the backbone: in MobileNet/EfficientNet-style
-    networks they hold most of the weights. When they hold less than half of the backbone's
-    conv/linear weights (ResNets, CompactCNN) every non-grouped convolution is adapted too."""
+    """The family's default adapter targets (pipeline.models.ModelDefaults.lora_targets).
+
+    "linear" (ViT, Swin, MaxViT): attention (nn.MultiheadAttention as a whole: its qkv in-projection and
+    its output projection; or the qkv/projection linears) and the MLP linears, as in the LoRA paper.
+    "pointwise" (CNNs): the pointwise (1x1) convolutions and linear layers of the backbone: in
+    MobileNet/EfficientNet-style networks they hold most of the weights. When they hold less than half
+    of the backbone's conv/linear weights (ResNets, CompactCNN) every non-grouped convolution is adapted too.
+    """
     named = [(f"backbone.{n}", m) for n, m in model.backbone.named_modules()]
+    kind = model.defaults.lora_targets
+    if kind == "auto":
+        kind = "linear" if _transformer_like(named) else "pointwise"
+    if kind == "mlp":
+        chosen_names = [n for n, m in named if isinstance(m, nn.Linear) and ".mlp." in f"{n}."]
+        if chosen_names:
+            return chosen_names
+    if kind == "linear":
+        mha = [n for n, m in named if isinstance(m, nn.MultiheadAttention)]
+        chosen_names = mha + [n for n, m in named if isinstance(m, nn.Linear)
+                              and not any(n.startswith(a + ".") for a in mha)]  # out_proj: adapted with its MHA
+        if chosen_names:
+            return chosen_names
     linear_like = [(n, m) for n, m in named if isinstance(m, (nn.Conv2d, nn.Linear))]
     chosen = [(n, m) for n, m in linear_like if _is_pointwise(m) or isinstance(m, nn.Linear)]
     total = count_params(m.weight for _, m in linear_like)
