@@ -46,11 +46,13 @@ FAMILY_CASES = {
 }
 # timm models by name take the same road (not a torchvision family: checked here as well).
 TIMM_CASES = {"timm-cnn": ("timm/resnet10t", 32), "timm-vit": ("timm/vit_tiny_patch16_224", 32)}
-# Families whose case builds a big network (tens of millions of weights) or a big input run under `-m slow`;
-# the fast run keeps one of each kind of constraint: auxiliary heads (Inception, GoogLeNet), a conv
-# classifier (SqueezeNet), attention adapted whole (timm's ViT) and the CNN families' pointwise targets.
+# Families whose case builds a big network (tens of millions of weights) or a big input run under `-m slow`,
+# and so do CNN families whose constraints a fast case already covers (CI keeps the suite under 15 minutes on
+# 2 cores). The fast run keeps one of each kind of constraint: auxiliary heads and a 75 px minimum
+# (Inception), a conv classifier (SqueezeNet), attention adapted whole (timm's ViT), the CNN families'
+# pointwise targets (ResNet, MobileNetV3: squeeze-excite) and a checkpoint with state-dict versions (MNASNet).
 HEAVY = {"alexnet", "resnext", "wide_resnet", "vgg", "vit", "maxvit", "convnext", "efficientnet_v2", "swin", "swin_v2",
-         "densenet"}
+         "densenet", "googlenet", "regnet", "shufflenet_v2", "efficientnet", "mobilenet_v2", "timm-cnn"}
 
 
 def _cases() -> list:
