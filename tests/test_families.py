@@ -46,7 +46,7 @@ FAMILY_CASES = {
 }
 # timm models by name take the same road (not a torchvision family: checked here as well).
 TIMM_CASES = {"timm-cnn": ("timm/resnet10t", 32), "timm-vit": ("timm/vit_tiny_patch16_224", 32)}
-# Families whose case builds a big network (tens of millions of weights) or a big input run under `-m slow`,
+# Families whose case builds a big network (tens of millions of weights) or a big input run with EDGEKILN_HEAVY_TESTS=1 (marker `heavy`),
 # and so do CNN families whose constraints a fast case already covers (CI keeps the suite under 15 minutes on
 # 2 cores). The fast run keeps one of each kind of constraint: auxiliary heads and a 75 px minimum
 # (Inception), a conv classifier (SqueezeNet), attention adapted whole (timm's ViT), the CNN families'
@@ -56,7 +56,7 @@ HEAVY = {"alexnet", "resnext", "wide_resnet", "vgg", "vit", "maxvit", "convnext"
 
 
 def _cases() -> list:
-    return [pytest.param(c, marks=pytest.mark.slow) if c in HEAVY else c
+    return [pytest.param(c, marks=pytest.mark.heavy) if c in HEAVY else c
             for c in sorted(FAMILY_CASES) + sorted(TIMM_CASES)]
 
 
@@ -209,14 +209,14 @@ def test_small_family_end_to_end(tiny_data, tmp_path):
     _end_to_end("torchvision/squeezenet1_1", 32, tiny_data, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("case", sorted(FAMILY_CASES) + sorted(TIMM_CASES))
 def test_every_family_end_to_end(case, tiny_data, tmp_path):
     name, size = {**FAMILY_CASES, **TIMM_CASES}[case]
     _end_to_end(name, size, tiny_data, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("strategy", ["feature_extraction", "lora"])
 def test_transformer_strategies_end_to_end(strategy, tiny_data, tmp_path):
     _end_to_end("torchvision/vit_b_32", 32, tiny_data, tmp_path, strategy=strategy)

@@ -138,7 +138,7 @@ def test_adapt_on_a_folder_without_a_config_writes_the_resolved_config(folder, t
     _assert_saved_config(folder, tmp_path / "runs" / "imgs")
 
 
-@pytest.mark.slow  # the whole pipeline (export, parity, measurement); the adapt test above covers the config path
+@pytest.mark.heavy  # the whole pipeline (export, parity, measurement); the adapt test above covers the config path
 def test_run_on_a_folder_without_a_config_completes(folder, tmp_path):
     r = CliRunner().invoke(cli, ["run", str(folder), *_tiny_sets(folder, tmp_path / "runs")])
     assert r.exit_code == 0, r.output
