@@ -30,29 +30,12 @@ sys.path.insert(0, str(ROOT))
 # family -> (architecture, input size): the small sizes of tests/test_families.py (32 px, or the
 # family's smallest input: Inception 75, MaxViT 224), so that the whole matrix runs in about an hour
 # on two shared cores. Latency ratios at 32 px say how INT8 fares on small maps, not at 224 px.
+from tests.test_families import FAMILY_CASES, TIMM_CASES  # noqa: E402  (one table of cases, shared with the tests)
+
 CASES = {
-    "alexnet": ("torchvision/alexnet", 64),
-    "resnet": ("torchvision/resnet18", 32),
-    "resnext": ("torchvision/resnext50_32x4d", 32),
-    "wide_resnet": ("torchvision/wide_resnet50_2", 32),
-    "vgg": ("torchvision/vgg11", 32),
-    "inception": ("torchvision/inception_v3", 75),
-    "googlenet": ("torchvision/googlenet", 32),
-    "densenet": ("torchvision/densenet121", 32),
-    "squeezenet": ("torchvision/squeezenet1_1", 32),
-    "mobilenet_v2": ("torchvision/mobilenet_v2", 32),
-    "mobilenet_v3": ("torchvision/mobilenet_v3_small", 32),
-    "mnasnet": ("torchvision/mnasnet0_5", 32),
-    "shufflenet_v2": ("torchvision/shufflenet_v2_x0_5", 32),
-    "efficientnet": ("torchvision/efficientnet_b0", 32),
-    "efficientnet_v2": ("torchvision/efficientnet_v2_s", 48),
-    "regnet": ("torchvision/regnet_y_400mf", 32),
-    "convnext": ("torchvision/convnext_tiny", 32),
-    "vit": ("torchvision/vit_b_16", 32),
-    "swin": ("torchvision/swin_t", 32),
-    "swin_v2": ("torchvision/swin_v2_t", 32),
-    "maxvit": ("torchvision/maxvit_t", 224),
-    "timm (vit)": ("timm/vit_tiny_patch16_224", 32),
+    **FAMILY_CASES,
+    "vit": ("torchvision/vit_b_16", 32),  # the ViT users reach for (the tests take the smaller B/32)
+    "timm (vit)": TIMM_CASES["timm-vit"],
     "inception @64 (refused)": ("torchvision/inception_v3", 64),
 }
 
