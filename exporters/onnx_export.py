@@ -5,6 +5,7 @@ same outputs."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,23 @@ def needs_external_data(model: nn.Module, margin: float = 0.9) -> bool:
     return n > PROTOBUF_LIMIT * margin
 
 
+@contextmanager
+def out_of_place(model: nn.Module):
+    """Switch every module's `inplace` flag (ReLU, Hardswish, Dropout, ...) off for the duration.
+
+    The same arithmetic, but the exporter's decomposition pass re-traces each in-place op
+    (functionalization): on MobileNetV3-Small this alone is a third of the export time.
+    Flags are restored afterwards, so the caller's model is unchanged."""
+    flipped = [m for m in model.modules() if getattr(m, "inplace", None) is True]
+    for m in flipped:
+        m.inplace = False
+    try:
+        yield model
+    finally:
+        for m in flipped:
+            m.inplace = True
+
+
 def export_onnx(
     model: nn.Module,
     input_size: int,
@@ -53,7 +71,7 @@ def export_onnx(
     dynamic_shapes = ({0: torch.export.Dim(batch_axis, min=1, max=4096)},) if dynamic_batch else None
     external = needs_external_data(model)
     try:
-        with quiet(*_EXPORTER_LOGGERS):
+        with quiet(*_EXPORTER_LOGGERS), out_of_place(model):
             program = torch.onnx.export(
                 model,
                 (example,),

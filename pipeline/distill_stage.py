@@ -188,13 +188,45 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
     return (lambda batch: view_loader(x8, y, spec, dcfg.augment, batch, cfg.seed, cfg.data.balance)), len(y)
 
 
+class _TeacherOnFixedImages:
+    """The teacher's features and logits on the split's un-augmented images, through the adapt
+    stage's on-disk feature cache (pipeline.features): the teacher in eval mode is a fixed function
+    of each image, and a feature-extraction teacher's backbone is the very one adapt already ran
+    over these files, so the distill stage reads its features instead of running it again (keyed
+    on the backbone's weights: a fine-tuned teacher misses once and is cached for re-runs)."""
+
+    def __init__(self, teacher, arch: str, split, spec, images: dict):
+        from pipeline.features import weights_digest
+
+        self.teacher, self.arch, self.split, self.spec, self.images = teacher, arch, split, spec, images
+        self.digest = weights_digest(teacher.backbone)
+        self._memo: dict = {}
+
+    def features(self, part: str) -> torch.Tensor:
+        from pipeline.features import cached_features
+
+        if part not in self._memo:
+            backbone = self.teacher.backbone.eval()
+            self._memo[part] = cached_features(backbone, self.arch, self.split.paths(part), self.split.labels(part),
+                                               self.spec, images=self.images[part], weights=self.digest,
+                                               desc=f"teacher {part}")
+        return self._memo[part]
+
+    def logits(self, part: str) -> torch.Tensor:
+        import torch
+
+        head = self.teacher.head.eval()
+        with torch.inference_mode():
+            return head(self.features(part).to(next(head.parameters()).device)).float().cpu()
+
+
 def run_distill(cfg: PipelineConfig) -> DistillResult:
     """Train a smaller student with KD against the adapted teacher (same augmented view for both,
     teacher live; a step budget sized to the data), judge it with the retention gate, and justify
     it: accuracy retained, parameters, optionally ONNX size and latency and the no-KD control."""
     from pipeline.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
     from pipeline.data import load_tensors
-    from pipeline.distill import KDSettings, build_student, onnx_costs, teacher_outputs, train_student
+    from pipeline.distill import KDSettings, build_student, onnx_costs, train_student
     from pipeline.models import count_params
     from pipeline.training import accuracy, predict_logits, set_seed, train_device
     from pipeline.training.budget import plan_budget
@@ -208,7 +240,8 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     x, y = load_tensors(split.paths("train"), split.labels("train"), spec, desc="loading train images")
     vx, vy = load_tensors(split.paths("val"), split.labels("val"), spec, desc="loading val images")
     tx, ty = load_tensors(split.paths("test"), split.labels("test"), spec, desc="loading test images")
-    teacher_test_acc = accuracy(predict_logits(teacher, tx), ty)
+    t_out = _TeacherOnFixedImages(teacher, tmeta.arch, split, spec, {"train": x, "val": vx, "test": tx})
+    teacher_test_acc = accuracy(t_out.logits("test"), ty)
     kd = KDSettings(dcfg.temperature, dcfg.alpha, dcfg.hint_weight)
     views, n_images = _views(cfg, split, spec)
     budget = plan_budget("distill", n_images, cfg.data.batch_size, epochs=dcfg.epochs, steps=dcfg.steps,
@@ -222,8 +255,8 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     best = None
     t0 = time.perf_counter()
     # Several `auto` candidates share one pass of the teacher over the (fixed) training images.
-    shared = (teacher_outputs(teacher, x, features=kd.hint_weight > 0)
-              if views is None and dcfg.cache_teacher and len(names) > 1 else None)
+    shared = ((t_out.logits("train"), t_out.features("train") if kd.hint_weight > 0 else None)
+              if views is None and dcfg.cache_teacher and dcfg.mixup == 0 else None)
     for name in names:
         student = build_student(name, n_classes, dcfg.weights, spec.crop)
         fitted = train_student(student, x, y, vx, vy, kd=kd, teacher=teacher, cache_teacher=dcfg.cache_teacher,
@@ -233,7 +266,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
             best = (name, student, fitted)
     name, student, fitted = best
     train_seconds = time.perf_counter() - t0
-    gate = retention_gate(predict_logits(teacher, vx), predict_logits(student, vx), vy, dcfg.min_retention)
+    gate = retention_gate(t_out.logits("val"), predict_logits(student, vx), vy, dcfg.min_retention)
     result = DistillResult(
         model=name, val_accuracy=fitted.best_val_accuracy, test_accuracy=accuracy(predict_logits(student, tx), ty),
         teacher_model=tmeta.arch, teacher_test_accuracy=teacher_test_acc, best_epoch=fitted.best_epoch,

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
@@ -65,3 +66,33 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
     sess = open_onnx(str(path))
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-4)
+
+
+def test_in_place_activations_export_out_of_place_and_are_restored(tmp_path):
+    """export_onnx traces with every `inplace` flag off (a faster decomposition pass), writes the
+    same function, and hands the caller's model back with its flags as they were."""
+    import torch
+    from torch import nn
+
+    from exporters.errors import ExportError
+    from exporters.onnx_export import export_onnx
+    from runtime.backends.ort import open_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3), nn.Hardswish(inplace=True),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2, inplace=True), nn.Linear(4, 3)).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, 16, path)
+    assert [m.inplace for m in model.modules() if hasattr(m, "inplace")] == [True, True, True]
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(open_onnx(str(path)).run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-5)
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("cannot trace this")
+
+    failing = nn.Sequential(nn.ReLU(inplace=True), Broken())
+    with pytest.raises(ExportError, match="ONNX export failed"):
+        export_onnx(failing, 16, tmp_path / "bad.onnx")
+    assert failing[0].inplace is True
