@@ -108,6 +108,10 @@ class DeployConfig(_Strict):
                                       "(exporters.trust; needs data.ood).")
     objective: Literal["latency", "size", "accuracy"] = Field(
         "latency", description="What the choice minimises (latency, size) or maximises (accuracy) within budgets.")
+    metric: Literal["accuracy", "macro_f1"] | None = Field(
+        None, description="The quality figure the choice maximises (objective accuracy) and breaks ties and draws "
+                          "the Pareto front with: accuracy, or macro_f1 (every class weighs the same; for "
+                          "imbalanced data). None: data.select_metric.")
     batch: int = Field(16, ge=1, le=1024, description="Batch size of the throughput measurement.")
     latency_rounds: int = Field(30, ge=5, le=10_000, description="Timed batch-1 runs per candidate (median kept).")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads while timing (None: its default).")

@@ -32,6 +32,7 @@ from runtime.errors import EdgekilnError
 from runtime.files import atomic_dir
 
 OBJECTIVE_WORDS = {"latency": "fastest (latency p50 at batch 1)", "size": "smallest", "accuracy": "most accurate"}
+METRIC_WORDS = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 
 
 class DeployError(EdgekilnError):
@@ -72,6 +73,7 @@ class Candidate:
     pareto: bool = False
     chosen: bool = False
     ood_auroc: float | None = None  # its model's OOD score AUROC on data.ood (exporters.trust), None: unmeasured
+    macro_f1: float | None = None  # on the test split (None: not measured, e.g. a record from before 0.5)
 
     @property
     def label(self) -> str:
@@ -80,6 +82,10 @@ class Candidate:
     @property
     def eligible(self) -> bool:
         return not self.missed
+
+    def quality(self, metric: str = "accuracy") -> float:
+        """The figure the choice maximises: accuracy, or macro-F1 (accuracy where it was not measured)."""
+        return self.macro_f1 if metric == "macro_f1" and self.macro_f1 is not None else self.accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,7 +100,7 @@ class Choice:
 
     def to_dict(self) -> dict[str, Any]:
         c = self.chosen
-        return {"objective": self.deploy.objective, "budgets": budgets(self.deploy), "batch": self.deploy.batch,
+        return {"objective": self.deploy.objective, "metric": self.deploy.metric or "accuracy", "budgets": budgets(self.deploy), "batch": self.deploy.batch,
                 "chosen": None if c is None else {"model": c.model, "artifact": c.artifact, "backend": c.backend,
                                                   "label": c.label},
                 "reason": self.reason, "candidates": [x.to_dict() for x in self.candidates]}
@@ -113,7 +119,8 @@ def candidate_of(role: str, bundle: Bundle, key: str, backend: str, r: dict[str,
         precision=art.precision, backend=backend, bundle=str(bundle.root), size_mb=artifact_bytes(bundle, key) / 1e6,
         accuracy=r["artifact_accuracy"], accuracy_drop=-r["accuracy_delta"], drop_low=s.get("low", float("nan")),
         drop_high=s.get("high", float("nan")), n=r["n_images"], agreement=r["agreement"],
-        agreement_n=r.get("agreement_n", r["n_images"]), passed=bool(r.get("passed")), failures=list(r["failures"]))
+        agreement_n=r.get("agreement_n", r["n_images"]), passed=bool(r.get("passed")), failures=list(r["failures"]),
+        macro_f1=r.get("artifact_macro_f1"))
 
 
 def gate_candidates(role: str, bundle: Bundle, gate: GateResult) -> list[Candidate]:
@@ -161,19 +168,21 @@ def measure(cands: list[Candidate], bundles: dict[str, Bundle], deploy: DeployCo
     return cands
 
 
-def pareto_front(cands: list[Candidate]) -> None:
-    """Mark the candidates (of those that passed their gates) no other beats on latency, size and accuracy at once."""
+def pareto_front(cands: list[Candidate], metric: str = "accuracy") -> None:
+    """Mark the candidates (of those that passed their gates) no other beats on latency, size and quality at once."""
     ok = [c for c in cands if c.passed]
     for c in cands:
+        q = c.quality(metric)
         c.pareto = c.passed and not any(
-            o is not c and o.latency_p50_ms <= c.latency_p50_ms and o.size_mb <= c.size_mb and o.accuracy >= c.accuracy
-            and (o.latency_p50_ms < c.latency_p50_ms or o.size_mb < c.size_mb or o.accuracy > c.accuracy) for o in ok)
+            o is not c and o.latency_p50_ms <= c.latency_p50_ms and o.size_mb <= c.size_mb and o.quality(metric) >= q
+            and (o.latency_p50_ms < c.latency_p50_ms or o.size_mb < c.size_mb or o.quality(metric) > q) for o in ok)
 
 
-def _rank_key(c: Candidate, objective: str) -> tuple:
-    return {"latency": (c.latency_p50_ms, -c.accuracy, c.size_mb),
-            "size": (c.size_mb, c.latency_p50_ms, -c.accuracy),
-            "accuracy": (-c.accuracy, c.latency_p50_ms, c.size_mb)}[objective]
+def _rank_key(c: Candidate, objective: str, metric: str = "accuracy") -> tuple:
+    q = c.quality(metric)
+    return {"latency": (c.latency_p50_ms, -q, c.size_mb),
+            "size": (c.size_mb, c.latency_p50_ms, -q),
+            "accuracy": (-q, c.latency_p50_ms, c.size_mb)}[objective]
 
 
 def choose(cands: list[Candidate], deploy: DeployConfig) -> Choice:
@@ -189,21 +198,25 @@ def choose(cands: list[Candidate], deploy: DeployConfig) -> Choice:
         if deploy.min_ood_auroc is not None and (c.ood_auroc is None or c.ood_auroc < deploy.min_ood_auroc):
             c.missed.append(f"OOD AUROC {c.ood_auroc:.3f} < {deploy.min_ood_auroc:g}" if c.ood_auroc is not None
                             else "OOD AUROC unmeasured (no data.ood images, or the unknown answer is off)")
-    pareto_front(cands)
-    ok = sorted((c for c in cands if c.eligible), key=lambda c: _rank_key(c, deploy.objective))
+    metric = deploy.metric or "accuracy"
+    pareto_front(cands, metric)
+    ok = sorted((c for c in cands if c.eligible), key=lambda c: _rank_key(c, deploy.objective, metric))
     if not ok:
         return Choice(cands, None, f"none of the {len(cands)} candidates passed its gates and met the budgets", deploy)
     best = ok[0]
     best.chosen = True
     limits = ", ".join(f"{k} {v:g}" for k, v in budgets(deploy).items())
-    reason = (f"{best.label} was chosen as the {OBJECTIVE_WORDS[deploy.objective]} of the {len(ok)} of "
+    objective = ("highest macro-F1" if deploy.objective == "accuracy" and metric == "macro_f1"
+                 else OBJECTIVE_WORDS[deploy.objective])
+    reason = (f"{best.label} was chosen as the {objective} of the {len(ok)} of "
               f"{len(cands)} candidates that passed their parity gates" + (f" and met the budgets ({limits})" if limits
                                                                          else " (no budgets set)")
-              + f": {best.latency_p50_ms:.2f} ms at batch 1, {best.size_mb:.2f} MB, accuracy {best.accuracy:.4f}.")
+              + f": {best.latency_p50_ms:.2f} ms at batch 1, {best.size_mb:.2f} MB, accuracy {best.accuracy:.4f}"
+              + (f", macro-F1 {best.macro_f1:.4f}" if best.macro_f1 is not None else "") + ".")
     return Choice(cands, best, reason, deploy)
 
 
-TABLE_COLUMNS = ("", "model", "format", "precision", "runtime", "accuracy", "drop pts [95% CI]", "n", "agreement (n)",
+TABLE_COLUMNS = ("", "model", "format", "precision", "runtime", "accuracy", "macro-F1", "drop pts [95% CI]", "n", "agreement (n)",
                  "MB", "p50 ms b=1", "img/s b=N", "status")
 
 
@@ -214,6 +227,7 @@ def table_rows(cands: list[Candidate]) -> list[list[str]]:
         status = "shipped" if c.chosen else ("; ".join(c.missed) if c.missed else "passed")
         mark = "★" if c.chosen else ("◆" if c.pareto else "")
         rows.append([mark, f"{c.model}: {c.arch.split('/')[-1]}", c.format, c.precision, c.backend, f"{c.accuracy:.4f}",
+                     "—" if c.macro_f1 is None else f"{c.macro_f1:.4f}",
                      f"{c.accuracy_drop * 100 + 0.0:+.1f} [{c.drop_low * 100:+.1f}, {c.drop_high * 100:+.1f}]", str(c.n),
                      f"{c.agreement:.2%} ({c.agreement_n})", f"{c.size_mb:.2f}", f"{c.latency_p50_ms:.2f}",
                      f"{c.throughput_ips:.0f}", status])

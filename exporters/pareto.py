@@ -33,7 +33,7 @@ def run_bundles(path: Path) -> list[Bundle]:
 def recorded_deploy(bundle: Bundle) -> tuple[DeployConfig, dict[str, Any] | None]:
     """The deploy settings export judged this bundle with (defaults when it predates them), and its choice."""
     rec = bundle.manifest.deploy or {}
-    cfg = DeployConfig(objective=rec.get("objective", "latency"), batch=rec.get("batch", 16),
+    cfg = DeployConfig(objective=rec.get("objective", "latency"), metric=rec.get("metric"), batch=rec.get("batch", 16),
                        **(rec.get("budgets") or {}))
     return cfg, rec.get("chosen")
 

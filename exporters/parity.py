@@ -77,6 +77,9 @@ class ParityReport:
     max_abs_prob_diff: float | None = None
     max_abs_score_diff: float | None = None
     decision_flipped: list[dict] = field(default_factory=list)
+    # Macro-F1 of each on the test split (every class weighs the same: data.select_metric / deploy.metric).
+    reference_macro_f1: float | None = None
+    artifact_macro_f1: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -86,6 +89,13 @@ class ParityReport:
         d = asdict(self)
         d["passed"] = self.passed
         return d
+
+
+def macro_f1(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
+    """scikit-learn's macro-averaged F1 over every class (a class with no image and no prediction counts 0)."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
 
 
 def compare_logits(
@@ -147,6 +157,9 @@ def compare_logits(
         ],
     )
     report.accuracy_delta = report.artifact_accuracy - report.reference_accuracy
+    if len(labels) and reference.ndim == 2:
+        report.reference_macro_f1 = macro_f1(ref_top, labels, reference.shape[1])
+        report.artifact_macro_f1 = macro_f1(cand_top, labels, reference.shape[1])
     if trust is not None:
         _compare_answers(report, trust, reference, candidate, labels, names, extra)
     n_classes = reference.shape[1] if reference.ndim == 2 else 0

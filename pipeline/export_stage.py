@@ -236,8 +236,9 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
     cands = [c for r, b in built.items() for c in gate_candidates(r, bundles[r], b.gate)]
     for c in cands:  # the model's OOD quality, for the deploy.min_ood_auroc budget
         c.ood_auroc = (fits[c.model].metrics.get("ood") or {}).get("auroc")
-    measure(cands, {str(b.root): b for b in bundles.values()}, cfg.deploy)
-    choice = choose(cands, cfg.deploy)
+    deploy = cfg.deploy if cfg.deploy.metric else cfg.deploy.model_copy(update={"metric": cfg.data.select_metric})
+    measure(cands, {str(b.root): b for b in bundles.values()}, deploy)
+    choice = choose(cands, deploy)
     record = {**choice.to_dict(), "refused_models": refused}
     from exporters.deploy import plot_pareto
 

@@ -76,7 +76,7 @@ def print_deploy(record: dict[str, Any], console: Console | None = None, title: 
                                  f"objective: {record['objective']})")
     for col in TABLE_COLUMNS:
         table.add_column(col.replace("b=N", f"b={record['batch']}"),
-                         justify="right" if col in ("accuracy", "n", "MB", "p50 ms b=1", "img/s b=N") else "left",
+                         justify="right" if col in ("accuracy", "macro-F1", "n", "MB", "p50 ms b=1", "img/s b=N") else "left",
                          no_wrap=col != "status")
     for row in table_rows([Candidate(**c) for c in record["candidates"]]):
         table.add_row(*row)

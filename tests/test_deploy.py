@@ -43,6 +43,39 @@ def test_objectives_and_pareto_front():
     assert [c.pareto for c in cands] == [False, True, True]
 
 
+def test_macro_f1_as_the_metric_ships_the_model_that_serves_the_rare_class():
+    """On imbalanced data the most accurate candidate can be the one that ignores a rare class:
+    with deploy.metric macro_f1 (data.select_metric's default) the choice, its tie-breaks and the
+    Pareto front go by macro-F1."""
+    common = _cand("teacher", "fp32", 3.0, 13.5, 0.93)  # right on the common class, never on the rare one
+    rare = _cand("student", "fp32", 3.0, 6.1, 0.91)  # a little less accurate, but gets the rare class
+    common.macro_f1, rare.macro_f1 = 0.48, 0.80
+    assert choose([common, rare], DeployConfig(objective="accuracy")).chosen is common
+    choice = choose([common, rare], DeployConfig(objective="accuracy", metric="macro_f1"))
+    assert choice.chosen is rare and [common.pareto, rare.pareto] == [False, True]
+    assert "chosen as the highest macro-F1 of the 2 of 2" in choice.reason and "macro-F1 0.8000" in choice.reason
+    # Same latency: the tie goes to the better macro-F1 under objective latency too.
+    assert choose([common, rare], DeployConfig(metric="macro_f1")).chosen is rare
+    # A record from before macro-F1 was measured ranks by accuracy.
+    common.macro_f1 = rare.macro_f1 = None
+    assert choose([common, rare], DeployConfig(objective="accuracy", metric="macro_f1")).chosen is common
+
+
+def test_parity_report_measures_macro_f1_of_both_sides():
+    import numpy as np
+
+    from exporters.parity import compare_logits
+    from exporters.thresholds import Thresholds
+
+    labels = np.array([0] * 8 + [1] * 2)
+    ref = np.eye(2)[labels] * 5.0  # PyTorch: every image right
+    art = np.eye(2)[np.zeros(10, int)] * 5.0  # artifact: class 0 for all (accuracy 0.8)
+    r = compare_logits("m.onnx", ref, art, labels, Thresholds())
+    assert r.reference_macro_f1 == 1.0 and r.artifact_accuracy == pytest.approx(0.8)
+    # class 0: precision 0.8, recall 1 -> F1 8/9; class 1: F1 0 -> macro 4/9
+    assert r.artifact_macro_f1 == pytest.approx(4 / 9)
+
+
 def _with_deploy(cfg_path, deploy: dict):
     d = yaml.safe_load(cfg_path.read_text())
     d["deploy"] = deploy
