@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from runtime.errors import BundleError
 from runtime.files import atomic_write_text, sha256_file
-from runtime.preprocess import PreprocessSpec
+from runtime.preprocess import PreprocessSpec, size_hw
 from runtime.signing import SIGNATURE_FILE
 
 SCHEMA_VERSION = 4
@@ -70,10 +70,11 @@ class TensorSpec(_Model):
 
 
 class Preprocess(_Model):
-    """How the runtime turns an image into the model's input (runtime.preprocess.PreprocessSpec)."""
+    """How the runtime turns an image into the model's input (runtime.preprocess.PreprocessSpec):
+    `resize` and `crop` are ints for a square input, [height, width] pairs for a rectangular one."""
 
-    resize: int = Field(gt=0)
-    crop: int = Field(gt=0)
+    resize: int | tuple[int, int]
+    crop: int | tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
@@ -81,13 +82,25 @@ class Preprocess(_Model):
     layout: Literal["NCHW"] = "NCHW"
     scale: Literal["1/255"] = "1/255"
 
+    @field_validator("resize", "crop")
+    @classmethod
+    def _positive(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        if min(size_hw(v)) <= 0:
+            raise ValueError(f"sizes must be positive, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _same_kind(self) -> "Preprocess":
+        self.spec  # resize and crop both square or both rectangular  # noqa: B018
+        return self
+
     @classmethod
     def of(cls, spec: PreprocessSpec) -> "Preprocess":
         return cls(**spec.to_dict())
 
     @property
     def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(self.resize, self.crop, self.mean, self.std, self.interpolation)
+        return PreprocessSpec.from_dict(self.model_dump())
 
 
 class FileEntry(_Model):
