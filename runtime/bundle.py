@@ -19,9 +19,10 @@ artifact; 3 = this module: `default_artifact` / `default_backend` (the deployabl
 export chose by measurement, which `runtime.load` opens when no artifact is named) and the
 `deploy` record of that choice; 4 = `trust`: the calibration temperature the runtime divides the
 logits by, and the out-of-distribution score and threshold below which it answers "unknown"
-(runtime.trust). Older bundles are upgraded in memory when they load (their
-default artifact is the FP32 ONNX model); anything newer than this runtime knows is refused
-with one line saying how to re-export.
+(runtime.trust). A rectangular model's `preprocess.resize` / `crop` are [h, w] pairs (still schema 4: a
+runtime from before them refuses such a bundle in one line, "not an int", rather than misreading it).
+Older bundles are upgraded in memory when they load (their default artifact is the FP32 ONNX model);
+anything newer than this runtime knows is refused with one line saying how to re-export.
 """
 
 from __future__ import annotations
