@@ -113,12 +113,14 @@ def test_square_bundles_read_as_before_and_rectangular_ones_round_trip():
 # --------------------------------------------------------------------------- end to end
 
 
-def _run(tmp_path, data, size: list[int], precisions=("fp32", "int8")):
+def _run(tmp_path, data, size: list[int], precisions=("fp32", "int8"), distill: bool = False):
     cfg = _write(tmp_path, {
         "name": "rect", "runs_dir": str(tmp_path / "runs"), "data": {"root": str(data), "batch_size": 16},
         "model": {"name": "compact_cnn_w0.5", "weights": "none", "input_size": size, "crop_pct": 0.875},
         "adapt": {"strategy": "finetune", "epochs": 1, "lr": 0.003},
-        "distill": {"enabled": False},
+        # distill: the student built, trained on the teacher's views and its ONNX cost measured at (H, W)
+        "distill": ({"student": "compact_cnn_w0.5", "steps": 20, "lr": 0.01, "measure_cost": True, "augment": "light"}
+                    if distill else {"enabled": False}),
         "export": {"precisions": list(precisions), "calibration_size": 12, "golden_images": 2},
         "deploy": {"latency_rounds": 5},
     })
@@ -135,7 +137,7 @@ def test_rectangular_model_through_run_parity_runtime_and_server(tiny_data, tmp_
     from runtime.bundle import read_bundle
     from runtime.serve import ServeSettings, create_app
 
-    bundle = _run(tmp_path, tiny_data, [24, 40])
+    bundle = _run(tmp_path, tiny_data, [24, 40], distill=True)
     m = read_bundle(bundle).manifest
     assert m.input.shape == ["batch", 3, 24, 40]
     assert (m.preprocess.resize, m.preprocess.crop) == ((27, 46), (24, 40))
@@ -175,3 +177,13 @@ def test_192x320_model_through_run(tiny_data, tmp_path):
     assert m.input.shape == ["batch", 3, 192, 320] and m.artifacts["onnx"].parity["passed"]
     img = next((tiny_data / "digit1").glob("*.png"))
     assert runtime.load(bundle).preprocess([str(img)]).shape == (1, 3, 192, 320)
+
+
+@pytest.mark.parametrize("preset", ["light", "strong"])
+def test_augmentation_keeps_the_rectangular_shape(tiny_data, preset):
+    from pipeline.strategies.data import load_uint8, train_transform
+
+    spec = PreprocessSpec((27, 46), (24, 40), MEAN, STD)
+    x = load_uint8(sorted((tiny_data / "digit0").glob("*.png"))[:3], spec)
+    assert x.shape == (3, 3, 24, 40)
+    assert train_transform(preset, spec)(x[0]).shape == (3, 24, 40)
