@@ -128,7 +128,7 @@ def parity_batch(bundle: Bundle, limit: int = 64) -> int:
     if plan:
         return max(1, min(limit, plan["batch"]))
     h, w = bundle.preprocess.hw
-    return max(4, min(limit, int(limit * 64 * 64 / (h * w))))
+    return max(4, min(limit, int(limit * ((64 / h) * (64 / w)))))  # square: (64 / side) ** 2, as before
 
 
 def build_bundle(out: Path, job: ExportJob) -> BuildResult:
