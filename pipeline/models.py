@@ -54,9 +54,9 @@ class ModelDefaults:
         pct = crop_pct if crop_pct is not None else self.crop_pct
         h, w = size_hw(size)
         if h == w:
-            return PreprocessSpec(resize=int(round(h / pct)), crop=h, mean=self.mean, std=self.std,
+            return PreprocessSpec(resize=round(h / pct), crop=h, mean=self.mean, std=self.std,
                                   interpolation=self.interpolation)
-        return PreprocessSpec(resize=(int(round(h / pct)), int(round(w / pct))), crop=(h, w), mean=self.mean,
+        return PreprocessSpec(resize=(round(h / pct), round(w / pct)), crop=(h, w), mean=self.mean,
                               std=self.std, interpolation=self.interpolation)
 
     def check_input_size(self, name: str, size: Size) -> None:
