@@ -50,7 +50,7 @@ def main() -> None:
         data = data.subset("train", sorted(keep.tolist()))
     settings = TrainSettings(epochs=args.epochs, lr=3e-3)
     x_train, y_train, x_val, y_val = data.x("train"), data.y("train"), data.x("val"), data.y("val")
-    print(f"{args.model} at {spec.crop}px, {len(y_train)} train / {len(y_val)} val images, {args.epochs} epochs, "
+    print(f"{args.model} at {spec.width}x{spec.height}px, {len(y_train)} train / {len(y_val)} val images, {args.epochs} epochs, "
           f"torch threads {torch.get_num_threads()}", flush=True)
     backbone = model.backbone.eval().requires_grad_(False)
     head0 = {k: v.clone() for k, v in model.head.state_dict().items()}

@@ -46,7 +46,7 @@ def make_payload(bundle: Path, endpoint: str) -> tuple[str, bytes, dict]:
     from runtime.bundle import read_bundle
 
     m = read_bundle(bundle, verify=False).manifest
-    crop = m.preprocess.crop
+    h, w = m.preprocess.spec.hw
     if endpoint == "classify":
         import io
 
@@ -56,7 +56,7 @@ def make_payload(bundle: Path, endpoint: str) -> tuple[str, bytes, dict]:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         return "/v1/classify", buf.getvalue(), {"Content-Type": "image/png"}
-    x = np.random.default_rng(0).normal(size=(1, 3, crop, crop)).astype("<f4")
+    x = np.random.default_rng(0).normal(size=(1, 3, h, w)).astype("<f4")
     head = json.dumps({"inputs": [{"name": m.input.name, "shape": list(x.shape), "datatype": "FP32",
                                    "parameters": {"binary_data_size": x.nbytes}}],
                        "outputs": [{"name": m.output.name, "parameters": {"binary_data": True}}]}).encode()

@@ -90,7 +90,7 @@ def timing_inputs(bundle: Bundle, n: int) -> np.ndarray:
     if bundle.manifest.golden:
         x = preprocess(bundle.golden()[1], spec)
         return np.concatenate([x] * (n // len(x) + 1))[:n]
-    return np.random.default_rng(0).standard_normal((n, 3, spec.crop, spec.crop)).astype(np.float32)
+    return np.random.default_rng(0).standard_normal((n, 3, *spec.hw)).astype(np.float32)
 
 
 def alternating_latency(runners: dict[str, Callable], x: np.ndarray, blocks: int = 10, per_block: int = 20,

@@ -164,7 +164,7 @@ def build_tensorrt(ctx: BuildContext) -> Artifact:
     t, file = ctx.settings.tensorrt, get_builder("tensorrt").file
     ctx.cache_dir.mkdir(parents=True, exist_ok=True)
     info = build_engine(ctx.fp32_onnx, ctx.out_dir / file, ctx.spec.input_name(),
-                        (3, ctx.preprocess.crop, ctx.preprocess.crop),
+                        (3, *ctx.preprocess.hw),
                         EngineSettings(t.precision, t.min_batch, t.opt_batch, t.max_batch, t.workspace_mb),
                         calibration=ctx.calibration.images if ctx.calibration else None,
                         timing_cache_path=ctx.cache_dir / "timing.cache",

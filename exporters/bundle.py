@@ -127,8 +127,8 @@ def parity_batch(bundle: Bundle, limit: int = 64) -> int:
     plan = ((int8.details.get("quantization") or {}).get("guard") or {}).get("preprocess", {}).get("memory") if int8 else None
     if plan:
         return max(1, min(limit, plan["batch"]))
-    crop = bundle.preprocess.crop
-    return max(4, min(limit, int(limit * (64 / crop) ** 2)))
+    h, w = bundle.preprocess.hw
+    return max(4, min(limit, int(limit * ((64 / h) * (64 / w)))))  # square: (64 / side) ** 2, as before
 
 
 def build_bundle(out: Path, job: ExportJob) -> BuildResult:
@@ -222,7 +222,7 @@ def onnx_opset(path: Path) -> int:
 
 def _manifest(job: ExportJob, spec: type[ExportSpec], artifacts: dict[str, Artifact], golden: Golden | None,
               opset: int) -> BundleManifest:
-    meta, crop = job.checkpoint, job.checkpoint.preprocess.crop
+    meta, (h, w) = job.checkpoint, job.checkpoint.preprocess.hw
     params = sum(p.numel() for p in job.model.parameters())
     return BundleManifest(
         edgekiln_version=job.version,
@@ -230,7 +230,7 @@ def _manifest(job: ExportJob, spec: type[ExportSpec], artifacts: dict[str, Artif
         model=ModelInfo.model_validate({"arch": meta.arch, "role": job.role, "params": params, **meta.extra}),
         class_names=meta.class_names,
         preprocess=Preprocess.of(meta.preprocess),
-        input=TensorSpec(name=spec.input_name(), shape=["batch", 3, crop, crop]),
+        input=TensorSpec(name=spec.input_name(), shape=["batch", 3, h, w]),
         output=TensorSpec(name=spec.output_name(), shape=["batch", len(meta.class_names)]),
         opset=opset,
         export_spec=spec.family,

@@ -51,7 +51,7 @@ class ImageSource:
         """Bytes of one preprocessed image (float32 CHW)."""
         if self.array is not None:
             return int(self.array[0].nbytes) if len(self.array) else 0
-        return 3 * self.spec.crop * self.spec.crop * 4
+        return 3 * self.spec.height * self.spec.width * 4
 
 
 def as_source(images: "np.ndarray | ImageSource") -> ImageSource:

@@ -17,6 +17,7 @@ from exporters.errors import ExportError  # noqa: F401  (raised here; importable
 from exporters.quiet import quiet
 from exporters.specs import ExportSpec
 from runtime.backends.ort import onnx_runner
+from runtime.preprocess import size_hw
 
 INPUT_NAME = ExportSpec.input_names[0]
 # protobuf cannot serialize a message over 2 GiB: larger models keep their
@@ -51,13 +52,14 @@ def out_of_place(model: nn.Module):
 
 def export_onnx(
     model: nn.Module,
-    input_size: int,
+    input_size: int | tuple[int, int],
     path: Path,
     opset: int | None = None,
     dynamic_batch: bool = True,
     spec: type[ExportSpec] = ExportSpec,
 ) -> int:
-    """Export `model` (eval mode, NCHW float32 input) to `path`; return the opset actually written.
+    """Export `model` (eval mode, NCHW float32 input of side `input_size`, or (H, W)) to `path`; return
+    the opset actually written.
 
     Names, dynamic axes and the default opset come from the architecture's spec.
     Uses the torch.export-based exporter (`dynamo=True`), the default since torch 2.9.
@@ -66,7 +68,7 @@ def export_onnx(
     opset = opset or spec.opset
     if opset < spec.min_opset:
         raise ExportError(f"export.opset: {opset} is below the minimum {spec.min_opset} for {spec.family} models")
-    example = torch.randn(2, 3, input_size, input_size)
+    example = torch.randn(2, 3, *size_hw(input_size))
     batch_axis = spec.dynamic_axes.get(spec.input_name(), {}).get(0, "batch")
     dynamic_shapes = ({0: torch.export.Dim(batch_axis, min=1, max=4096)},) if dynamic_batch else None
     external = needs_external_data(model)

@@ -65,7 +65,7 @@ class Advice:
     stats: DataStats
     model: str
     model_params: int
-    input_size: int
+    input_size: int | tuple[int, int]  # a side, or (H, W)
     probe_val_accuracy: float
     train_per_class_median: float
     recommendation: str
@@ -125,7 +125,7 @@ def advise(
     notes = []
     if stats.imbalance >= 3:
         notes.append(f"classes are imbalanced ({stats.imbalance:.1f}x between the largest and smallest): watch macro-F1, not only accuracy")
-    if max(stats.width[1], stats.height[1]) < spec.crop / 2:
+    if max(stats.width[1], stats.height[1]) < max(spec.hw) / 2:
         notes.append(f"images are small (median {stats.width[1]}x{stats.height[1]}) for input {spec.crop}: a smaller model.input_size is cheaper")
     if weights == "none":
         notes.append("weights: none -- the probe ran on random features; pass --weights default for a meaningful probe")

@@ -72,12 +72,25 @@ class ModelConfig(_Strict):
 
     name: str = Field("efficientnet_lite0", description="Registry name, e.g. torchvision/resnet18.")
     weights: str = Field("default", description="'none', 'default' or a path to a weights file.")
-    input_size: int | None = Field(
-        None, ge=16, le=1024, description="Square input side; None keeps the model's own default."
+    input_size: int | list[int] | None = Field(
+        None, description="Input side (square), or [height, width] for a rectangular input, each 16..1024; "
+        "None keeps the model's own default."
     )
     crop_pct: float | None = Field(
         None, gt=0, le=1, description="Center-crop fraction (resize = input_size / crop_pct); None keeps the model's."
     )
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        """An int, or two ints [height, width]; [N, N] is the square N."""
+        if v is None:
+            return v
+        sides = v if isinstance(v, (list, tuple)) else [v]
+        if (len(sides) not in (1, 2) or (isinstance(v, (list, tuple)) and len(sides) != 2)
+                or any(isinstance(s, bool) or not isinstance(s, int) or not 16 <= s <= 1024 for s in sides)):
+            raise ValueError(f"must be an int or [height, width], each side 16..1024 (got {v!r})")
+        return sides[0] if len(set(sides)) == 1 else list(sides)
 
 
 StrategyName = Literal["feature_extraction", "finetune", "lora"]

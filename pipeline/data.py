@@ -239,7 +239,8 @@ def split_items(root: Path, class_names: list[str], items: list[tuple[str, int]]
 
 
 def eval_transform(spec: PreprocessSpec) -> v2.Compose:
-    """The evaluation transform. runtime.preprocess reproduces it without torch."""
+    """The evaluation transform. runtime.preprocess reproduces it without torch. An int `resize` / `crop`
+    is the shorter side / a square; an (h, w) pair an exact size (torchvision's own meaning)."""
     interp = {
         "nearest": v2.InterpolationMode.NEAREST,
         "bilinear": v2.InterpolationMode.BILINEAR,
@@ -274,7 +275,7 @@ def load_tensors(paths: list[Path], labels: list[int], spec: PreprocessSpec, des
     and a deterministic eval transform then needs to run once, not every epoch.
     """
     tf = eval_transform(spec)
-    x = torch.empty((len(paths), 3, spec.crop, spec.crop), dtype=torch.float32)
+    x = torch.empty((len(paths), 3, *spec.hw), dtype=torch.float32)
     for i, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False, disable=None)):
         x[i] = tf(open_image(p))
     return x, torch.tensor(labels, dtype=torch.long)

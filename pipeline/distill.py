@@ -20,6 +20,7 @@ from pipeline.models import EdgeClassifier, count_params, create_model
 from pipeline.training import (
     FitResult, TrainSettings, balanced_sampler, class_weights, fit, kd_loss, set_seed, tensor_loader,
 )
+from runtime.preprocess import Size, size_hw
 
 # Candidate students for `--student auto`, smallest first.
 STUDENTS = (
@@ -42,7 +43,7 @@ def reset_bn_momentum(model: nn.Module, momentum: float = 0.1) -> None:
             m.momentum = momentum
 
 
-def build_student(name: str, num_classes: int, weights: str, input_size: int | None = None) -> EdgeClassifier:
+def build_student(name: str, num_classes: int, weights: str, input_size: Size | None = None) -> EdgeClassifier:
     """The student, built for the teacher's input size (refused in one line when it cannot take it)."""
     from pipeline.models import check_runs
 
@@ -237,7 +238,7 @@ class OnnxCost:
     latency_b32_ms: float
 
 
-def onnx_costs(models: dict[str, EdgeClassifier], input_size: int, blocks: int = 10) -> dict[str, OnnxCost]:
+def onnx_costs(models: dict[str, EdgeClassifier], input_size: Size, blocks: int = 10) -> dict[str, OnnxCost]:
     """Export each model to a temp ONNX file and time ONNX Runtime (CPU, default threads) at batch 1
     and 32, side by side in alternating blocks (exporters.bench.alternating_latency); medians."""
     from exporters.bench import alternating_latency
@@ -254,7 +255,7 @@ def onnx_costs(models: dict[str, EdgeClassifier], input_size: int, blocks: int =
             runners[name] = lambda x, sess=sess: sess.run(None, {INPUT_NAME: x})
         lat = {}
         for b, per_block in ((1, 20), (32, 2)):
-            x = np.random.default_rng(0).standard_normal((b, 3, input_size, input_size), dtype=np.float32)
+            x = np.random.default_rng(0).standard_normal((b, 3, *size_hw(input_size)), dtype=np.float32)
             times = alternating_latency(runners, x, blocks=blocks, per_block=per_block, warmup=3 if b == 1 else 1)
             lat[b] = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
     return {
@@ -266,7 +267,7 @@ def onnx_costs(models: dict[str, EdgeClassifier], input_size: int, blocks: int =
 def choose_student(
     candidates: list[str],
     num_classes: int,
-    input_size: int,
+    input_size: Size,
     max_latency_ms: float | None,
     max_size_mb: float | None,
 ) -> tuple[list[dict], list[str]]:

@@ -20,6 +20,7 @@ from pipeline.rundir import load_split
 
 if TYPE_CHECKING:
     from pipeline.distill import KDSettings, OnnxCost
+    from runtime.preprocess import Size
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class DistillResult:
         return m
 
 
-def _candidates(dcfg: DistillConfig, n_classes: int, crop: int) -> tuple[list[str], dict[str, Any] | None]:
+def _candidates(dcfg: DistillConfig, n_classes: int, crop: Size) -> tuple[list[str], dict[str, Any] | None]:
     """The student names to train: the configured one, or with 'auto' the fitting candidates
     (measured on this machine), and the `auto` table."""
     from pipeline.distill import STUDENTS, choose_student

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelError
-from runtime.preprocess import PreprocessSpec
+from runtime.preprocess import PreprocessSpec, Size, size_hw
 from runtime.registry import Registry
 
 log = logging.getLogger("edgekiln")
@@ -46,23 +46,39 @@ class ModelDefaults:
     # only) or "auto" (decided from the layers: timm models).
     lora_targets: str = "pointwise"
 
-    def preprocess(self, input_size: int | None = None, crop_pct: float | None = None) -> PreprocessSpec:
+    def preprocess(self, input_size: Size | None = None, crop_pct: float | None = None) -> PreprocessSpec:
+        """The evaluation transform at `input_size` (a side or (H, W); None: the default): a square input
+        resizes the shorter side to size / crop_pct, a rectangular one resizes to exactly
+        (H / crop_pct, W / crop_pct); both then center-crop."""
         size = input_size or self.input_size
         pct = crop_pct if crop_pct is not None else self.crop_pct
-        return PreprocessSpec(
-            resize=int(round(size / pct)), crop=size, mean=self.mean, std=self.std, interpolation=self.interpolation
-        )
+        h, w = size_hw(size)
+        if h == w:
+            return PreprocessSpec(resize=round(h / pct), crop=h, mean=self.mean, std=self.std,
+                                  interpolation=self.interpolation)
+        return PreprocessSpec(resize=(round(h / pct), round(w / pct)), crop=(h, w), mean=self.mean,
+                              std=self.std, interpolation=self.interpolation)
 
-    def check_input_size(self, name: str, size: int) -> None:
-        """One line saying why `name` cannot take a `size` x `size` input, before anything is built."""
-        if size < self.min_input_size:
-            raise ModelError(f"{name} needs model.input_size >= {self.min_input_size} (got {size}); "
-                             f"its default is {self.input_size}")
-        if size % self.input_multiple:
-            ok = [m for m in (size - size % self.input_multiple, size + self.input_multiple - size % self.input_multiple)
-                  if m >= self.min_input_size]
-            raise ModelError(f"{name} needs model.input_size a multiple of {self.input_multiple} (got {size}; "
-                             f"e.g. {' or '.join(map(str, ok))}); its default is {self.input_size}")
+    def check_input_size(self, name: str, size: Size) -> None:
+        """One line saying why `name` cannot take a `size` (side or (H, W)) input, before anything is built."""
+        h, w = size_hw(size)
+        each = "" if h == w else " on each side"
+        got = str(h) if h == w else f"[{h}, {w}]"
+        for side in dict.fromkeys((h, w)):
+            if side < self.min_input_size:
+                raise ModelError(f"{name} needs model.input_size >= {self.min_input_size}{each} (got {got}); "
+                                 f"its default is {self.input_size}")
+            if side % self.input_multiple:
+                ok = [m for m in (side - side % self.input_multiple,
+                                  side + self.input_multiple - side % self.input_multiple) if m >= self.min_input_size]
+                raise ModelError(f"{name} needs model.input_size a multiple of {self.input_multiple}{each} (got {got}; "
+                                 f"e.g. {' or '.join(map(str, ok))}); its default is {self.input_size}")
+
+
+def _show(size: Size) -> str:
+    """A size as config writes it: 224, or [192, 320]."""
+    h, w = size_hw(size)
+    return str(h) if h == w else f"[{h}, {w}]"
 
 
 class EdgeClassifier(nn.Module):
@@ -132,11 +148,11 @@ def model_defaults(name: str) -> ModelDefaults:
     return _entry(name).defaults
 
 
-def create_model(name: str, num_classes: int | None, weights: str = "none", input_size: int | None = None) -> EdgeClassifier:
+def create_model(name: str, num_classes: int | None, weights: str = "none", input_size: Size | None = None) -> EdgeClassifier:
     """Build a registered model. num_classes=None keeps the pretrained (e.g. ImageNet) head.
 
     weights: 'none' (random init), 'default' (the model's pretrained weights) or a file path.
-    input_size: the square input it will see; checked against the family's constraints (one line
+    input_size: the input it will see (a side, or (H, W)); checked against the family's constraints (one line
     naming what fits), and built in where the architecture holds it (ViT, MaxViT). None: the default.
     """
     entry = _entry(name)
@@ -153,15 +169,15 @@ def create_model(name: str, num_classes: int | None, weights: str = "none", inpu
     return model
 
 
-def check_runs(model: EdgeClassifier, input_size: int) -> None:
+def check_runs(model: EdgeClassifier, input_size: Size) -> None:
     """One forward pass at `input_size` (batch 1, eval mode): a shape the table of family constraints
     does not know about fails here, in one line, before any data is loaded or trained on."""
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, input_size, input_size))
+            model.eval()(torch.zeros(1, 3, *size_hw(input_size)))
     except (RuntimeError, ValueError, AssertionError, IndexError) as e:
-        raise ModelError(f"{model.arch} does not run at model.input_size {input_size} "
+        raise ModelError(f"{model.arch} does not run at model.input_size {_show(input_size)} "
                          f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); "
                          f"its default is {model.defaults.input_size}") from None
     finally:
@@ -456,16 +472,22 @@ def _torchvision_entry(arch: str) -> _Entry:
     defaults = _torchvision_defaults(arch, family)
     name = f"torchvision/{arch}"
 
-    def build(num_classes: int | None, weights: str, input_size: int | None = None) -> EdgeClassifier:
+    def build(num_classes: int | None, weights: str, input_size: Size | None = None) -> EdgeClassifier:
         tv_weights = torchvision.models.get_model_weights(arch).DEFAULT if weights == "default" else None
         kwargs: dict = {}
         if family.aux_heads:
             kwargs.update(transform_input=False, aux_logits=False, init_weights=tv_weights is None)
         size = input_size or defaults.input_size
-        if family.size_kwarg:
-            kwargs[family.size_kwarg] = size if family.size_kwarg == "image_size" else (size, size)
+        if family.size_kwarg == "image_size":
+            h, w = size_hw(size)
+            if h != w:
+                raise ModelError(f"{name} takes square inputs only (its image_size is one side); "
+                                 f"give model.input_size one number, e.g. {max(h, w) - max(h, w) % defaults.input_multiple}")
+            kwargs[family.size_kwarg] = h
+        elif family.size_kwarg:
+            kwargs[family.size_kwarg] = size_hw(size)
         # Weights made for another input size (ViT's position embeddings) are loaded below, adapted.
-        resized = family.size_kwarg is not None and size != defaults.input_size
+        resized = family.size_kwarg is not None and size_hw(size) != size_hw(defaults.input_size)
         try:
             net = torchvision.models.get_model(arch, weights=None if resized else tv_weights, **kwargs)
             sd = tv_weights.get_state_dict(progress=False) if resized and tv_weights is not None else None
@@ -489,7 +511,7 @@ def _torchvision_entry(arch: str) -> _Entry:
     return _Entry(build, defaults, True)
 
 
-def _load_torchvision_state(net: nn.Module, sd: dict[str, torch.Tensor], family: TorchvisionFamily, size: int,
+def _load_torchvision_state(net: nn.Module, sd: dict[str, torch.Tensor], family: TorchvisionFamily, size: Size,
                             source: str) -> None:
     """A torchvision state dict into `net`: auxiliary heads' keys dropped (edgekiln builds without them),
     ViT position embeddings interpolated to `size`."""
@@ -499,7 +521,7 @@ def _load_torchvision_state(net: nn.Module, sd: dict[str, torch.Tensor], family:
         from torchvision.models.vision_transformer import interpolate_embeddings
 
         sd = interpolate_embeddings(size, net.patch_size, sd)
-    if family.name == "maxvit" and size != 224:
+    if family.name == "maxvit" and size_hw(size) != (224, 224):
         raise ModelError(f"{source}: MaxViT's pretrained weights hold its 224 px attention layout; "
                          "use model.input_size 224 or weights: none")
     _strict_load(net, sd, source)
@@ -566,8 +588,8 @@ def _timm_entry(arch: str) -> _Entry:
     defaults = _timm_defaults(arch)
     name = f"timm/{arch}"
 
-    def build(num_classes: int | None, weights: str, input_size: int | None = None) -> EdgeClassifier:
-        kwargs: dict = {"img_size": input_size} if input_size is not None else {}
+    def build(num_classes: int | None, weights: str, input_size: Size | None = None) -> EdgeClassifier:
+        kwargs: dict = {"img_size": input_size} if input_size is not None else {}  # timm takes an int or (H, W)
         local = weights not in ("none", "default")
         state = _load_state_dict_file(weights) if local else None
         edgekiln_ckpt = state is not None and any(k.startswith("backbone.") for k in state)

@@ -96,7 +96,7 @@ class Classifier:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one preprocessed image."""
-        return (3, self.spec.crop, self.spec.crop)
+        return (3, *self.spec.hw)
 
     def preprocess(self, inputs: Any) -> np.ndarray:
         """Decode and preprocess one image or many into a float32 NCHW batch."""

@@ -19,9 +19,10 @@ artifact; 3 = this module: `default_artifact` / `default_backend` (the deployabl
 export chose by measurement, which `runtime.load` opens when no artifact is named) and the
 `deploy` record of that choice; 4 = `trust`: the calibration temperature the runtime divides the
 logits by, and the out-of-distribution score and threshold below which it answers "unknown"
-(runtime.trust). Older bundles are upgraded in memory when they load (their
-default artifact is the FP32 ONNX model); anything newer than this runtime knows is refused
-with one line saying how to re-export.
+(runtime.trust). A rectangular model's `preprocess.resize` / `crop` are [h, w] pairs (still schema 4: a
+runtime from before them refuses such a bundle in one line, "not an int", rather than misreading it).
+Older bundles are upgraded in memory when they load (their default artifact is the FP32 ONNX model);
+anything newer than this runtime knows is refused with one line saying how to re-export.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from runtime.errors import BundleError
 from runtime.files import atomic_write_text, sha256_file
-from runtime.preprocess import PreprocessSpec
+from runtime.preprocess import PreprocessSpec, size_hw
 from runtime.signing import SIGNATURE_FILE
 
 SCHEMA_VERSION = 4
@@ -70,10 +71,11 @@ class TensorSpec(_Model):
 
 
 class Preprocess(_Model):
-    """How the runtime turns an image into the model's input (runtime.preprocess.PreprocessSpec)."""
+    """How the runtime turns an image into the model's input (runtime.preprocess.PreprocessSpec):
+    `resize` and `crop` are ints for a square input, [height, width] pairs for a rectangular one."""
 
-    resize: int = Field(gt=0)
-    crop: int = Field(gt=0)
+    resize: int | tuple[int, int]
+    crop: int | tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
@@ -81,13 +83,25 @@ class Preprocess(_Model):
     layout: Literal["NCHW"] = "NCHW"
     scale: Literal["1/255"] = "1/255"
 
+    @field_validator("resize", "crop")
+    @classmethod
+    def _positive(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        if min(size_hw(v)) <= 0:
+            raise ValueError(f"sizes must be positive, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _same_kind(self) -> "Preprocess":
+        self.spec  # resize and crop both square or both rectangular  # noqa: B018
+        return self
+
     @classmethod
     def of(cls, spec: PreprocessSpec) -> "Preprocess":
         return cls(**spec.to_dict())
 
     @property
     def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(self.resize, self.crop, self.mean, self.std, self.interpolation)
+        return PreprocessSpec.from_dict(self.model_dump())
 
 
 class FileEntry(_Model):

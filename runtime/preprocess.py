@@ -2,7 +2,8 @@
 
 This reproduces, operation for operation, the training side's evaluation
 transform (torchvision v2 on PIL images: Resize(shorter side, bilinear) ->
-CenterCrop -> PILToTensor -> ToDtype(float32, scale=True) -> Normalize). Resize
+CenterCrop -> PILToTensor -> ToDtype(float32, scale=True) -> Normalize; for a
+rectangular H x W input, Resize((h, w)) to an exact size, then CenterCrop((H, W))). Resize
 and crop go through PIL exactly as torchvision does for PIL inputs, so the
 pixels are identical; only the float normalisation is re-done here. The
 training side decodes images with `open_image` below, so EXIF orientation and
@@ -35,23 +36,67 @@ _INTERPOLATION = {
 }
 
 
+Size = int | tuple[int, int]  # a square side, or (height, width)
+
+
+def size_hw(size: Size | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a square side or an (H, W) pair."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def _size(v: Any) -> Size:
+    """A bundle.json / config size: an int, or [H, W] (kept an int when both sides are equal)."""
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise ValueError(f"a size is an int or [height, width], got {list(v)}")
+        h, w = int(v[0]), int(v[1])
+        return h if h == w else (h, w)
+    return int(v)
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """What bundle.json's "preprocess" section holds."""
+    """What bundle.json's "preprocess" section holds.
 
-    resize: int  # shorter side after resize
-    crop: int  # square center crop
+    Square inputs (`crop` an int): resize the shorter side to `resize`, center-crop `crop` x `crop`.
+    Rectangular inputs (`crop` = (H, W)): resize to exactly `resize` = (h, w), center-crop H x W --
+    torchvision's own meaning of an int and a pair in Resize and CenterCrop.
+    """
+
+    resize: Size  # shorter side after resize, or the exact (h, w) after resize
+    crop: Size  # square center crop, or (H, W)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop, tuple) != isinstance(self.resize, tuple):
+            raise ValueError(f"resize and crop must both be ints (square) or both [height, width], "
+                             f"got resize={self.resize} crop={self.crop}")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the model's input."""
+        return size_hw(self.crop)
+
+    @property
+    def height(self) -> int:
+        return self.hw[0]
+
+    @property
+    def width(self) -> int:
+        return self.hw[1]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
         if d.get("interpolation", "bilinear") not in _INTERPOLATION:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}")
         return cls(
-            resize=int(d["resize"]),
-            crop=int(d["crop"]),
+            resize=_size(d["resize"]),
+            crop=_size(d["crop"]),
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
             interpolation=d.get("interpolation", "bilinear"),
@@ -59,8 +104,8 @@ class PreprocessSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "resize": self.resize,
-            "crop": self.crop,
+            "resize": list(self.resize) if isinstance(self.resize, tuple) else self.resize,
+            "crop": list(self.crop) if isinstance(self.crop, tuple) else self.crop,
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
@@ -145,15 +190,18 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
 
 
 def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    w, h = resized_size(img.width, img.height, spec.resize)
+    if isinstance(spec.resize, tuple):
+        h, w = spec.resize
+    else:
+        w, h = resized_size(img.width, img.height, spec.resize)
     if (w, h) != img.size:
         img = img.resize((w, h), _INTERPOLATION[spec.interpolation])
-    c = spec.crop
-    if c > min(w, h):
-        raise ImageError(f"crop {c} is larger than the resized image {w}x{h}")
-    top = int(round((h - c) / 2.0))
-    left = int(round((w - c) / 2.0))
-    return img.crop((left, top, left + c, top + c))
+    ch, cw = spec.hw
+    if ch > h or cw > w:
+        raise ImageError(f"crop {cw}x{ch} is larger than the resized image {w}x{h}")
+    top = int(round((h - ch) / 2.0))
+    left = int(round((w - cw) / 2.0))
+    return img.crop((left, top, left + cw, top + ch))
 
 
 def to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -167,7 +215,7 @@ def to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 def preprocess(images: Sequence[ImageInput], spec: PreprocessSpec, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Decode and preprocess a list of images into one float32 NCHW batch."""
-    out = np.empty((len(images), 3, spec.crop, spec.crop), dtype=np.float32)
+    out = np.empty((len(images), 3, *spec.hw), dtype=np.float32)
     for i, src in enumerate(images):
         out[i] = to_tensor(resize_and_crop(open_image(src, max_pixels=max_pixels), spec), spec)
     return out

@@ -19,7 +19,7 @@ from runtime.preprocess import PreprocessSpec, open_image
 def load_uint8(paths: list[Path], spec: PreprocessSpec) -> torch.Tensor:
     """Images after the evaluation transform's resize and crop, still uint8 (for augmentation)."""
     geometry = v2.Compose(eval_transform(spec).transforms[:3])  # Resize, CenterCrop, PILToTensor
-    x = torch.empty((len(paths), 3, spec.crop, spec.crop), dtype=torch.uint8)
+    x = torch.empty((len(paths), 3, *spec.hw), dtype=torch.uint8)
     for i, p in enumerate(paths):
         x[i] = geometry(open_image(p))
     return x
@@ -93,7 +93,7 @@ def train_transform(preset: str, spec: PreprocessSpec) -> v2.Compose:
     transform's ToDtype + Normalize. Evaluation never augments."""
     if preset not in AUGMENTATIONS:
         raise ConfigError(f"unknown augmentation preset '{preset}'; valid: {', '.join(AUGMENTATIONS)}")
-    size = spec.crop
+    size = spec.hw  # RandomResizedCrop to the (H, W) input
     aug: list = []
     if preset == "light":
         aug = [v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True), v2.RandomHorizontalFlip()]

@@ -164,7 +164,7 @@ def cpu_by_speed(bundle: Bundle, artifact: str, intra_op_threads: int | None, sk
         except BackendError as e:
             why = f"openvino cannot run '{twin}' here ({e})"
         else:
-            x = np.zeros((1, 3, bundle.preprocess.crop, bundle.preprocess.crop), np.float32)
+            x = np.zeros((1, 3, *bundle.preprocess.hw), np.float32)
             t_cpu, t_ov = _median_ms(cpu, x), _median_ms(ov, x)
             best, other = (ov, cpu) if t_ov < t_cpu else (cpu, ov)
             log.info("edgekiln runtime: auto chose backend '%s' (%s, %s): fastest here of the backends whose "

@@ -224,6 +224,6 @@ def _tensorrt_engine(bundle: Bundle, artifact: str = "onnx", intra_op_threads: i
         raise EngineUnavailable("no CUDA GPU here (the NVIDIA driver library is missing or reports no device)",
                                 "run it on a machine with the GPU it was built for, " + _FALLBACK_HINT)
     check_engine_fingerprint(engine.name, entry.fingerprint, current)
-    chw = (3, bundle.preprocess.crop, bundle.preprocess.crop)
+    chw = (3, *bundle.preprocess.hw)
     # the session closes the device if it fails to load
     return TensorRTEngineSession(trt, engine, bundle.input_name, bundle.output_name, chw, CudaDevice(device_id))
