@@ -164,6 +164,8 @@ def preprocess_for_quantization(src: Path, dst: Path) -> dict:
         with quiet(root_logger=True):
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
         return {"quant_pre_process": True, "symbolic_shape_inference": True}
+    except OSError:  # disk full, permissions: retrying would only read back a half-written file
+        raise
     except Exception as e:  # symbolic shape inference fails on some exotic ops
         log.info("quant_pre_process with symbolic shape inference failed (%s); retrying without", e.__class__.__name__)
         with quiet(root_logger=True):

@@ -227,7 +227,9 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
     split = _prepare(cfg, run, resume, info)
     model = create_model(cfg.model.name, len(split.class_names), cfg.model.weights, input_size=spec.crop)
     check_runs(model, spec.crop)
-    log.info("adapt: %s, strategy %s, %d classes, input %dx%d (HxW)", cfg.model.name, a.strategy, len(split.class_names), *spec.hw)
+    h, w = spec.hw
+    log.info("adapt: %s, strategy %s, %d classes, input %s", cfg.model.name, a.strategy, len(split.class_names),
+             h if h == w else f"{h}x{w} (HxW)")
     data = AdaptData.from_split(split, spec)
     ctx = AdaptContext(
         arch=cfg.model.name, seed=cfg.seed, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,

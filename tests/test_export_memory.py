@@ -65,3 +65,25 @@ def test_measured_records_time_and_peak():
         block = np.ones(50_000_000, dtype=np.uint8)  # 50 MB touched
         block[::4096] = 2
     assert cost["seconds"] >= 0 and cost["peak_rss_mb"] >= 50
+
+
+def test_a_full_disk_in_quantization_preprocessing_is_not_retried(small_onnx, tmp_path, monkeypatch):
+    """Disk full while onnxruntime's pre-processing writes its model: the OSError reaches the CLI's one
+    line (the fallback without symbolic shapes used to re-read the half-written file and die on a
+    protobuf DecodeError traceback)."""
+    import errno
+
+    from onnxruntime.quantization import shape_inference
+
+    calls = []
+
+    def full_disk(src, dst, **kw):
+        calls.append(kw)
+        with open(dst, "wb") as f:
+            f.write(b"\x08\x01half")  # what a write cut short by ENOSPC leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", full_disk)
+    with pytest.raises(OSError) as e:
+        preprocess_for_quantization(small_onnx, tmp_path / "pre.onnx")
+    assert e.value.errno == errno.ENOSPC and len(calls) == 1
