@@ -215,3 +215,22 @@ def test_the_runtime_predict_and_the_server_return_the_same_label_sets(ml_run):
         assert outs["probabilities"]["shape"] == [2, 4]
         assert np.allclose(outs["probabilities"]["data"], probs[:2].ravel(), atol=1e-6)
         assert outs["label_set"]["data"] == chosen[:2].astype(float).ravel().tolist()
+
+
+def test_finetune_and_distill_with_augmented_views_and_mixup_train_on_label_sets(tmp_path):
+    """The strategies that train through the common loop, and distill's live-teacher path (augmented
+    views, mixup), take multi-hot targets as they are (a short budget: the plumbing, not accuracy)."""
+    from pipeline.adapt_stage import run_adapt
+    from pipeline.distill_stage import run_distill
+
+    manifest = write_digit_mosaics(tmp_path / "d", n=30)
+    raw = tiny_config_dict(tmp_path / "d", tmp_path / "runs", name="ft")
+    raw["data"] = {"manifest": str(manifest), "task": "multilabel", "batch_size": 16, "check": False}
+    raw["model"] = {"name": "compact_cnn_w0.5", "weights": "none", "input_size": 32}
+    raw["adapt"] = {"strategy": "finetune", "epochs": 2, "augment": "light"}
+    raw["distill"] = {"student": "compact_cnn_w0.5", "steps": 4, "augment": "light", "mixup": 0.2}
+    cfg = build_config(raw)
+    adapted = run_adapt(cfg)
+    assert adapted.extra["task"] == "multilabel" and adapted.history[-1]["val_loss"] > 0
+    distilled = run_distill(cfg)
+    assert 0 < distilled.test_accuracy <= 1 and distilled.retention is not None
