@@ -268,9 +268,13 @@ class PipelineConfig(_Strict):
         if self.data.ood is not None:
             raise ValueError("data.ood is not supported with data.task multilabel (the OOD score is a softmax "
                              "figure); unset it")
-        if self.export.precisions is not None and "int8" in self.export.precisions:
-            raise ValueError("export.precisions: int8 is not supported with data.task multilabel (its guard judges "
-                             "softmax accuracy); use [fp32] or [fp32, fp16]")
+        e = self.export
+        for field_name, asked in (("export.precisions", "int8" in (e.precisions or [])),
+                                  ("export.openvino.precisions", "int8" in e.openvino.precisions),
+                                  ("export.tensorrt.precision", e.tensorrt.enabled and e.tensorrt.precision == "int8")):
+            if asked:
+                raise ValueError(f"{field_name}: int8 is not supported with data.task multilabel (its calibration "
+                                 "and guard judge softmax accuracy); use fp32 or fp16")
         return self
 
     @model_validator(mode="after")

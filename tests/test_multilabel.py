@@ -5,7 +5,6 @@ through the runtime, `edgekiln predict` and the server."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +71,8 @@ def _raw(tmp_path, **data):
      "config: data: Value error, task multilabel needs `manifest`"),
     ({"export": {"precisions": ["fp32", "int8"]}},
      "config: <root>: export.precisions: int8 is not supported with data.task multilabel"),
+    ({"export": {"openvino": {"precisions": ["int8"]}}},
+     "config: <root>: export.openvino.precisions: int8 is not supported with data.task multilabel"),
     ({"adapt": {"feature_extraction": {"head": "logistic_regression"}}},
      "config: <root>: adapt.feature_extraction.head 'logistic_regression' is one softmax model"),
     ({"data": {"manifest": "m.csv", "task": "multilabel", "balance": "weights"}},
