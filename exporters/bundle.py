@@ -12,6 +12,7 @@ logits; everything here takes the export/validate config sections and plain valu
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,11 +31,13 @@ from exporters.resources import measured
 from exporters.specs import ExportSpec, export_spec_for
 from exporters.thresholds import resolve_thresholds
 from runtime.bundle import (
-    Artifact, Bundle, BundleManifest, Golden, ModelInfo, ParitySummary, Preprocess, TensorSpec, Trust, read_bundle,
-    write_manifest,
+    Artifact, Bundle, BundleManifest, Golden, ModelInfo, MultiLabel, ParitySummary, Preprocess, TensorSpec, Trust,
+    read_bundle, write_manifest,
 )
 from runtime.files import atomic_dir
 from runtime.preprocess import PreprocessSpec
+
+log = logging.getLogger("edgekiln")
 
 
 class LabeledSplit(Protocol):
@@ -77,6 +80,7 @@ class ExportJob:
     metrics: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training metrics, for bundle.json
     all_backends: bool = True  # check each artifact on every backend of its runtimes available here
     trust: Trust | None = None  # calibration and OOD threshold (exporters.trust.fit_trust), for bundle.json
+    multilabel: MultiLabel | None = None  # task multilabel: per-label thresholds (chosen on validation)
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,13 @@ def build_bundle(out: Path, job: ExportJob) -> BuildResult:
     """Build every artifact `job.settings` asks for into a new bundle at `out` (replacing one there),
     with golden images and the parity of every artifact recorded in bundle.json."""
     check_export_options(job.settings)
-    job = replace(job, settings=job.settings.model_copy(update={"precisions": resolved_precisions(job.settings)}))
+    precisions = resolved_precisions(job.settings)
+    if job.multilabel is not None and "int8" in precisions:
+        # pipeline.config refuses int8 asked for by name; here it is the default's, left out with a note.
+        log.info("export: no INT8 artifact for task multilabel (its guard judges softmax accuracy): fp32%s",
+                 " + fp16" if "fp16" in precisions else " only")
+        precisions = [p for p in precisions if p != "int8"]
+    job = replace(job, settings=job.settings.model_copy(update={"precisions": precisions}))
     spec = export_spec_for(job.checkpoint.arch)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
@@ -186,7 +196,10 @@ def _build_artifacts(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> dict[
 
 def _golden(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> Golden | None:
     split = job.split
-    idx = pick_golden(split.test, len(split.class_names), job.settings.golden_images)
+    if job.multilabel is not None:  # label sets: the first test images
+        idx = list(range(min(job.settings.golden_images, len(split.test))))
+    else:
+        idx = pick_golden(split.test, len(split.class_names), job.settings.golden_images)
     if not idx:
         return None
     test_paths = split.paths("test")
@@ -238,4 +251,5 @@ def _manifest(job: ExportJob, spec: type[ExportSpec], artifacts: dict[str, Artif
         golden=golden,
         metrics=job.metrics,
         trust=job.trust,
+        **({"task": "multilabel", "multilabel": job.multilabel} if job.multilabel is not None else {}),
     )

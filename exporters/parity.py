@@ -26,7 +26,8 @@ from exporters.agreement import AgreementSet
 from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.thresholds import Thresholds
 from runtime.backends import EngineUnavailable, session_for_artifact
-from runtime.bundle import Bundle, Trust
+from runtime.bundle import Bundle, MultiLabel, Trust
+from runtime.multilabel import decide
 from runtime.trust import postprocess, softmax
 from runtime.errors import BackendError, ParityError
 from runtime.preprocess import preprocess
@@ -80,6 +81,8 @@ class ParityReport:
     # Macro-F1 of each on the test split (every class weighs the same: data.select_metric / deploy.metric).
     reference_macro_f1: float | None = None
     artifact_macro_f1: float | None = None
+    # multilabel: agreement counts image x label decisions, accuracy is the exact match of the label set
+    task: str = "multiclass"
 
     @property
     def passed(self) -> bool:
@@ -110,6 +113,7 @@ def compare_logits(
     extra: tuple[np.ndarray, np.ndarray] | None = None,
     extra_sources: dict[str, int] | None = None,
     trust: Trust | None = None,
+    multilabel: MultiLabel | None = None,
 ) -> ParityReport:
     """Accuracy of each and their delta (with its paired 95% interval), top-1 agreement, |Δlogit|,
     KL divergence, per-class accuracy delta, flipped images; every violated threshold becomes a
@@ -122,6 +126,9 @@ def compare_logits(
     labels = np.asarray(labels)
     if reference.shape != candidate.shape:
         raise ParityError(f"{artifact}: output shape {candidate.shape} differs from PyTorch's {reference.shape}")
+    if multilabel is not None:
+        return compare_multilabel(artifact, reference, candidate, labels, thresholds, multilabel, names, precision,
+                                  class_names, extra, extra_sources)
     ref_top, cand_top = reference.argmax(1), candidate.argmax(1)
     diff = np.abs(reference - candidate)
     flipped_idx = np.nonzero(ref_top != cand_top)[0]
@@ -172,6 +179,70 @@ def compare_logits(
     return report
 
 
+def binary_kl(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over images and labels of KL(Bernoulli(sigmoid(reference)) || Bernoulli(sigmoid(candidate))), nats."""
+    from runtime.multilabel import sigmoid
+
+    if not reference.size:
+        return 0.0
+    eps = 1e-12
+    p, q = sigmoid(reference), sigmoid(candidate)
+    return float(np.mean(p * (np.log(p + eps) - np.log(q + eps)) + (1 - p) * (np.log(1 - p + eps) - np.log(1 - q + eps))))
+
+
+def compare_multilabel(artifact: str, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray,
+                       thresholds: Thresholds, multilabel: MultiLabel, names: list[str] | None = None,
+                       precision: str = "fp32", class_names: list[str] | None = None,
+                       extra: tuple[np.ndarray, np.ndarray] | None = None,
+                       extra_sources: dict[str, int] | None = None) -> ParityReport:
+    """compare_logits for a multilabel bundle (task multilabel): both sides' logits go through the
+    runtime's decision (runtime.multilabel.decide with the bundle's thresholds). `agreement` is the
+    per-label decision agreement over every image x label (test split and agreement set); `accuracy`
+    is the exact match of the label set on each test image, so the accuracy drop keeps its paired
+    interval; the macro-F1 fields hold the multilabel macro-F1; KL is the mean binary KL per label."""
+    from exporters.multilabel import f1_scores
+
+    t = multilabel.thresholds
+    (_, rd), (_, cd) = decide(reference, t), decide(candidate, t)
+    y = np.asarray(targets) > 0.5
+    diff = np.abs(reference - candidate)
+    agree, n_agree = int((rd == cd).sum()), rd.size
+    ref_ok, cand_ok = (rd == y).all(axis=1), (cd == y).all(axis=1)
+    stats = paired_drop(ref_ok, cand_ok)
+    kl_parts = [binary_kl(reference, candidate)]
+    if extra is not None and len(extra[0]):
+        xr, xc = (np.asarray(a, dtype=np.float64) for a in extra)
+        (_, xrd), (_, xcd) = decide(xr, t), decide(xc, t)
+        agree, n_agree = agree + int((xrd == xcd).sum()), n_agree + xrd.size
+        diff = np.concatenate([diff.ravel(), np.abs(xr - xc).ravel()])
+    cn = class_names or [str(c) for c in range(reference.shape[1])]
+    label_set = lambda row: [cn[j] for j in np.nonzero(row)[0]]  # noqa: E731
+    flipped_idx = np.nonzero((rd != cd).any(axis=1))[0]
+    report = ParityReport(
+        artifact=artifact, n_images=len(y),
+        reference_accuracy=float(ref_ok.mean()) if len(y) else 0.0,
+        artifact_accuracy=float(cand_ok.mean()) if len(y) else 0.0,
+        agreement=agree / n_agree if n_agree else 1.0, agreement_n=n_agree,
+        agreement_interval=agreement_interval(agree, n_agree),
+        agreement_sources={"test": rd.size, **{k: v * rd.shape[1] for k, v in (extra_sources or {}).items()}},
+        drop_stats=stats.to_dict(),
+        max_abs_logit_diff=float(diff.max()) if diff.size else 0.0,
+        mean_abs_logit_diff=float(diff.mean()) if diff.size else 0.0,
+        precision=precision, kl_divergence=float(np.mean(kl_parts)), task="multilabel",
+        thresholds={k: v for k, v in asdict(thresholds).items() if v is not None},
+        flipped=[{"image": names[i] if names else int(i), "label": label_set(y[i]), "pytorch": label_set(rd[i]),
+                  "artifact": label_set(cd[i])} for i in flipped_idx],
+    )
+    report.accuracy_delta = report.artifact_accuracy - report.reference_accuracy
+    if len(y):
+        report.reference_macro_f1 = f1_scores(rd, y)["macro_f1"]
+        report.artifact_macro_f1 = f1_scores(cd, y)["macro_f1"]
+        for c, key in enumerate(cn):  # per label: the change in how often its decision is right
+            report.per_class_accuracy_delta[key] = float((cd[:, c] == y[:, c]).mean() - (rd[:, c] == y[:, c]).mean())
+    report.failures = _failures(report, thresholds, stats)
+    return report
+
+
 def _compare_answers(report: ParityReport, trust: Trust, reference: np.ndarray, candidate: np.ndarray,
                      labels: np.ndarray, names: list[str] | None, extra: tuple[np.ndarray, np.ndarray] | None) -> None:
     """The runtime's answers from both sides' logits: decisions on the test split, |Δ| everywhere."""
@@ -205,8 +276,10 @@ def _failures(report: ParityReport, t: Thresholds, stats: DropStats) -> list[str
     if t.min_agreement is not None and report.agreement_interval[1] < t.min_agreement - 1e-12:
         shown = ", ".join(str(f["image"]) for f in report.flipped[:5])
         more = f" and {len(report.flipped) - 5} more" if len(report.flipped) > 5 else ""
+        multi = report.task == "multilabel"
         out.append(
-            f"top-1 agreement {report.agreement:.2%} < {t.min_agreement:.2%} on {n_agree} images "
+            f"{'per-label decision' if multi else 'top-1'} agreement {report.agreement:.2%} < {t.min_agreement:.2%} "
+            f"on {n_agree} {'image x label decisions' if multi else 'images'} "
             f"({len(report.flipped)} test images flipped: {shown}{more})"
         )
     if t.max_abs_logit_diff is not None and report.max_abs_logit_diff > t.max_abs_logit_diff:
@@ -346,7 +419,7 @@ def parity_gate(bundle: Bundle, reference: np.ndarray, labels: np.ndarray, paths
         extra = (extra_out[None], extra_out[label]) if extra_out else None
         reports[label] = compare_logits(art.file, reference, cand, labels, thresholds_for(art.precision), names,
                                         precision=art.precision, class_names=list(m.class_names), extra=extra,
-                                        extra_sources=sources, trust=m.trust)
+                                        extra_sources=sources, trust=m.trust, multilabel=m.multilabel)
         reports[label].backend = backend or art.runtimes[0]
     primary_runners = {k: r for k, r in runners.items() if "@" not in k}
     golden = self_test(bundle, runners=primary_runners) if m.golden else {}

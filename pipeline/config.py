@@ -36,6 +36,12 @@ class DataConfig(_Strict):
     manifest: Path | None = Field(
         None, description="Instead of `root`: a CSV (path,label[,split]) or JSON Lines file listing the images; "
         "paths are relative to the manifest. A split column (train/val/test) keeps your own split.")
+    task: Literal["multiclass", "multilabel"] = Field(
+        "multiclass", description="'multiclass': one label per image (softmax). 'multilabel': a set of labels per "
+        "image (sigmoid per label, per-label thresholds chosen on validation); needs a manifest with a `labels` "
+        "column (CSV: labels joined by `label_separator`) or key (JSON Lines: a list).")
+    label_separator: str = Field("|", min_length=1, description="With task multilabel: what joins the labels of "
+                                 "one image in a CSV manifest's `labels` column.")
     demo: bool = Field(False, description="Use the built-in digits data set instead of `root`.")
     on_bad_file: Literal["fail", "skip"] = Field(
         "fail", description="An unreadable, corrupt, truncated or empty image: stop with every problem listed "
@@ -64,6 +70,13 @@ class DataConfig(_Strict):
             raise ValueError(f"set one of root, manifest and demo, not {' and '.join(given)}")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        if self.task == "multilabel":
+            if self.manifest is None:
+                raise ValueError("task multilabel needs `manifest` (a CSV/JSONL file with a labels column): "
+                                 "class folders cannot give an image several labels")
+            if self.balance != "none":
+                raise ValueError("balance must be 'none' with task multilabel (class weights and the balanced "
+                                 "sampler are defined for one label per image)")
         return self
 
 
@@ -242,6 +255,27 @@ class PipelineConfig(_Strict):
     trust: TrustConfig = TrustConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @model_validator(mode="after")
+    def _multilabel_support(self) -> "PipelineConfig":
+        if self.data.task != "multilabel":
+            return self
+        if self.adapt.strategy == "feature_extraction" and self.adapt.feature_extraction.head == "logistic_regression":
+            raise ValueError("adapt.feature_extraction.head 'logistic_regression' is one softmax model; with "
+                             "data.task multilabel use head: linear")
+        if self.adapt.baselines:
+            raise ValueError("adapt.baselines is not supported with data.task multilabel; set it to false")
+        if self.data.ood is not None:
+            raise ValueError("data.ood is not supported with data.task multilabel (the OOD score is a softmax "
+                             "figure); unset it")
+        e = self.export
+        for field_name, asked in (("export.precisions", "int8" in (e.precisions or [])),
+                                  ("export.openvino.precisions", "int8" in e.openvino.precisions),
+                                  ("export.tensorrt.precision", e.tensorrt.enabled and e.tensorrt.precision == "int8")):
+            if asked:
+                raise ValueError(f"{field_name}: int8 is not supported with data.task multilabel (its calibration "
+                                 "and guard judge softmax accuracy); use fp32 or fp16")
+        return self
 
     @model_validator(mode="after")
     def _ood_budget_needs_ood_images(self) -> "PipelineConfig":

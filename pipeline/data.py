@@ -49,26 +49,40 @@ def demo_data_dir() -> Path:
     return dest
 
 
+Label = int | list[int]  # a class index, or (task multilabel) the sorted class indices of one image
+
+
 @dataclass(frozen=True)
 class Split:
-    """A deterministic train/val/test split of an ImageFolder, saved as split.json."""
+    """A deterministic train/val/test split of an ImageFolder or manifest, saved as split.json. With
+    task multilabel each item's label is the list of its class indices (its label set)."""
 
     root: Path
     class_names: list[str]
-    train: list[tuple[str, int]]
-    val: list[tuple[str, int]]
-    test: list[tuple[str, int]]
+    train: list[tuple[str, Label]]
+    val: list[tuple[str, Label]]
+    test: list[tuple[str, Label]]
+    task: str = "multiclass"
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     def paths(self, part: str) -> list[Path]:
         return [self.root / p for p, _ in getattr(self, part)]
 
-    def labels(self, part: str) -> list[int]:
+    def labels(self, part: str) -> list:
+        """Class indices; with task multilabel, multi-hot rows (one 0.0/1.0 per class), the training
+        side's target format (a float (N, classes) tensor)."""
+        if self.multilabel:
+            return [multi_hot(y, len(self.class_names)) for _, y in getattr(self, part)]
         return [y for _, y in getattr(self, part)]
 
     def save(self, path: Path) -> None:
         data = {
             "root": str(self.root),
             "class_names": self.class_names,
+            **({"task": self.task} if self.multilabel else {}),
             **{part: getattr(self, part) for part in ("train", "val", "test")},
         }
         atomic_write_text(path, json.dumps(data, indent=1) + "\n")
@@ -78,11 +92,28 @@ class Split:
         if not path.is_file():
             raise DataError(f"{path}: no split file; run the adapt stage first")
         d = json.loads(path.read_text())
+        task = d.get("task", "multiclass")
+        label = (lambda y: [int(i) for i in y]) if task == "multilabel" else int
         return cls(
             root=Path(d["root"]),
             class_names=d["class_names"],
-            **{part: [(p, int(y)) for p, y in d[part]] for part in ("train", "val", "test")},
+            task=task,
+            **{part: [(p, label(y)) for p, y in d[part]] for part in ("train", "val", "test")},
         )
+
+
+def multi_hot(indices: list[int], num_classes: int) -> list[float]:
+    row = [0.0] * num_classes
+    for i in indices:
+        row[i] = 1.0
+    return row
+
+
+def label_tensor(labels: list) -> torch.Tensor:
+    """Class indices -> a long tensor (N,); multi-hot rows (task multilabel) -> a float tensor (N, classes)."""
+    if labels and isinstance(labels[0], (list, tuple)):
+        return torch.tensor(labels, dtype=torch.float32)
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -121,11 +152,12 @@ class Manifest:
 
     root: Path
     class_names: list[str]
-    items: list[tuple[str, int]]
+    items: list[tuple[str, Label]]
     parts: dict[str, str] | None  # path -> train/val/test when the manifest has a split column
+    task: str = "multiclass"
 
 
-def _manifest_rows(path: Path) -> list[dict]:
+def _manifest_rows(path: Path, label_key: str = "label") -> list[dict]:
     import csv
 
     text = path.read_text(encoding="utf-8-sig")
@@ -143,16 +175,37 @@ def _manifest_rows(path: Path) -> list[dict]:
             rows.append(row)
         return rows
     reader = csv.DictReader(text.splitlines())
-    missing = {"path", "label"} - set(reader.fieldnames or [])
+    missing = {"path", label_key} - set(reader.fieldnames or [])
     if missing:
-        raise DataError(f"data.manifest: {path}: the header needs the columns path,label (missing: "
+        raise DataError(f"data.manifest: {path}: the header needs the columns path,{label_key} (missing: "
                         f"{', '.join(sorted(missing))}; found: {', '.join(reader.fieldnames or []) or 'none'})")
     return list(reader)
 
 
-def read_manifest(path: Path) -> Manifest:
-    """Read and check a manifest: every row has a path and a label, every file exists, no path twice."""
+def _label_set(row: dict, path: Path, n: int, separator: str) -> tuple[str, ...]:
+    """A multilabel row's labels: a JSON list, or a CSV cell of labels joined by `separator`
+    (an empty cell or list: an image with none of the labels)."""
+    raw = row.get("labels")
+    if raw is None:
+        raise DataError(f"data.manifest: {path} row {n}: task multilabel needs a `labels` "
+                        f"{'list' if path.suffix.lower() == '.jsonl' else 'column'}")
+    if isinstance(raw, str):
+        names = [t.strip() for t in raw.split(separator)] if raw.strip() else []
+    elif isinstance(raw, list):
+        names = [str(t).strip() for t in raw]
+    else:
+        raise DataError(f"data.manifest: {path} row {n}: labels must be a list of label names")
+    if any(not t for t in names):
+        raise DataError(f"data.manifest: {path} row {n}: an empty label name in {raw!r} (separator '{separator}')")
+    return tuple(sorted(set(names)))
+
+
+def read_manifest(path: Path, task: str = "multiclass", separator: str = "|") -> Manifest:
+    """Read and check a manifest: every row has a path and a label (task multilabel: a `labels` set),
+    every file exists, no path twice."""
     path = Path(path)
+    if task == "multilabel":
+        return _read_multilabel_manifest(path, separator)
     if not path.is_file():
         raise DataError(f"data.manifest: file not found: {path}")
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
@@ -186,24 +239,91 @@ def read_manifest(path: Path) -> Manifest:
     return Manifest(root, class_names, [(k, index[entries[k][0]]) for k in order], parts if given else None)
 
 
+def _read_multilabel_manifest(path: Path, separator: str) -> Manifest:
+    """read_manifest for task multilabel: items (path, sorted class indices), ordered by path."""
+    if not path.is_file():
+        raise DataError(f"data.manifest: file not found: {path}")
+    if path.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise DataError(f"data.manifest: {path}: expected a .csv or .jsonl file")
+    root = path.parent.resolve()
+    entries: dict[str, tuple[tuple[str, ...], str | None]] = {}
+    for n, row in enumerate(_manifest_rows(path, "labels"), 2 if path.suffix.lower() == ".csv" else 1):
+        rel = str(row.get("path") or "").strip()
+        part = str(row.get("split") or "").strip().lower() or None
+        if not rel:
+            raise DataError(f"data.manifest: {path} row {n}: needs a path")
+        if part is not None and part not in SPLIT_PARTS:
+            raise DataError(f"data.manifest: {path} row {n}: split '{part}' is not one of {', '.join(SPLIT_PARTS)}")
+        if not (root / rel).is_file():
+            raise DataError(f"data.manifest: {path} row {n}: image not found: {rel}")
+        key = PurePosixPath(Path(rel).as_posix()).as_posix()
+        if key in entries:
+            raise DataError(f"data.manifest: {path} row {n}: {rel} is listed twice")
+        entries[key] = (_label_set(row, path, n, separator), part)
+    class_names = sorted({name for names, _ in entries.values() for name in names})
+    if len(class_names) < 2:
+        raise DataError(f"data.manifest: {path} needs at least 2 labels, found {len(class_names)}")
+    index = {c: i for i, c in enumerate(class_names)}
+    order = sorted(entries, key=lambda k: PurePosixPath(k).parts)
+    parts = {k: entries[k][1] for k in order}
+    given = [p for p in parts.values() if p is not None]
+    if given and len(given) != len(parts):
+        raise DataError(f"data.manifest: {path}: the split column is filled for {len(given)} of {len(parts)} "
+                        "rows; fill it for every row or for none")
+    items = [(k, [index[c] for c in entries[k][0]]) for k in order]
+    return Manifest(root, class_names, items, parts if given else None, task="multilabel")
+
+
 def make_split(root: Path, val_fraction: float, test_fraction: float, seed: int,
-               manifest: Path | None = None, exclude: frozenset[str] = frozenset()) -> Split:
+               manifest: Path | None = None, exclude: frozenset[str] = frozenset(),
+               task: str = "multiclass", separator: str = "|") -> Split:
     """Stratified, seeded split of an ImageFolder (`root`) or a manifest: the same inputs always
     give the same files in each part. A manifest with a split column keeps the user's split."""
     if manifest is not None:
-        m = read_manifest(manifest)
+        m = read_manifest(manifest, task, separator)
         root, class_names, items = m.root, m.class_names, [it for it in m.items if it[0] not in exclude]
         if m.parts is not None:
-            split = Split(root=root, class_names=class_names,
+            split = Split(root=root, class_names=class_names, task=m.task,
                           **{part: [it for it in items if m.parts[it[0]] == part] for part in SPLIT_PARTS})
             empty = [part for part in SPLIT_PARTS if not getattr(split, part)]
             if empty:
                 raise DataError(f"data.manifest: {manifest}: the split column gives no {' and no '.join(empty)} images")
             return split
+        if m.task == "multilabel":
+            return split_multilabel(Path(root), class_names, items, val_fraction, test_fraction, seed)
     else:
         class_names, items = scan_image_folder(root)
         items = [it for it in items if it[0] not in exclude]
     return split_items(Path(root), class_names, items, val_fraction, test_fraction, seed)
+
+
+def split_multilabel(root: Path, class_names: list[str], items: list[tuple[str, list[int]]], val_fraction: float,
+                     test_fraction: float, seed: int) -> Split:
+    """The seeded split of multilabel items, stratified by each image's rarest label (an image without
+    labels is a stratum of its own); when a stratum is too small to stratify, a plain seeded shuffle."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.zeros(len(class_names), dtype=int)
+    for _, ys in items:
+        counts[ys] += 1
+    need = min_images_per_class(val_fraction, test_fraction)
+    if counts.min() < need:
+        few = [f"'{class_names[i]}' ({counts[i]})" for i in np.nonzero(counts < need)[0]]
+        raise DataError(f"data: label {', '.join(few)} on fewer than {need} images: the split (val {val_fraction:g}, "
+                        f"test {test_fraction:g}) needs at least {need} per label; add images or change "
+                        "data.val_fraction / data.test_fraction")
+    strata = np.array([min(ys, key=lambda i: (counts[i], i)) if ys else -1 for _, ys in items])
+    idx = np.arange(len(items))
+    try:
+        rest, test = train_test_split(idx, test_size=test_fraction, stratify=strata, random_state=seed)
+        train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), stratify=strata[rest],
+                                      random_state=seed)
+    except ValueError:  # a stratum with too few images for the fractions
+        rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed)
+        train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), random_state=seed)
+    pick = lambda ids: [items[i] for i in sorted(ids)]  # noqa: E731
+    return Split(root=Path(root).resolve(), class_names=class_names, train=pick(train), val=pick(val),
+                 test=pick(test), task="multilabel")
 
 
 def min_images_per_class(val_fraction: float, test_fraction: float) -> int:
@@ -278,4 +398,4 @@ def load_tensors(paths: list[Path], labels: list[int], spec: PreprocessSpec, des
     x = torch.empty((len(paths), 3, *spec.hw), dtype=torch.float32)
     for i, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False, disable=None)):
         x[i] = tf(open_image(p))
-    return x, torch.tensor(labels, dtype=torch.long)
+    return x, label_tensor(labels)

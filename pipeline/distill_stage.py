@@ -154,8 +154,15 @@ def retention_gate(teacher_val_logits, student_val_logits, vy, min_retention: fl
     from exporters.stats import paired_drop
 
     y = vy.numpy()
-    t_ok, s_ok = teacher_val_logits.argmax(1).numpy() == y, student_val_logits.argmax(1).numpy() == y
-    t_acc, s_acc = float(t_ok.mean()), float(s_ok.mean())
+    if vy.ndim == 2:  # task multilabel: retention of the val mAP; the paired drop over every image x label at 0.5
+        from pipeline.training import accuracy
+
+        t_ok = ((teacher_val_logits.numpy() >= 0) == (y > 0.5)).ravel()
+        s_ok = ((student_val_logits.numpy() >= 0) == (y > 0.5)).ravel()
+        t_acc, s_acc = accuracy(teacher_val_logits, vy), accuracy(student_val_logits, vy)
+    else:
+        t_ok, s_ok = teacher_val_logits.argmax(1).numpy() == y, student_val_logits.argmax(1).numpy() == y
+        t_acc, s_acc = float(t_ok.mean()), float(s_ok.mean())
     retention = s_acc / t_acc if t_acc > 0 else 1.0
     drop = paired_drop(t_ok, s_ok).to_dict()
     adopted = retention >= min_retention
@@ -180,12 +187,14 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
     dcfg, train = cfg.distill, split.paths("train")
     if dcfg.augment == "none" and dcfg.unlabeled is None and dcfg.mixup == 0:
         return None, len(train)
-    x8, y = load_uint8(train, spec), torch.tensor(split.labels("train"), dtype=torch.long)
+    from pipeline.data import label_tensor
+
+    x8, y = load_uint8(train, spec), label_tensor(split.labels("train"))
     if dcfg.unlabeled is not None:
         extra = unlabeled_paths(dcfg.unlabeled)
         log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), dcfg.unlabeled)
         x8 = torch.cat([x8, load_uint8(extra, spec)])
-        y = torch.cat([y, torch.full((len(extra),), -1, dtype=torch.long)])
+        y = torch.cat([y, torch.full((len(extra), *y.shape[1:]), -1, dtype=y.dtype)])  # -1: unlabeled
     return (lambda batch: view_loader(x8, y, spec, dcfg.augment, batch, cfg.seed, cfg.data.balance)), len(y)
 
 

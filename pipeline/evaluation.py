@@ -12,7 +12,14 @@ import numpy as np
 import torch
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
-    """Every number the run report shows for one model on one split."""
+    """Every number the run report shows for one model on one split. Multi-hot `labels` (task
+    multilabel): exporters.multilabel.multilabel_metrics at probability 0.5, with `accuracy` = its mAP
+    (the figure the rest of the report reads as accuracy) and no confusion matrix."""
+    if labels.ndim == 2:
+        from exporters.multilabel import multilabel_metrics
+
+        m = multilabel_metrics(logits.double().numpy(), labels.numpy(), class_names)
+        return {**m, "accuracy": m["map"], "auc_roc_ovr": None, "confusion_matrix": []}
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
     y = labels.numpy()

@@ -191,6 +191,30 @@ def fit_model_trust(cfg: PipelineConfig, role: str, model: nn.Module, meta, spli
     return fit
 
 
+def fit_model_thresholds(cfg: PipelineConfig, role: str, model: nn.Module, meta, split: Split,
+                         test: tuple[np.ndarray, np.ndarray]):
+    """Task multilabel: per-label thresholds maximising each label's F1 on the validation split (for
+    bundle.json's `multilabel` section), with the test split's figures at 0.5 and at those thresholds;
+    an exporters.trust.TrustFit holding no trust section, so the export stage records it the same way."""
+    from exporters.multilabel import choose_thresholds, multilabel_metrics
+    from exporters.trust import TrustFit
+    from runtime.bundle import MultiLabel
+    from runtime.multilabel import sigmoid
+
+    vz, vy = pytorch_reference(model, split, meta.preprocess, part="val")
+    thresholds = choose_thresholds(sigmoid(vz), vy)
+    tz, ty = test
+    at_half = multilabel_metrics(tz, ty, split.class_names)
+    at_t = multilabel_metrics(tz, ty, split.class_names, thresholds)
+    val_f1 = multilabel_metrics(vz, vy, split.class_names, thresholds)
+    figures = {"task": "multilabel", "thresholds": dict(zip(split.class_names, thresholds)), "fitted_on": "val",
+               "n_val": len(vy), "n_test": len(ty), "val": {k: val_f1[k] for k in ("micro_f1", "macro_f1")},
+               "test": {"map": at_t["map"], **{f"{k}_at_0.5": at_half[k] for k in ("micro_f1", "macro_f1", "exact_match")},
+                        **{k: at_t[k] for k in ("micro_f1", "macro_f1", "exact_match")}}}
+    multilabel = MultiLabel(thresholds=thresholds, fit={k: figures[k] for k in ("fitted_on", "n_val", "val")})
+    return TrustFit(trust=None, metrics=figures), multilabel
+
+
 def _build(cfg: PipelineConfig, role: str, loaded: tuple, split: Split, out: Path, ood: list[Path]):
     """One model's bundle with every artifact, parity-checked (an exporters.bundle.BuildResult), and
     its fitted trust section (exporters.trust.TrustFit)."""
@@ -201,10 +225,14 @@ def _build(cfg: PipelineConfig, role: str, loaded: tuple, split: Split, out: Pat
     model, meta = loaded
     trained = {k: v for k, v in run.read_metrics().get(role, {}).items() if k != "history"}
     reference = pytorch_reference(model, split, meta.preprocess)
-    fit = fit_model_trust(cfg, role, model, meta, split, reference, ood)
+    multilabel = None
+    if split.multilabel:  # no calibration or OOD (softmax figures): thresholds per label instead
+        fit, multilabel = fit_model_thresholds(cfg, role, model, meta, split, reference)
+    else:
+        fit = fit_model_trust(cfg, role, model, meta, split, reference, ood)
     job = ExportJob(model=model, checkpoint=meta, role=role, split=split, settings=cfg.export,
                     validate=cfg.validate_, reference=reference, seed=cfg.seed, cache_dir=run.tensorrt_cache,
-                    version=__version__, metrics=trained, trust=fit.trust)
+                    version=__version__, metrics=trained, trust=fit.trust, multilabel=multilabel)
     return build_bundle(out, job), fit
 
 
@@ -231,7 +259,8 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
     built, fits = {}, {}
     for r in roles:
         built[r], fits[r] = _build(cfg, r, loaded.pop(r), split, staging / r, ood)
-    run.update_metrics("trust", {r: f.to_metrics() for r, f in fits.items()})
+    section = "multilabel" if split.multilabel else "trust"  # per-label thresholds, or calibration and OOD
+    run.update_metrics(section, {r: f.to_metrics() for r, f in fits.items()})
     bundles = {r: read_bundle(b.out, verify=False) for r, b in built.items()}
     cands = [c for r, b in built.items() for c in gate_candidates(r, bundles[r], b.gate)]
     for c in cands:  # the model's OOD quality, for the deploy.min_ood_auroc budget
@@ -271,7 +300,7 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
 
         result.triton_model = str(write_triton_repo(shipped.root, Path(triton_repo)))
     run.update_metrics("onnx", result.to_metrics())
-    run.update_metrics("trust", {**{r: f.to_metrics() for r, f in fits.items()}, "shipped": win.model})
+    run.update_metrics(section, {**{r: f.to_metrics() for r, f in fits.items()}, "shipped": win.model})
     return result
 
 

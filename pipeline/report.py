@@ -260,7 +260,26 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
         lines += _deploy_section(run, metrics)
     if metrics.get("trust"):
         lines += _trust_section(run, metrics["trust"])
+    if metrics.get("multilabel"):
+        lines += _multilabel_section(metrics["multilabel"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _multilabel_section(ml: dict[str, Any]) -> list[str]:
+    """Task multilabel: the per-label thresholds chosen on validation and the test figures they give."""
+    roles = [r for r, t in ml.items() if isinstance(t, dict)]
+    lines = ["## Multi-label: thresholds and test figures", "",
+             "Adapt and distill report mAP where the other tables say accuracy; the parity gate's accuracy is the "
+             "exact match of the label set and its agreement is per label. Each label's threshold (on its sigmoid "
+             "probability) maximises that label's F1 on the validation split; bundle.json's `multilabel` section "
+             "carries them to the runtime.", ""]
+    header = ["", *[f"{r}{' (shipped)' if ml.get('shipped') == r else ''}" for r in roles]]
+    rows = [["test mAP", *[f"{ml[r]['test']['map']:.4f}" for r in roles]]]
+    for k, name in (("micro_f1", "micro-F1"), ("macro_f1", "macro-F1"), ("exact_match", "exact match")):
+        rows.append([f"test {name} at 0.5 → at thresholds",
+                     *[f"{ml[r]['test'][k + '_at_0.5']:.4f} → {ml[r]['test'][k]:.4f}" for r in roles]])
+    rows.append(["thresholds", *[", ".join(f"{n} {t:.2f}" for n, t in ml[r]["thresholds"].items()) for r in roles]])
+    return lines + _md_table(header, rows) + [""]
 
 
 def _trust_section(run: RunDir, trust: dict[str, Any]) -> list[str]:

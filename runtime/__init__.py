@@ -10,6 +10,8 @@
 
 Probabilities are calibrated and a prediction may be "unknown" (`p.known` False, `p.score` below the
 bundle's threshold) when bundle.json has a `trust` section (runtime.trust); `ood=False` turns that off.
+A multilabel bundle (bundle.json `task: multilabel`) answers `MultiLabelPrediction`s instead: the label
+set (every label whose sigmoid probability reaches its threshold) and every label's probability.
 
 Backends live in runtime.backends (a named backend that cannot run is an
 error, never a fallback — except that `tensorrt-engine` may run the bundle's
@@ -36,7 +38,7 @@ from runtime.signing import PUBLIC_KEY_ENV
 from runtime.trust import Outputs, postprocess, softmax  # noqa: F401  (runtime.softmax, as before)
 
 __all__ = [
-    "load", "Classifier", "Prediction", "SelfTestReport", "backend_names",
+    "load", "Classifier", "MultiLabelPrediction", "Prediction", "SelfTestReport", "backend_names",
     "BackendError", "BundleError", "EdgekilnError", "ImageError", "ImageTooLargeError", "ParityError",
 ]
 
@@ -55,6 +57,21 @@ class Prediction:
     top_k: list[tuple[str, float]] = field(default_factory=list)
     known: bool = True
     score: float | None = None
+
+
+@dataclass(frozen=True)
+class MultiLabelPrediction:
+    """One image's answer from a multilabel bundle: `labels`, the label set (every label whose
+    probability reaches its threshold, best first; may be empty), and `probabilities`, the sigmoid
+    probability of every label (class order)."""
+
+    labels: list[str]
+    probabilities: dict[str, float]
+
+    @property
+    def indices(self) -> list[int]:
+        names = list(self.probabilities)
+        return [names.index(lab) for lab in self.labels]
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,7 @@ class Classifier:
                  allow_engine_fallback: bool = False, backend_options: Any = None, ood: bool = True):
         self.bundle = bundle
         self.trust = bundle.manifest.trust
+        self.multilabel = bundle.manifest.multilabel  # per-label thresholds (task multilabel), else None
         self.ood = ood  # answer "unknown" below the bundle's OOD threshold (when it has one)
         self.spec = bundle.preprocess
         self.class_names = bundle.class_names
@@ -117,9 +135,10 @@ class Classifier:
         """Run the model on an already preprocessed float32 NCHW batch."""
         return self.session.run(batch)
 
-    def predict(self, inputs: Any, top_k: int = 1, ood: bool | None = None) -> list[Prediction]:
+    def predict(self, inputs: Any, top_k: int = 1, ood: bool | None = None) -> list[Prediction] | list[MultiLabelPrediction]:
         """Labels with probabilities for one image or many (paths, PIL images, bytes or uint8 arrays).
-        ood: answer "unknown" below the bundle's OOD threshold (None: as loaded)."""
+        ood: answer "unknown" below the bundle's OOD threshold (None: as loaded). A multilabel bundle
+        answers MultiLabelPredictions (top_k and ood do not apply)."""
         return self.predictions_from_logits(self.logits(inputs), top_k, ood=ood)
 
     def outputs(self, logits: np.ndarray, ood: bool | None = None) -> Outputs:
@@ -130,7 +149,10 @@ class Classifier:
     def unknown_label(self) -> str | None:
         return self.trust.ood.unknown_label if self.trust and self.trust.ood else None
 
-    def predictions_from_logits(self, logits: np.ndarray, top_k: int = 1, ood: bool | None = None) -> list[Prediction]:
+    def predictions_from_logits(self, logits: np.ndarray, top_k: int = 1,
+                                ood: bool | None = None) -> list[Prediction] | list[MultiLabelPrediction]:
+        if self.multilabel is not None:
+            return self.label_sets(logits)
         out = self.outputs(logits, ood=ood)
         k = max(1, min(top_k, out.probs.shape[1]))
         preds = []
@@ -148,6 +170,18 @@ class Classifier:
                 )
             )
         return preds
+
+    def label_sets(self, logits: np.ndarray) -> list[MultiLabelPrediction]:
+        """A multilabel bundle's answers for raw logits (runtime.multilabel.decide with its thresholds)."""
+        from runtime.multilabel import decide
+
+        probs, chosen = decide(logits, self.multilabel.thresholds)
+        out = []
+        for p, c in zip(probs, chosen):
+            picked = sorted(np.nonzero(c)[0], key=lambda j: -p[j])
+            out.append(MultiLabelPrediction(labels=[self.class_names[int(j)] for j in picked],
+                                            probabilities={n: float(v) for n, v in zip(self.class_names, p)}))
+        return out
 
     def self_test(self) -> SelfTestReport:
         """Check this backend against the bundle's golden images and their expected logits.

@@ -21,6 +21,8 @@ export chose by measurement, which `runtime.load` opens when no artifact is name
 logits by, and the out-of-distribution score and threshold below which it answers "unknown"
 (runtime.trust). A rectangular model's `preprocess.resize` / `crop` are [h, w] pairs (still schema 4: a
 runtime from before them refuses such a bundle in one line, "not an int", rather than misreading it).
+`task: multilabel` with a `multilabel` section (per-label thresholds on the sigmoid of the logits,
+runtime.multilabel) is optional too (still schema 4: a bundle without it is a multiclass one, as before).
 Older bundles are upgraded in memory when they load (their default artifact is the FP32 ONNX model);
 anything newer than this runtime knows is refused with one line saying how to re-export.
 """
@@ -217,6 +219,22 @@ class Trust(_Model):
         return self
 
 
+class MultiLabel(_Model):
+    """How the runtime answers for task multilabel (runtime.multilabel.decide): the label set = every
+    label whose sigmoid(logit) reaches its threshold, one per class, which export chose on the validation
+    split to maximise each label's F1. `fit` records how (split, n, the F1 each reached)."""
+
+    thresholds: list[float] = Field(min_length=1)
+    fit: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= t <= 1.0 for t in v):
+            raise ValueError("multilabel thresholds are probabilities, each in [0, 1]")
+        return v
+
+
 class BundleManifest(_Model):
     """bundle.json, schema version 4."""
 
@@ -239,6 +257,8 @@ class BundleManifest(_Model):
     default_backend: str | None = None  # the backend it was measured best on (a record; `auto` decides per machine)
     deploy: dict[str, Any] | None = None  # how export chose it (exporters.deploy: budgets, objective, figures, why)
     trust: Trust | None = None  # calibration and the "unknown" answer (None: raw softmax, never unknown)
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+    multilabel: MultiLabel | None = None  # task multilabel: per-label thresholds (runtime.multilabel)
     files: dict[str, FileEntry] = Field(default_factory=dict)
 
     @field_validator("files")
@@ -259,6 +279,12 @@ class BundleManifest(_Model):
             raise ValueError(f"trust.scale and trust.bias must have {len(self.class_names)} values, one per class")
         if self.trust and self.trust.ood and self.trust.ood.unknown_label in self.class_names:
             raise ValueError(f"trust.ood.unknown_label '{self.trust.ood.unknown_label}' is also a class name")
+        if (self.task == "multilabel") != (self.multilabel is not None):
+            raise ValueError("task multilabel and a `multilabel` section (its thresholds) go together")
+        if self.multilabel is not None and len(self.multilabel.thresholds) != len(self.class_names):
+            raise ValueError(f"multilabel.thresholds must have {len(self.class_names)} values, one per class")
+        if self.multilabel is not None and self.trust is not None:
+            raise ValueError("a multilabel bundle has no `trust` section (calibration and OOD are softmax figures)")
         if self.default_artifact not in self.artifacts:
             raise ValueError(f"default_artifact '{self.default_artifact}' is not one of the artifacts "
                              f"({', '.join(self.artifacts)})")

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from pipeline.data import Split, eval_transform, load_tensors
+from pipeline.data import Split, eval_transform, label_tensor, load_tensors
 from pipeline.errors import ConfigError
 from pipeline.features import cached_features
 from pipeline.training import balanced_sampler, tensor_loader
@@ -48,7 +48,7 @@ class AdaptData:
         return self._labels[part]
 
     def y(self, part: str) -> torch.Tensor:
-        return torch.tensor(self._labels[part], dtype=torch.long)
+        return label_tensor(self._labels[part])
 
     def x(self, part: str) -> torch.Tensor:
         """Preprocessed float images (the evaluation transform)."""

@@ -18,8 +18,10 @@ from pipeline.training.loop import (
     balanced_sampler,
     class_weights,
     fit,
+    is_multilabel,
     kd_loss,
     macro_f1,
+    multilabel_kd_loss,
     predict_logits,
     set_seed,
     tensor_loader,
@@ -30,7 +32,7 @@ from pipeline.training.resume import load_resume_state, save_resume_state
 
 __all__ = [
     "DistInfo", "FitResult", "OPTIMIZERS", "TrainSettings", "TrainingDiverged", "TrainingInterrupted", "accuracy",
-    "balanced_sampler", "class_weights", "macro_f1",
+    "balanced_sampler", "class_weights", "is_multilabel", "macro_f1", "multilabel_kd_loss",
     "cosine_schedule", "dist_info", "fit", "init_distributed", "kd_loss", "load_resume_state", "make_optimizer",
     "param_groups", "predict_logits", "save_resume_state", "set_seed", "tensor_loader", "train_device",
     "train_one_epoch",

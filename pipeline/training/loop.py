@@ -104,17 +104,32 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 128, des
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
+def is_multilabel(labels: torch.Tensor) -> bool:
+    """Multi-hot float targets (N, classes), task multilabel; class indices (N,) otherwise."""
+    return labels.ndim == 2
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
+    """Top-1 accuracy; for multi-hot targets (task multilabel) the macro mean average precision, the
+    threshold-free figure that stands in for accuracy there (best epoch, early stopping, retention)."""
+    if not len(labels):
+        return float("nan")
+    if is_multilabel(labels):
+        from exporters.multilabel import mean_average_precision
+
+        return mean_average_precision(logits.double().numpy(), labels.numpy())
+    return float((logits.argmax(1) == labels).float().mean())
 
 
 def macro_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Macro-averaged F1 over every class (scikit-learn's), the metric that weighs a rare class
-    like a common one."""
+    like a common one; for multi-hot targets, over the labels at probability 0.5."""
     from sklearn.metrics import f1_score
 
     if not len(labels):
         return float("nan")
+    if is_multilabel(labels):
+        return float(f1_score(labels.numpy() > 0.5, logits.numpy() >= 0, average="macro", zero_division=0))
     ids = list(range(logits.shape[1]))
     return float(f1_score(labels.numpy(), logits.argmax(1).numpy(), labels=ids, average="macro", zero_division=0))
 
@@ -124,7 +139,10 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: f
     """Hinton et al. 2015: alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE.
 
     The KL term needs no labels: rows labelled -1 (unlabeled images) feed it alone. With mixup,
-    `labels2` and `lam` (per row) make the CE term lam * CE(labels) + (1 - lam) * CE(labels2)."""
+    `labels2` and `lam` (per row) make the CE term lam * CE(labels) + (1 - lam) * CE(labels2).
+    Multi-hot `labels` (task multilabel): `multilabel_kd_loss`."""
+    if is_multilabel(labels):
+        return multilabel_kd_loss(student_logits, teacher_logits, labels, temperature, alpha, labels2, lam)
     t = temperature
     kl = F.kl_div(
         F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True
@@ -141,6 +159,31 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: f
         ce = (w * F.cross_entropy(s, labels[known], weight=weight, reduction="none")
               + (1 - w) * F.cross_entropy(s, labels2[known], weight=weight, reduction="none")).mean()
     return alpha * (t * t) * kl + (1.0 - alpha) * ce
+
+
+def multilabel_kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float, labels2=None,
+                       lam=None) -> torch.Tensor:
+    """KD for independent sigmoid outputs: alpha * T^2 * BCE(student / T, sigmoid(teacher / T)) +
+    (1 - alpha) * BCE(student, labels), each averaged over images and labels. The soft term is the
+    binary KL to the teacher's tempered probabilities plus their (constant) entropy, so its gradient is
+    the KL's; T^2 keeps its gradient scale as T changes, as in Hinton et al. Rows whose labels are -1
+    (unlabeled images) feed the soft term alone; with mixup the label term is lam * BCE(labels) +
+    (1 - lam) * BCE(labels2)."""
+    t = temperature
+    soft = F.binary_cross_entropy_with_logits(student_logits / t, torch.sigmoid(teacher_logits / t))
+    if alpha >= 1.0:
+        return (t * t) * soft
+    known = (labels >= 0).all(1) if labels2 is None else (labels >= 0).all(1) & (labels2 >= 0).all(1)
+    if not known.any():
+        hard = student_logits.sum() * 0.0
+    else:
+        s = student_logits[known]
+        hard = F.binary_cross_entropy_with_logits(s, labels[known], reduction="none").mean(1)
+        if labels2 is not None:
+            w = lam[known]
+            hard = w * hard + (1 - w) * F.binary_cross_entropy_with_logits(s, labels2[known], reduction="none").mean(1)
+        hard = hard.mean()
+    return alpha * (t * t) * soft + (1.0 - alpha) * hard
 
 
 def freeze_frozen_batchnorm(model: nn.Module) -> None:
@@ -303,7 +346,8 @@ class _Run:
         returns the val accuracy."""
         val_logits = predict_logits(eval_model, val_x)
         val_acc = accuracy(val_logits, val_y)
-        val_loss = float(F.cross_entropy(val_logits, val_y)) if len(val_y) else float("nan")
+        val_loss = float((F.binary_cross_entropy_with_logits if is_multilabel(val_y) else F.cross_entropy)(
+            val_logits, val_y)) if len(val_y) else float("nan")
         entry = {"epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_accuracy": val_acc,
                  "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
         score = val_acc
@@ -415,6 +459,8 @@ def fit(
     optimizer = make_optimizer(s.optimizer, groups, s.lr, s.weight_decay, s.momentum)
     train_loader = distributed_loader(train_loader, info)
     scheduler = cosine_schedule(optimizer, s.epochs, len(train_loader), s.warmup_epochs)
+    if loss_fn is None and is_multilabel(val_y):
+        loss_fn = F.binary_cross_entropy_with_logits  # one sigmoid per label (task multilabel)
     if loss_fn is None:
         weight = torch.tensor(s.class_weights, device=device) if s.class_weights else None
         loss_fn = functools.partial(F.cross_entropy, label_smoothing=s.label_smoothing, weight=weight)

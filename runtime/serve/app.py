@@ -6,7 +6,8 @@
     GET  /v2/models/{name}[/versions/1]/ready
     POST /v2/models/{name}[/versions/1]/infer  JSON tensors, or Triton's binary tensor extension
     POST /v1/classify?top_k=3[&ood=false]      encoded images (multipart files or raw bytes) -> labels, calibrated
-                                               probabilities, OOD score, known ("unknown" below the threshold)
+                                               probabilities, OOD score, known ("unknown" below the threshold);
+                                               a multilabel bundle: each image's label set and every label's probability
     GET  /metrics                              Prometheus
 
 The model loads in the lifespan, never at import (or a loaded classifier is handed to
@@ -45,6 +46,8 @@ log = logging.getLogger("edgekiln.server")
 _PLATFORM = {"tensorrt-engine": "tensorrt_plan"}
 # The v2 infer extra output with the OOD score (runtime.trust), when the bundle has an OOD section
 SCORE_OUTPUT = "ood_score"
+# A multilabel bundle's extra v2 outputs (runtime.multilabel): sigmoid probabilities, and the label set as 0/1
+PROBS_OUTPUT, LABELS_OUTPUT = "probabilities", "label_set"
 
 
 @dataclass
@@ -117,7 +120,8 @@ async def lifespan(app: FastAPI):
     batcher.start()
     h.signature = ModelSignature(clf.bundle.input_name, clf.bundle.output_name, tuple(clf.input_shape),
                                  settings.max_images_per_request,
-                                 score_name=SCORE_OUTPUT if clf.unknown_label is not None else None)
+                                 score_name=SCORE_OUTPUT if clf.unknown_label is not None else None,
+                                 label_names=(PROBS_OUTPUT, LABELS_OUTPUT) if clf.multilabel is not None else ())
     h.clf, h.batcher, h.ready = clf, batcher, True
     log.info("edgekiln server: model '%s' ready: artifact '%s' on backend '%s' (%s), max batch %d, max delay %.1f ms",
              settings.model_name, clf.artifact, clf.backend, clf.provider, settings.max_batch, settings.max_delay_ms)
@@ -154,10 +158,12 @@ def _model_metadata(h: ModelHandle) -> ModelMetadataResponse:
         platform=_PLATFORM.get(clf.backend, "onnxruntime_onnx"),
         inputs=[MetadataTensor(name=clf.bundle.input_name, datatype="FP32", shape=[-1, c, height, width])],
         outputs=[MetadataTensor(name=clf.bundle.output_name, datatype="FP32", shape=[-1, len(clf.class_names)])]
-        + ([MetadataTensor(name=SCORE_OUTPUT, datatype="FP32", shape=[-1])] if h.signature.score_name else []),
+        + ([MetadataTensor(name=SCORE_OUTPUT, datatype="FP32", shape=[-1])] if h.signature.score_name else [])
+        + [MetadataTensor(name=n, datatype="FP32", shape=[-1, len(clf.class_names)]) for n in h.signature.label_names],
         parameters={"backend": clf.backend, "provider": clf.provider, "class_names": clf.class_names,
                     "preprocess": clf.bundle.manifest.preprocess.model_dump(mode="json"), "max_batch": h.settings.max_batch,
-                    **({"trust": clf.trust.model_dump(mode="json", exclude={"fit"})} if clf.trust else {})},
+                    **({"trust": clf.trust.model_dump(mode="json", exclude={"fit"})} if clf.trust else {}),
+                    **({"task": "multilabel", "thresholds": clf.multilabel.thresholds} if clf.multilabel else {})},
     )
 
 
@@ -202,6 +208,11 @@ async def infer(request: Request):
     tensors = [(sig.output_name, y)] if sig.output_name in wanted else []
     if sig.score_name in wanted:  # the OOD score from the logits, as the runtime computes it for /v1/classify
         tensors.append((sig.score_name, h.clf.outputs(y).score))
+    if sig.label_names and set(sig.label_names) & set(wanted):  # as /v1/classify decides, from the logits
+        from runtime.multilabel import decide
+
+        probs, chosen = decide(y, h.clf.multilabel.thresholds)
+        tensors += [(n, t) for n, t in ((PROBS_OUTPUT, probs), (LABELS_OUTPUT, chosen)) if n in wanted]
     content, head_len = encode_infer_response(tensors, h.settings.model_name, req.id, req.binary_output)
     if head_len is None:
         return Response(content, media_type="application/json")
@@ -265,6 +276,10 @@ async def classify(request: Request):
         raise ApiError(413, f"{len(images)} images exceed the limit of {limit} per request")
     logits = await h.predict_rows(await asyncio.to_thread(_decode, clf, images))
     preds = clf.predictions_from_logits(logits, top_k, ood=ood)
+    if clf.multilabel is not None:
+        return {"model_name": h.settings.model_name, "task": "multilabel",
+                "predictions": [{"filename": fname, "labels": p.labels, "probabilities": p.probabilities}
+                                for (fname, _), p in zip(images, preds)]}
     return {
         "model_name": h.settings.model_name,
         "predictions": [

@@ -80,17 +80,19 @@ class InferRequest:
 @dataclass(frozen=True)
 class ModelSignature:
     """What a request must match: tensor names, one image's (C, H, W), rows allowed per request;
-    `score_name`: the extra output carrying the OOD score (runtime.trust), when the bundle has one."""
+    `score_name`: the extra output carrying the OOD score (runtime.trust), when the bundle has one;
+    `label_names`: a multilabel bundle's extra outputs (the sigmoid probabilities, the label set as 0/1)."""
 
     input_name: str
     output_name: str
     chw: tuple[int, int, int]
     max_rows: int
     score_name: str | None = None
+    label_names: tuple[str, ...] = ()
 
     @property
     def output_names(self) -> list[str]:
-        return [self.output_name] + ([self.score_name] if self.score_name else [])
+        return [self.output_name] + ([self.score_name] if self.score_name else []) + list(self.label_names)
 
 
 def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
