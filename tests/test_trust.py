@@ -129,13 +129,36 @@ def test_parity_fails_on_changed_decisions_and_probabilities():
     labels = np.array([0, 1, 0, 1])
     t = Thresholds.only(min_decision_agreement=1.0, max_abs_prob_diff=1e-4, max_abs_score_diff=1e-4)
     r = compare_logits("m.onnx", ref, cand, labels, t, trust=trust)
-    assert r.decision_agreement == 0.75 and r.unknown_counts == {"pytorch": 0, "artifact": 1, "n": 4}
+    assert r.decision_agreement == 0.75 and r.unknown_counts == {"pytorch": 0, "artifact": 1, "n": 4, "ties": 0}
     assert r.decision_flipped == [{"image": 3, "label": 1, "pytorch": 1, "artifact": -1}]
     assert any(f.startswith("decision agreement (label or unknown) 75.00% < 100.00% on 4 test images")
                for f in r.failures)
     assert any(f.startswith("max |Δ calibrated probability|") for f in r.failures)
     assert any(f.startswith("max |Δ OOD score| 0.") for f in r.failures)
     assert compare_logits("m.onnx", ref, ref + 1e-6, labels, t, trust=trust).passed
+
+
+def test_a_score_on_the_threshold_is_a_tie_not_a_changed_decision():
+    """Float noise decides the answer of an image whose score sits on the threshold: a tie counts as
+    agreeing (and is reported); a move across it from farther than SCORE_TIE still fails."""
+    from exporters.parity import SCORE_TIE
+    from runtime.trust import ood_score
+
+    ref = np.array([[3.0, 0.0], [0.0, 3.0], [2.0, 0.0]])
+    threshold = float(ood_score(ref[2:], "energy")[0]) + SCORE_TIE / 2  # image 2: just below, unknown
+    trust = Trust(temperature=1.0, ood=OODSpec(score="energy", threshold=threshold))
+    labels = np.array([0, 1, 0])
+    t = Thresholds.only(min_decision_agreement=1.0, max_abs_score_diff=1e-4)
+    cand = ref.copy()
+    cand[2] += SCORE_TIE  # a hair above: known
+    r = compare_logits("m.onnx", ref, cand, labels, t, trust=trust)
+    assert r.decision_agreement == 1.0 and r.unknown_counts["ties"] == 1 and r.decision_flipped == []
+    assert not any(f.startswith("decision agreement") for f in r.failures)
+    far = Trust(temperature=1.0, ood=OODSpec(score="energy", threshold=threshold + 3 * SCORE_TIE))
+    cand[2] = ref[2] + 4 * SCORE_TIE  # from 3.5 ties below to 0.5 above: a real change
+    r = compare_logits("m.onnx", ref, cand, labels, Thresholds.only(min_decision_agreement=1.0), trust=far)
+    assert r.unknown_counts["ties"] == 0 and r.decision_flipped == [{"image": 2, "label": 0, "pytorch": -1,
+                                                                     "artifact": 0}]
 
 
 # ------------------------------------------------------------------------- the tiny run's bundle
