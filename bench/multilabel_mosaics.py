@@ -19,18 +19,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photo_sets import _crops  # noqa: E402  (the same crops as the photo sets)
+
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
 def _crop(img: np.ndarray, rng: np.random.Generator, out: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    side = int(rng.integers(min(h, w) // 4, min(h, w) // 2 + 1))
-    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    crop = img[y : y + side, x : x + side]
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    crop = np.rot90(crop, int(rng.integers(0, 4)))
-    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((out, out), Image.Resampling.BILINEAR))
+    """One random crop, as the photo sets draw them (bench/photo_sets.py)."""
+    return np.asarray(_crops(img, 1, rng, out)[0])
 
 
 def write_mosaics(root: Path, n: int = 300, seed: int = 0, cell: int = 64) -> Path:

@@ -200,24 +200,20 @@ def _label_set(row: dict, path: Path, n: int, separator: str) -> tuple[str, ...]
     return tuple(sorted(set(names)))
 
 
-def read_manifest(path: Path, task: str = "multiclass", separator: str = "|") -> Manifest:
-    """Read and check a manifest: every row has a path and a label (task multilabel: a `labels` set),
-    every file exists, no path twice."""
-    path = Path(path)
-    if task == "multilabel":
-        return _read_multilabel_manifest(path, separator)
+def _manifest_entries(path: Path, label_of, label_column: str = "label") -> tuple[Path, dict[str, tuple]]:
+    """The checks every manifest gets, whatever its labels: the file, and per row a path, a valid split,
+    an existing image, no path twice. `label_of(row, n)` reads (and checks) a row's label(s).
+    Returns the image root and {posix path: (label(s), split or None)}, in file order."""
     if not path.is_file():
         raise DataError(f"data.manifest: file not found: {path}")
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
         raise DataError(f"data.manifest: {path}: expected a .csv or .jsonl file")
     root = path.parent.resolve()
-    rows = _manifest_rows(path)
-    entries: dict[str, tuple[str, str | None]] = {}
-    for n, row in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):
-        rel, label = str(row.get("path") or "").strip(), str(row.get("label") or "").strip()
+    entries: dict[str, tuple] = {}
+    for n, row in enumerate(_manifest_rows(path, label_column), 2 if path.suffix.lower() == ".csv" else 1):
+        rel = str(row.get("path") or "").strip()
         part = str(row.get("split") or "").strip().lower() or None
-        if not rel or not label:
-            raise DataError(f"data.manifest: {path} row {n}: needs a path and a label")
+        label = label_of(row, n)
         if part is not None and part not in SPLIT_PARTS:
             raise DataError(f"data.manifest: {path} row {n}: split '{part}' is not one of {', '.join(SPLIT_PARTS)}")
         if not (root / rel).is_file():
@@ -226,52 +222,57 @@ def read_manifest(path: Path, task: str = "multiclass", separator: str = "|") ->
         if key in entries:
             raise DataError(f"data.manifest: {path} row {n}: {rel} is listed twice")
         entries[key] = (label, part)
+    return root, entries
+
+
+def _split_column(path: Path, entries: dict[str, tuple], order: list[str]) -> dict[str, str | None] | None:
+    """The user's split per path (in `order`), None when the manifest has no split column."""
+    parts = {k: entries[k][1] for k in order}
+    given = [p for p in parts.values() if p is not None]
+    if given and len(given) != len(parts):
+        raise DataError(f"data.manifest: {path}: the split column is filled for {len(given)} of {len(parts)} "
+                        "rows; fill it for every row or for none")
+    return parts if given else None
+
+
+def read_manifest(path: Path, task: str = "multiclass", separator: str = "|") -> Manifest:
+    """Read and check a manifest: every row has a path and a label (task multilabel: a `labels` set),
+    every file exists, no path twice."""
+    path = Path(path)
+    if task == "multilabel":
+        return _read_multilabel_manifest(path, separator)
+
+    def label_of(row, n):
+        rel, label = str(row.get("path") or "").strip(), str(row.get("label") or "").strip()
+        if not rel or not label:
+            raise DataError(f"data.manifest: {path} row {n}: needs a path and a label")
+        return label
+
+    root, entries = _manifest_entries(path, label_of)
     class_names = sorted({label for label, _ in entries.values()})
     if len(class_names) < 2:
         raise DataError(f"data.manifest: {path} needs at least 2 labels, found {len(class_names)}")
     index = {c: i for i, c in enumerate(class_names)}
     order = sorted(entries, key=lambda k: (index[entries[k][0]], PurePosixPath(k).parts))
-    parts = {k: entries[k][1] for k in order}
-    given = [p for p in parts.values() if p is not None]
-    if given and len(given) != len(parts):
-        raise DataError(f"data.manifest: {path}: the split column is filled for {len(given)} of {len(parts)} "
-                        "rows; fill it for every row or for none")
-    return Manifest(root, class_names, [(k, index[entries[k][0]]) for k in order], parts if given else None)
+    return Manifest(root, class_names, [(k, index[entries[k][0]]) for k in order], _split_column(path, entries, order))
 
 
 def _read_multilabel_manifest(path: Path, separator: str) -> Manifest:
     """read_manifest for task multilabel: items (path, sorted class indices), ordered by path."""
-    if not path.is_file():
-        raise DataError(f"data.manifest: file not found: {path}")
-    if path.suffix.lower() not in MANIFEST_SUFFIXES:
-        raise DataError(f"data.manifest: {path}: expected a .csv or .jsonl file")
-    root = path.parent.resolve()
-    entries: dict[str, tuple[tuple[str, ...], str | None]] = {}
-    for n, row in enumerate(_manifest_rows(path, "labels"), 2 if path.suffix.lower() == ".csv" else 1):
-        rel = str(row.get("path") or "").strip()
-        part = str(row.get("split") or "").strip().lower() or None
-        if not rel:
+
+    def label_of(row, n):
+        if not str(row.get("path") or "").strip():
             raise DataError(f"data.manifest: {path} row {n}: needs a path")
-        if part is not None and part not in SPLIT_PARTS:
-            raise DataError(f"data.manifest: {path} row {n}: split '{part}' is not one of {', '.join(SPLIT_PARTS)}")
-        if not (root / rel).is_file():
-            raise DataError(f"data.manifest: {path} row {n}: image not found: {rel}")
-        key = PurePosixPath(Path(rel).as_posix()).as_posix()
-        if key in entries:
-            raise DataError(f"data.manifest: {path} row {n}: {rel} is listed twice")
-        entries[key] = (_label_set(row, path, n, separator), part)
+        return _label_set(row, path, n, separator)
+
+    root, entries = _manifest_entries(path, label_of, "labels")
     class_names = sorted({name for names, _ in entries.values() for name in names})
     if len(class_names) < 2:
         raise DataError(f"data.manifest: {path} needs at least 2 labels, found {len(class_names)}")
     index = {c: i for i, c in enumerate(class_names)}
     order = sorted(entries, key=lambda k: PurePosixPath(k).parts)
-    parts = {k: entries[k][1] for k in order}
-    given = [p for p in parts.values() if p is not None]
-    if given and len(given) != len(parts):
-        raise DataError(f"data.manifest: {path}: the split column is filled for {len(given)} of {len(parts)} "
-                        "rows; fill it for every row or for none")
     items = [(k, [index[c] for c in entries[k][0]]) for k in order]
-    return Manifest(root, class_names, items, parts if given else None, task="multilabel")
+    return Manifest(root, class_names, items, _split_column(path, entries, order), task="multilabel")
 
 
 def make_split(root: Path, val_fraction: float, test_fraction: float, seed: int,
