@@ -26,11 +26,19 @@ def summary_rows(result: PipelineResult) -> list[tuple[str, ...]]:
     return rows
 
 
+def summary_columns(result: PipelineResult) -> tuple[str, ...]:
+    """The summary table's header. A multi-label run's models are scored by mAP and its ONNX model by
+    exact match with per-label agreement (the parity gate's figures), so the header says so."""
+    if result.adapt is not None and (result.adapt.extra or {}).get("task") == "multilabel":
+        return ("", "model", "test mAP (models) / exact match (ONNX)", "size MB", "per-label agreement", "max |Δlogit|")
+    return ("", "model", "test accuracy", "size MB", "top-1 agreement", "max |Δlogit|")
+
+
 def print_summary(result: PipelineResult, run: RunDir, console: Console | None = None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     run = RunDir(run)
     table = Table(title=f"edgekiln summary — {run.root}")
-    for col in ("", "model", "test accuracy", "size MB", "top-1 agreement", "max |Δlogit|"):
+    for col in summary_columns(result):
         table.add_column(col, justify="left" if col in ("", "model") else "right", no_wrap=True)
     for row in summary_rows(result):
         table.add_row(*row)
@@ -246,10 +254,11 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
         lines += ["## Data efficiency (test accuracy)", ""] + _md_table(header, rows)
         if (run.root / eff.get("plot", "")).is_file():
             lines += [f"![data efficiency]({eff['plot']})", ""]
-    rows = summary_rows(PipelineResult.from_metrics(metrics)) if metrics.get("onnx") or metrics.get("student") else []
+    result = PipelineResult.from_metrics(metrics)
+    rows = summary_rows(result) if metrics.get("onnx") or metrics.get("student") else []
     if rows:
         lines += ["## Pipeline", ""]
-        lines += _md_table(["", "model", "test accuracy", "size MB", "top-1 agreement", "max abs Δlogit"], [list(r) for r in rows])
+        lines += _md_table([c.replace("|Δlogit|", "abs Δlogit") for c in summary_columns(result)], [list(r) for r in rows])
     cost = (metrics.get("onnx") or {}).get("cost")
     if cost:
         steps = ", ".join(f"{k} {s['seconds']:.0f} s / {s['peak_rss_mb']:.0f} MB" for k, s in cost["steps"].items())
