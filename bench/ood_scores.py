@@ -19,7 +19,10 @@ on nothing; every threshold on the validation split (95 % of its images known), 
                     https://arxiv.org/abs/2106.09022)
     vim             energy - alpha * |residual of f off the principal subspace| (Wang et al. 2022)
     react_energy    energy of the head on features clipped at their train 90th percentile (Sun et al. 2021)
-    knn             -distance to the k-th nearest L2-normalised train feature, k = 10 (Sun et al. 2022)
+    knn_k1/10/50    -distance to the k-th nearest L2-normalised train feature (Sun et al. 2022, k = 50 there
+                    on 50,000 train images; 1167 here)
+    mahalanobis_pinv, mahalanobis_l2norm: variants (empirical covariance and pseudo-inverse as in Lee et
+                    al.; shrunk, on L2-normalised features), to see whether the covariance estimate matters
     feature_norm    -|f| and cosine: max cosine to the class means (for reference)
 
 Printed per model and score: AUROC test-vs-OOD with a 95 % bootstrap interval, FPR at 95 % TPR (the
@@ -98,12 +101,21 @@ def scores_for(f: np.ndarray, z: np.ndarray, fit: dict, temperature: float) -> d
     clipped = np.minimum(f, fit["react_c"]) @ fit["w"].T + fit["b"]
     fn = f / np.linalg.norm(f, axis=1, keepdims=True)
     dist = np.sqrt(np.maximum(2 - 2 * fn @ fit["train_norm"].T, 0))
-    knn = -np.sort(dist, axis=1)[:, 9]
+    knn = {f"knn_k{k}": -np.sort(dist, axis=1)[:, k - 1] for k in (1, 10, 50)}
     mn = fit["maha"]["means"] / np.linalg.norm(fit["maha"]["means"], axis=1, keepdims=True)
     return {"energy": lse(z), "max_logit": z.max(1), "msp_T": softmax(z / temperature).max(1),
             "mahalanobis": -md.min(1), "rel_mahalanobis": -(md - md0[:, None]).min(1),
-            "vim": lse(z) - v["alpha"] * res, "react_energy": lse(clipped), "knn": knn,
-            "feature_norm": -np.linalg.norm(f, axis=1), "cosine": (fn @ mn.T).max(1)}
+            "vim": lse(z) - v["alpha"] * res, "react_energy": lse(clipped), **knn,
+            "feature_norm": -np.linalg.norm(f, axis=1), "cosine": (fn @ mn.T).max(1),
+            **variants(f, fn, fit)}
+
+
+def variants(f: np.ndarray, fn: np.ndarray, fit: dict) -> dict[str, np.ndarray]:
+    """Mahalanobis as Lee et al. wrote it (empirical covariance, pseudo-inverse), and on L2-normalised
+    features (shrunk); exploration only, no default is chosen from these on outliers."""
+    pinv, norm = fit["maha_pinv"], fit["maha_norm"]
+    return {"mahalanobis_pinv": -class_distances(f, pinv["means"], pinv["prec"]).min(1),
+            "mahalanobis_l2norm": -class_distances(fn, norm["means"], norm["prec"]).min(1)}
 
 
 def bootstrap_auroc(a: np.ndarray, b: np.ndarray, draws: int = 500, seed: int = 0) -> tuple[float, float]:
@@ -127,7 +139,11 @@ def measure_model(ckpt: Path, split: Split, ood: list[Path]) -> dict[str, dict]:
     w, b = model.head.weight.detach().double().numpy(), model.head.bias.detach().double().numpy()
     k = w.shape[0]
     temperature = fit_temperature(parts["val"][1], ys["val"]) or 1.0
-    fit = {"maha": mahalanobis_fit(ftr, ys["train"], k), "vim": vim_fit(ftr, ztr, w, b), "w": w, "b": b,
+    ftn = ftr / np.linalg.norm(ftr, axis=1, keepdims=True)
+    means = np.stack([ftr[ys["train"] == c].mean(0) for c in range(k)])
+    fit = {"maha": mahalanobis_fit(ftr, ys["train"], k), "maha_norm": mahalanobis_fit(ftn, ys["train"], k),
+           "maha_pinv": {"means": means, "prec": np.linalg.pinv(np.cov((ftr - means[ys["train"]]).T, bias=True),
+                                                                  hermitian=True)}, "vim": vim_fit(ftr, ztr, w, b), "w": w, "b": b,
            "react_c": np.percentile(ftr, 90), "train_norm": ftr / np.linalg.norm(ftr, axis=1, keepdims=True)}
     s = {p: scores_for(*parts[p], fit, temperature) for p in ("val", "test")}
     so = scores_for(fo, zo, fit, temperature)
