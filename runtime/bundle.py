@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from runtime.bundle_upgrade import UPGRADES, upgrade
 from runtime.errors import BundleError
 from runtime.files import atomic_write_text, sha256_file
 from runtime.preprocess import PreprocessSpec, size_hw
@@ -294,57 +295,14 @@ class BundleManifest(_Model):
         return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
 
 
-def _upgrade_v1(meta: dict[str, Any]) -> dict[str, Any]:
-    """edgekiln 0.1.0's bundle.json -> schema 2: per-artifact parity moves onto each artifact,
-    builder extras into `details`, and a missing precision means fp32 (as 0.1.0's readers assumed)."""
-    meta = dict(meta)
-    parity = dict(meta.pop("parity", None) or {})
-    per_artifact = parity.pop("artifacts", {}) or {}
-    artifacts = {}
-    for key, art in (meta.get("artifacts") or {}).items():
-        art = dict(art)
-        entry = {k: art.pop(k) for k in ("file", "format", "fingerprint") if k in art}
-        entry["precision"] = art.pop("precision", None) or "fp32"
-        entry["parity"] = per_artifact.get(key)
-        entry["details"] = art
-        artifacts[key] = entry
-    meta["artifacts"] = artifacts
-    if parity:
-        meta["parity"] = {"passed": bool(parity.get("passed", False)), "test": parity.get("test") or {},
-                          "golden": parity.get("golden") or {}}
-    meta["schema_version"] = 2
-    meta.setdefault("edgekiln_version", "0.1.0")
-    meta.setdefault("created", "")
-    return meta
-
-
-def _upgrade_v2(meta: dict[str, Any]) -> dict[str, Any]:
-    """Schema 2 -> 3: no measured choice was recorded, so the default artifact is the FP32 ONNX model
-    (what schema-2 readers opened), or the first artifact when there is none."""
-    meta = dict(meta)
-    arts = meta.get("artifacts") or {}
-    meta["default_artifact"] = "onnx" if "onnx" in arts or not arts else next(iter(arts))
-    meta["schema_version"] = 3
-    return meta
-
-
-def _upgrade_v3(meta: dict[str, Any]) -> dict[str, Any]:
-    """Schema 3 -> 4: no `trust` section (raw softmax probabilities, never "unknown"), as schema-3 readers did."""
-    return {**meta, "schema_version": SCHEMA_VERSION}
-
-
 def parse_manifest(meta: Any, where: str | os.PathLike = BUNDLE_FILE) -> BundleManifest:
     """Validate a parsed bundle.json (any supported schema version) into a BundleManifest."""
     if not isinstance(meta, dict):
         raise BundleError(f"{where}: not an edgekiln bundle manifest (a JSON object was expected)")
     version = meta.get("schema_version")
     made_by = meta.get("edgekiln_version", "an unknown edgekiln version")
-    if version == 1:
-        meta = _upgrade_v1(meta)
-    if version in (1, 2):
-        meta = _upgrade_v2(meta)
-    if version in (1, 2, 3):
-        meta = _upgrade_v3(meta)
+    if version in UPGRADES:
+        meta = upgrade(meta, version)
     elif version != SCHEMA_VERSION:
         raise BundleError(
             f"{where}: bundle schema_version {version!r} (written by edgekiln {made_by}) is not supported by this "
