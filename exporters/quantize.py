@@ -9,14 +9,17 @@ UINT8 activations), guarded by an accuracy budget.
    https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html#pre-processing
 2. `quantize_static` in QDQ format. Clip(0,6)/Relu right after a quantized Conv
    are removed by the QDQ quantizer (the UINT8 range of the Conv output already
-   clamps), so EfficientNet-Lite's Conv+ReLU6 runs as one integer conv.
+   clamps), so EfficientNet-Lite's Conv+ReLU6 runs as one integer conv. Weights in 7 bits by
+   default (`reduce_range`; see quantize_qdq): 8-bit ones saturate the x86 kernels without VNNI.
 3. The accuracy guard: accuracy of the INT8 model vs the FP32 model on a guard
    split (validation images, never the test split the parity gate reports on), judged like
    the parity gate judges it (exporters.stats): over budget only when the lower bound of the
    drop's paired 95% interval is above the budget, so a flip or two on a small split is not
-   chased. Over budget, nodes are ranked by how much quantization noise they add (the
+   chased. With `min_decision_agreement` (the gate's decision floor) it also holds the decisions,
+   label or unknown through bundle.json's `trust` (exporters.decisions), to that floor by the Wilson
+   upper bound, as the gate does. Over budget, nodes are ranked by how much quantization noise they add (the
    drop in signal-to-quantization-noise ratio from their input to their output,
-   float model vs QDQ model on a few images) and the worst are kept in float
+   float model vs QDQ model on a few images; exporters.sensitivity) and the worst are kept in float
    (`nodes_to_exclude`), 1, 2, 4, ... nodes, until the budget holds or
    `max_excluded_nodes` is reached. Then the result says the budget cannot be met and
    the fully quantized model is kept (a half-float model over budget would be neither
