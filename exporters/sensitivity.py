@@ -35,7 +35,7 @@ def _with_outputs(src: Path, names: list[str], dst: Path) -> list[str]:
     return added + [n for n in dict.fromkeys(names) if n in outputs]
 
 
-def rank_sensitive_nodes(float_path: Path, qdq_path: Path, x: "np.ndarray | ImageSource", work: Path,
+def rank_sensitive_nodes(float_path: Path, qdq_path: Path, x: np.ndarray | ImageSource, work: Path,
                          batch_size: int = 4) -> list[tuple[str, float]]:
     """Nodes of the float model ranked by the SQNR they lose under quantization (worst first).
 

@@ -10,7 +10,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.decisions import SCORE_TIE, same_decisions
-from exporters.quantize import preprocess_for_quantization, quantize_int8, quantize_qdq, run_onnx
+from exporters.quantize import (
+    preprocess_for_quantization,
+    quantize_int8,
+    quantize_qdq,
+    run_onnx,
+)
 from runtime.backends.ort import open_onnx
 from runtime.bundle import OODSpec, Trust
 from runtime.trust import ood_score
@@ -48,7 +53,8 @@ def saturating_conv(tmp_path):
 
 def _x86_without_vnni() -> bool:
     try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split())
     except (OSError, StopIteration):
         return False
     return "avx2" in flags and not any("vnni" in f for f in flags)
