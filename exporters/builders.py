@@ -29,7 +29,7 @@ from exporters.errors import BuilderError
 from exporters.resources import release_freed_memory
 from exporters.specs import ExportSpec
 from exporters.thresholds import resolve_thresholds
-from runtime.bundle import Artifact
+from runtime.bundle import Artifact, Trust
 from runtime.preprocess import PreprocessSpec, preprocess
 from runtime.registry import Registry
 
@@ -55,6 +55,7 @@ class BuildContext:
     guard_labels: list[int]
     cache_dir: Path  # TensorRT timing and calibration caches, kept across exports
     calibration: CalibrationSet | None = None
+    trust: Trust | None = None  # bundle.json's trust section: the INT8 guard judges decisions through it
 
     def guard_set(self) -> tuple[np.ndarray, np.ndarray]:
         return preprocess(self.guard_images, self.preprocess), np.asarray(self.guard_labels)
@@ -131,7 +132,8 @@ def build_onnx_int8(ctx: BuildContext) -> Artifact:
     from exporters.quantize import quantize_int8
 
     s, calib, file = ctx.settings, ctx.calibration, get_builder("onnx_int8").file
-    budget = resolve_thresholds(ctx.validate, "int8", ctx.spec).max_accuracy_drop
+    thresholds = resolve_thresholds(ctx.validate, "int8", ctx.spec)
+    budget = thresholds.max_accuracy_drop
     log.info("int8: calibrating on %d train images (%s per class: %s)", len(calib.files), s.calibration_method,
              ", ".join(f"{k}={v}" for k, v in calib.per_class.items()))
     # Both image sets stream: decoded and preprocessed a batch at a time (exporters.calibration.ImageSource).
@@ -140,15 +142,25 @@ def build_onnx_int8(ctx: BuildContext) -> Artifact:
                         max_accuracy_drop=budget if budget is not None else 1.0, method=s.calibration_method,
                         per_channel=ctx.spec.int8_per_channel, max_excluded_nodes=s.max_excluded_nodes,
                         op_types_to_keep_float=ctx.spec.int8_keep_float_op_types,
-                        op_types_to_quantize=ctx.spec.int8_op_types)
+                        op_types_to_quantize=ctx.spec.int8_op_types, reduce_range=s.int8_reduce_range,
+                        # The parity gate's decision floor, held on the validation split (the gate judges
+                        # decisions only with a trust section, so the guard does too).
+                        min_decision_agreement=thresholds.min_decision_agreement if ctx.trust else None,
+                        trust=ctx.trust)
     if not res.budget_met:
-        log.warning("int8: accuracy drop %.2f points on the validation split exceeds the budget %.2f even with %d "
-                    "node(s) kept in float; the parity gate will judge it on the test split",
-                    res.accuracy_drop * 100, res.budget * 100, len(res.excluded_nodes))
+        missed = []
+        if res.drop_stats.get("low", 0.0) > res.budget + 1e-12:
+            missed.append(f"accuracy drop {res.accuracy_drop * 100:.2f} points over the budget {res.budget * 100:.2f}")
+        if res.decision_interval is not None and res.decision_interval[1] < res.min_decision_agreement - 1e-12:
+            missed.append(f"decisions agree {res.decision_agreement:.2%} < {res.min_decision_agreement:.0%}")
+        log.warning("int8: %s on the validation split whatever the guard keeps in float (up to %d nodes); the fully "
+                    "quantized model is kept and the parity gate will judge it on the test split",
+                    " and ".join(missed), s.max_excluded_nodes)
     quantization = {
         "tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
         "op_types": list(ctx.spec.int8_op_types) if ctx.spec.int8_op_types else "all",
-        "weights": "int8, per-channel" if ctx.spec.int8_per_channel else "int8, per-tensor", "activations": "uint8",
+        "weights": ("int8" + (" (7-bit range)" if s.int8_reduce_range else "")
+                    + (", per-channel" if ctx.spec.int8_per_channel else ", per-tensor")), "activations": "uint8",
         "calibration": {**calib.summary(), "method": s.calibration_method},
         "guard": {"split": "val", **res.to_dict()},
     }

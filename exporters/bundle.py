@@ -184,7 +184,7 @@ def _build_artifacts(tmp: Path, job: ExportJob, spec: type[ExportSpec]) -> dict[
         model=job.model, arch=meta.arch, preprocess=meta.preprocess, role=job.role, out_dir=tmp,
         fp32_onnx=tmp / get_builder("onnx").file, settings=s, validate=job.validate, spec=spec,
         check_images=split.paths("test")[:16], guard_images=split.paths("val"), guard_labels=split.labels("val"),
-        cache_dir=job.cache_dir, calibration=calib,
+        cache_dir=job.cache_dir, calibration=calib, trust=job.trust,
     )
     artifacts = {}
     for b in builders:

@@ -65,6 +65,9 @@ class ExportConfig(_Strict):
     calibration_size: int = Field(200, ge=1, description="INT8 calibration images, stratified over classes (train split).")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     max_excluded_nodes: int = Field(16, ge=0, description="INT8 accuracy guard: most nodes it may keep in float.")
+    int8_reduce_range: bool = Field(
+        True, description="INT8 weights in 7 bits: no integer saturation on x86 CPUs without VNNI (onnxruntime's "
+                          "advice); false: 8-bit weights, for VNNI or ARM targets only.")
     golden_images: int = Field(4, ge=0, le=64, description="Test images stored in the bundle with PyTorch logits.")
     tensorrt: TensorRTConfig = TensorRTConfig()
     openvino: OpenVINOConfig = OpenVINOConfig()

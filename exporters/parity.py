@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from exporters.agreement import AgreementSet
+from exporters.decisions import SCORE_TIE, compare_decisions  # noqa: F401  (SCORE_TIE: importable from here as before)
 from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.thresholds import Thresholds
 from runtime.backends import EngineUnavailable, session_for_artifact
@@ -243,23 +244,14 @@ def compare_multilabel(artifact: str, reference: np.ndarray, candidate: np.ndarr
     return report
 
 
-# How close to the unknown threshold an OOD score is a tie (the FP32 score tolerance: exporters.specs).
-SCORE_TIE = 1e-4
-
-
 def _compare_answers(report: ParityReport, trust: Trust, reference: np.ndarray, candidate: np.ndarray,
                      labels: np.ndarray, names: list[str] | None, extra: tuple[np.ndarray, np.ndarray] | None) -> None:
-    """The runtime's answers from both sides' logits: decisions on the test split, |Δ| everywhere."""
+    """The runtime's answers from both sides' logits: decisions on the test split (exporters.decisions:
+    a score on the unknown threshold is a tie), |Δ| everywhere."""
     ref, cand = postprocess(reference, trust), postprocess(candidate, trust)
     rd, cd = ref.decisions, cand.decisions
-    # An image whose PyTorch OOD score sits within SCORE_TIE of the threshold is a tie: float noise far
-    # below any tolerance decides its known/unknown answer (a degenerate model, e.g. one epoch from random
-    # weights, puts every test image there and failed even FP32 on 1e-6 differences). Ties count as
-    # agreeing and are reported.
-    tie = np.zeros(len(rd), dtype=bool)
-    if trust.ood is not None and ref.score is not None:
-        tie = (ref.known != cand.known) & (np.abs(ref.score - trust.ood.threshold) <= SCORE_TIE)
-    same = int(((rd == cd) | tie).sum())
+    agree, tie = compare_decisions(ref, cand, trust)
+    same = int(agree.sum())
     report.decision_agreement = same / len(rd) if len(rd) else 1.0
     report.decision_interval = agreement_interval(same, len(rd))
     report.unknown_counts = {"pytorch": int((~ref.known).sum()), "artifact": int((~cand.known).sum()), "n": len(rd),

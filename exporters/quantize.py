@@ -9,14 +9,17 @@ UINT8 activations), guarded by an accuracy budget.
    https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html#pre-processing
 2. `quantize_static` in QDQ format. Clip(0,6)/Relu right after a quantized Conv
    are removed by the QDQ quantizer (the UINT8 range of the Conv output already
-   clamps), so EfficientNet-Lite's Conv+ReLU6 runs as one integer conv.
+   clamps), so EfficientNet-Lite's Conv+ReLU6 runs as one integer conv. Weights in 7 bits by
+   default (`reduce_range`; see quantize_qdq): 8-bit ones saturate the x86 kernels without VNNI.
 3. The accuracy guard: accuracy of the INT8 model vs the FP32 model on a guard
    split (validation images, never the test split the parity gate reports on), judged like
    the parity gate judges it (exporters.stats): over budget only when the lower bound of the
    drop's paired 95% interval is above the budget, so a flip or two on a small split is not
-   chased. Over budget, nodes are ranked by how much quantization noise they add (the
+   chased. With `min_decision_agreement` (the gate's decision floor) it also holds the decisions,
+   label or unknown through bundle.json's `trust` (exporters.decisions), to that floor by the Wilson
+   upper bound, as the gate does. Over budget, nodes are ranked by how much quantization noise they add (the
    drop in signal-to-quantization-noise ratio from their input to their output,
-   float model vs QDQ model on a few images) and the worst are kept in float
+   float model vs QDQ model on a few images; exporters.sensitivity) and the worst are kept in float
    (`nodes_to_exclude`), 1, 2, 4, ... nodes, until the budget holds or
    `max_excluded_nodes` is reached. Then the result says the budget cannot be met and
    the fully quantized model is kept (a half-float model over budget would be neither
@@ -46,16 +49,16 @@ import numpy as np
 import onnx
 
 from exporters.calibration import ImageSource, SourceCalibrationReader, as_source
-from exporters.stats import paired_drop
+from exporters.decisions import same_decisions
+from exporters.sensitivity import _input_name, rank_sensitive_nodes
+from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.errors import QuantizationError  # noqa: F401  (raised here; importable from here as before)
 from exporters.quiet import quiet
 from exporters.resources import require_memory
-from runtime.backends.ort import onnx_runner, open_onnx
+from runtime.backends.ort import onnx_runner
+from runtime.bundle import Trust
 
 log = logging.getLogger("edgekiln")
-
-_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
 
 @dataclass
 class Int8Result:
@@ -69,6 +72,9 @@ class Int8Result:
     attempts: list[dict] = field(default_factory=list)
     preprocess: dict = field(default_factory=dict)
     drop_stats: dict = field(default_factory=dict)  # the kept model's drop, exporters.stats.DropStats
+    min_decision_agreement: float | None = None  # the floor the guard held the decisions to (None: not judged)
+    decision_agreement: float | None = None  # the kept model's decisions vs the FP32 model's, guard split
+    decision_interval: list[float] | None = None  # its Wilson 95% interval
 
     @property
     def accuracy_drop(self) -> float:
@@ -79,13 +85,6 @@ class Int8Result:
         d.pop("path")
         d["accuracy_drop"] = self.accuracy_drop
         return d
-
-
-def _input_name(path: Path) -> str:
-    """The model's first real input (read from the graph: no session needed)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    inits = {t.name for t in graph.initializer}
-    return next(i.name for i in graph.input if i.name not in inits)
 
 
 def run_onnx(path: Path, x: "np.ndarray | ImageSource", batch: int = 64) -> np.ndarray:
@@ -185,8 +184,17 @@ def quantize_qdq(
     op_types_to_quantize: tuple[str, ...] | None = None,
     calibration_cache: Path | None = None,
     batch_size: int | None = None,
+    reduce_range: bool = True,
 ) -> None:
     """One quantize_static run (QDQ, S8 weights, U8 activations) of a pre-processed model.
+
+    `reduce_range` quantizes the weights to 7 bits (-64..63). onnxruntime's x86 kernels for U8 x S8
+    (VPMADDUBSW on SSE4.1/AVX2/AVX-512 without VNNI) add pairs of products in int16 and saturate when
+    |a1*w1 + a2*w2| > 32767, which 8-bit weights and full-range activations reach: the digits demo's
+    EfficientNet-Lite0 lost 12 points on this AVX2 CPU where the same QDQ file, run without the integer
+    kernels, lost 3.7 (bench/RESULTS.md, "INT8 regression (issues 14/17)"). 7-bit weights cannot
+    saturate, cost no speed, and onnxruntime's quantize_static docs advise them for CPUs without VNNI;
+    the bundle does not know which CPU will serve it, so they are the default.
 
     With `calibration_cache`, the first run calibrates and saves the tensor ranges there; later runs
     read them and need no calibration images (`calibration` may then be None). Calibration streams a
@@ -217,6 +225,7 @@ def quantize_qdq(
             per_channel=per_channel,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
             calibrate_method=methods[method],
             nodes_to_exclude=sorted(set(exclude)),
             op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None,
@@ -226,87 +235,56 @@ def quantize_qdq(
         )
 
 
-def _with_outputs(src: Path, names: list[str], dst: Path) -> list[str]:
-    """A copy of `src` that also outputs the tensors `names` (those it has); returns the ones added.
-    Written beside `src`, so external weight data still resolves."""
-    from onnx import helper
+@dataclass
+class _Attempt:
+    """One quantized model judged by the guard."""
 
-    model = onnx.load(str(src), load_external_data=False)
-    outputs = {o.name for o in model.graph.output}
-    have = {o for n in model.graph.node for o in n.output}
-    added = [n for n in dict.fromkeys(names) if n in have and n not in outputs]
-    model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in added)
-    onnx.save(model, str(dst))
-    return added + [n for n in dict.fromkeys(names) if n in outputs]
+    path: Path
+    excluded: list[str]
+    accuracy: float
+    stats: DropStats
+    decision_agreement: float | None
+    decision_interval: tuple[float, float] | None
+    over: bool
+
+    def record(self, fp32_accuracy: float) -> dict:
+        d = {"excluded": len(self.excluded), "accuracy": self.accuracy, "accuracy_drop": fp32_accuracy - self.accuracy}
+        if self.decision_agreement is not None:
+            d["decision_agreement"] = self.decision_agreement
+        return {**d, "nodes": self.excluded} if self.excluded else d
 
 
-def rank_sensitive_nodes(float_path: Path, qdq_path: Path, x: "np.ndarray | ImageSource", work: Path,
-                         batch_size: int = 4) -> list[tuple[str, float]]:
-    """Nodes of the float model ranked by the SQNR they lose under quantization (worst first).
+class _Guard:
+    """Judges a quantized model on the guard split the way the parity gate judges the test split: the
+    accuracy drop over budget only when its paired interval's lower bound is (exporters.stats), and with a
+    decision floor, the decisions (label or unknown, through `trust`) of the FP32 model and the INT8 one
+    agreeing less than the floor only when the Wilson upper bound is below it (exporters.decisions)."""
 
-    For a node, loss = SQNR(its activation input) - SQNR(its output): the noise its own
-    quantization adds. Each float tensor is compared with the QDQ model's tensor of the same name,
-    i.e. *before* its own QuantizeLinear (the "pre_qdq" matching of onnxruntime's
-    quantization.qdq_loss_debug), capped at 100 dB for identical tensors: the library's default
-    comparison (float vs "post_qdq", and no cap, so an unquantized input scores ~300 dB) ranked
-    the classifier first on the test model and kept one more node in float for the same accuracy.
-    SQNR = 10 log10(sum f^2 / sum (f - q)^2), the signal and noise powers summed a batch at a time over
-    only the tensors compared, so memory stays at one batch of those tensors whatever the image count
-    (qdq_loss_debug.collect_activations keeps every tensor of every image).
-    """
-    fm = onnx.load(str(float_path), load_external_data=False)
-    consumers: dict[str, list] = {}
-    for node in fm.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    # node -> (its activation input, the tensor where its quantized output is measured)
-    probes: dict[str, tuple[str, list[str]]] = {}
-    for node in fm.graph.node:
-        if node.op_type not in _WEIGHTED_OPS or not node.output:
-            continue
-        out = node.output[0]
-        nxt = consumers.get(out, [])
-        # The QDQ quantizer removes a Relu/Clip that only follows a quantized node and renames the
-        # node's output to the activation's: measure there when the node's own output is gone.
-        alt = [nxt[0].output[0]] if len(nxt) == 1 and nxt[0].op_type in ("Relu", "Clip") else []
-        probes[node.name] = (node.input[0], [out, *alt])
-    wanted = [t for inp, outs in probes.values() for t in (inp, *outs)]
-    paths = {}
-    for tag, path in (("float", float_path), ("qdq", qdq_path)):
-        paths[tag] = Path(path).with_name(f".{tag}_probes.onnx")
-        added = _with_outputs(Path(path), wanted, paths[tag])
-        if tag == "float":
-            common = set(added)
-        else:
-            common &= set(added)
-    names = sorted(common)
-    sessions = {tag: open_onnx(p) for tag, p in paths.items()}
-    input_name = _input_name(float_path)
-    signal = dict.fromkeys(names, 0.0)
-    noise = dict.fromkeys(names, 0.0)
-    for batch in as_source(x).batches(batch_size):
-        f = dict(zip(names, sessions["float"].run(names, {input_name: batch})))
-        q = dict(zip(names, sessions["qdq"].run(names, {input_name: batch})))
-        for n in names:
-            a = f[n].astype(np.float64)
-            signal[n] += float(np.square(a).sum())
-            noise[n] += float(np.square(a - q[n]).sum())
-    del sessions
-    for p in paths.values():
-        p.unlink(missing_ok=True)
+    def __init__(self, x: ImageSource, y: np.ndarray, fp32_logits: np.ndarray, batch: int, budget: float,
+                 floor: float | None, trust: "Trust | None"):
+        self.x, self.y, self.fp32_logits, self.batch = x, y, fp32_logits, batch
+        self.budget, self.floor, self.trust = budget, floor, trust
+        self.fp32_right = fp32_logits.argmax(1) == y
+        self.fp32_accuracy = float(self.fp32_right.mean())
 
-    def sqnr(t: str) -> float:
-        if t not in signal:
-            return 100.0
-        return 100.0 if noise[t] == 0 else min(100.0, 10 * np.log10(max(signal[t], 1e-30) / noise[t]))
+    def judge(self, path: Path, excluded: list[str]) -> _Attempt:
+        logits = run_onnx(path, self.x, batch=self.batch)
+        right = logits.argmax(1) == self.y
+        stats = paired_drop(self.fp32_right, right)
+        over, agreement, interval, said = stats.exceeds(self.budget), None, None, ""
+        if self.floor is not None:
+            same = same_decisions(self.fp32_logits, logits, self.trust)
+            agreement, interval = float(same.mean()), agreement_interval(int(same.sum()), len(same))
+            over = over or interval[1] < self.floor - 1e-12
+            said = f"; decisions agree {agreement:.2%} [{interval[0]:.2%}, {interval[1]:.2%}], floor {self.floor:.0%}"
+        log.info("int8: %d node(s) kept in float: accuracy %.4f (fp32 %.4f; %s%s)", len(excluded), right.mean(),
+                 self.fp32_accuracy, stats.describe(), said)
+        return _Attempt(path, excluded, float(right.mean()), stats, agreement, interval, over)
 
-    ranked = []
-    for node, (inp, outs) in probes.items():
-        out = next((o for o in outs if o in signal), None)
-        if out is not None:
-            ranked.append((node, sqnr(inp) - sqnr(out)))
-    ranked.sort(key=lambda t: -t[1])
-    return ranked
+
+def _exclusion_steps(cap: int) -> list[int]:
+    """1, 2, 4, ... nodes kept in float, ending at `cap`."""
+    return sorted({min(2**i, cap) for i in range(cap.bit_length() + 1)} - {0})
 
 
 def quantize_int8(
@@ -322,10 +300,14 @@ def quantize_int8(
     op_types_to_keep_float: tuple[str, ...] = (),
     sensitivity_images: int = 16,
     op_types_to_quantize: tuple[str, ...] | None = None,
+    reduce_range: bool = True,
+    min_decision_agreement: float | None = None,
+    trust: "Trust | None" = None,
 ) -> Int8Result:
-    """Quantize `fp32_path` to `out_path`; exclude sensitive nodes until the accuracy drop on
-    (guard_x, guard_y) is within `max_accuracy_drop`, or report (budget_met=False) that it can't.
-    Images may be arrays or ImageSources (preprocessed a batch at a time)."""
+    """Quantize `fp32_path` to `out_path`; keep the fewest sensitive nodes in float that bring the accuracy
+    drop on (guard_x, guard_y) within `max_accuracy_drop` and, with `min_decision_agreement`, the decisions
+    (label or unknown through `trust`; labels alone without it) to that floor, or report (budget_met=False)
+    that it can't. Images may be arrays or ImageSources (preprocessed a batch at a time)."""
     calibration, guard_x = as_source(calibration), as_source(guard_x)
     guard_y = np.asarray(guard_y)
     if len(calibration) == 0:
@@ -338,61 +320,37 @@ def quantize_int8(
         pre = work / "pre.onnx"
         pre_info = preprocess_for_quantization(fp32_path, pre)
         plan = plan_memory(pre)  # refuses here, before calibration, when the model cannot fit
-        pre_info = {**pre_info, "memory": plan.to_dict()}
-        cache = work / "calibration.json"
-        fp32_right = run_onnx(fp32_path, guard_x, batch=plan.batch).argmax(1) == guard_y
-        fp32_acc = float(fp32_right.mean())
-        stats_of: dict[int, dict] = {}
+        pre_info = {**pre_info, "memory": plan.to_dict(), "reduce_range": reduce_range}
+        guard = _Guard(guard_x, guard_y, run_onnx(fp32_path, guard_x, batch=plan.batch), plan.batch,
+                       max_accuracy_drop, min_decision_agreement, trust)
 
-        def attempt(exclude: list[str]) -> tuple[Path, float]:
+        def quantize(exclude: list[str]) -> _Attempt:
             dst = work / f"int8-{len(exclude)}.onnx"
             quantize_qdq(pre, dst, calibration, input_name, method, per_channel, exclude, op_types_to_keep_float,
-                         op_types_to_quantize, calibration_cache=cache, batch_size=plan.batch)
-            right = run_onnx(dst, guard_x, batch=plan.batch).argmax(1) == guard_y
-            stats = paired_drop(fp32_right, right)
-            stats_of[len(exclude)] = {"over": stats.exceeds(max_accuracy_drop), **stats.to_dict()}
-            log.info("int8: %d node(s) kept in float: accuracy %.4f (fp32 %.4f; %s)", len(exclude), right.mean(),
-                     fp32_acc, stats.describe())
-            return dst, float(right.mean())
+                         op_types_to_quantize, calibration_cache=work / "calibration.json", batch_size=plan.batch,
+                         reduce_range=reduce_range)
+            return guard.judge(dst, exclude)
 
-        def over(k: int) -> bool:
-            return stats_of[k]["over"]
-
-        attempts = []
-        path, acc = attempt([])
-        attempts.append({"excluded": 0, "accuracy": acc, "accuracy_drop": fp32_acc - acc})
-        best = first = (fp32_acc - acc, 0, path, acc, [])
-        if over(0) and max_excluded_nodes > 0:
+        attempts = [quantize([])]
+        if attempts[0].over and max_excluded_nodes > 0:
             n = min(sensitivity_images, len(guard_x))
-            ranked = rank_sensitive_nodes(pre, path, ImageSource(array=guard_x.slice(0, n)), work,
+            ranked = rank_sensitive_nodes(pre, attempts[0].path, ImageSource(array=guard_x.slice(0, n)), work,
                                           batch_size=max(1, min(4, plan.batch)))
-            cap = min(max_excluded_nodes, len(ranked))
-            steps = sorted({min(2**i, cap) for i in range(cap.bit_length() + 1)} - {0})
-            for k in steps:
-                exclude = [n for n, _ in ranked[:k]]
-                path, acc = attempt(exclude)
-                attempts.append({"excluded": k, "accuracy": acc, "accuracy_drop": fp32_acc - acc, "nodes": exclude})
-                if (fp32_acc - acc, k) < best[:2]:
-                    best = (fp32_acc - acc, k, path, acc, exclude)
-                if not over(k):
+            for k in _exclusion_steps(min(max_excluded_nodes, len(ranked))):
+                attempts.append(quantize([name for name, _ in ranked[:k]]))
+                if not attempts[-1].over:
                     break
-        drop, _, path, acc, exclude = best
-        if over(len(exclude)):
-            # Over budget whatever we keep in float: keep the fully quantized model (the smallest and
-            # fastest) rather than a half-float one that is still over budget; the report says so.
-            drop, _, path, acc, exclude = first
-        shutil.copyfile(path, out_path)
+        # Over budget whatever we keep in float: keep the fully quantized model (the smallest and fastest)
+        # rather than a half-float one that is still over budget; the report and the parity gate say so.
+        kept = attempts[-1] if not attempts[-1].over else attempts[0]
+        shutil.copyfile(kept.path, out_path)
         return Int8Result(
-            path=str(out_path),
-            budget=max_accuracy_drop,
-            budget_met=not over(len(exclude)),
-            fp32_accuracy=fp32_acc,
-            int8_accuracy=acc,
-            guard_images=len(guard_y),
-            excluded_nodes=exclude,
-            attempts=attempts,
-            preprocess=pre_info,
-            drop_stats={k: v for k, v in stats_of[len(exclude)].items() if k != "over"},
+            path=str(out_path), budget=max_accuracy_drop, budget_met=not kept.over,
+            fp32_accuracy=guard.fp32_accuracy, int8_accuracy=kept.accuracy, guard_images=len(guard_y),
+            excluded_nodes=kept.excluded, attempts=[a.record(guard.fp32_accuracy) for a in attempts],
+            preprocess=pre_info, drop_stats=kept.stats.to_dict(), min_decision_agreement=min_decision_agreement,
+            decision_agreement=kept.decision_agreement,
+            decision_interval=list(kept.decision_interval) if kept.decision_interval else None,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

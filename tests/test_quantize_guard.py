@@ -1,0 +1,141 @@
+"""INT8 quantization on tiny hand-built graphs (seconds): 7-bit weights that cannot saturate the x86
+U8xS8 kernels, and the guard that keeps nodes in float until the runtime's decisions (label or
+unknown) agree with the FP32 model's as often as the parity gate's floor asks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from exporters.decisions import SCORE_TIE, same_decisions
+from exporters.quantize import (
+    preprocess_for_quantization,
+    quantize_int8,
+    quantize_qdq,
+    run_onnx,
+)
+from runtime.backends.ort import open_onnx
+from runtime.bundle import OODSpec, Trust
+from runtime.trust import ood_score
+
+
+def _save(nodes, inits, path, in_shape, out_shape):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)],
+                              [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture()
+def saturating_conv(tmp_path):
+    """A 1x1 convolution over 64 channels whose weights are all near their channel's maximum: with 8-bit
+    weights, pairs of U8 activations x S8 weights reach 2 * 255 * 127 > 32767, the int16 sum the x86
+    kernels without VNNI saturate."""
+    rng = np.random.default_rng(0)
+    w = (rng.choice([-1.0, 1.0], size=(8, 64, 1, 1)) * rng.uniform(0.9, 1.0, size=(8, 64, 1, 1)))
+    # same sign in pairs of input channels: their products add up instead of cancelling
+    w[:, 1::2] = np.abs(w[:, 1::2]) * np.sign(w[:, 0::2])
+    path = _save([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv"),
+                  helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+                  helper.make_node("Flatten", ["p"], ["logits"], name="flat")],
+                 {"w": w, "b": np.zeros(8)}, tmp_path / "conv.onnx", ["N", 64, 4, 4], ["N", 8])
+    pre = tmp_path / "pre.onnx"
+    preprocess_for_quantization(path, pre)
+    x = rng.uniform(0, 1, size=(16, 64, 4, 4)).astype(np.float32)
+    x[:, :, 0, 0] = 1.0  # every channel reaches the calibrated maximum: U8 activations at 255
+    return pre, x
+
+
+def _x86_without_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return False
+    return "avx2" in flags and not any("vnni" in f for f in flags)
+
+
+def _int8_weights(path) -> np.ndarray:
+    g = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    return next(inits[n.input[0]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim == 4)
+
+
+def test_7bit_weights_run_as_their_own_qdq_arithmetic(saturating_conv, tmp_path):
+    """With reduce_range (the default) the weights lie in [-64, 63] and onnxruntime's integer kernels give
+    what the QDQ graph means (the same file run without graph optimizations, in float); 8-bit weights use
+    the full [-127, 127], and on an x86 CPU without VNNI (this project's AVX2 machine) the kernels' result
+    saturates away from what the graph means."""
+    pre, x = saturating_conv
+    seven, eight = tmp_path / "q7.onnx", tmp_path / "q8.onnx"
+    quantize_qdq(pre, seven, x, "input", batch_size=8)
+    quantize_qdq(pre, eight, x, "input", batch_size=8, reduce_range=False)
+    w7, w8 = _int8_weights(seven), _int8_weights(eight)
+    assert 63 <= np.abs(w7).max() <= 64  # 7 bits
+    assert np.abs(w8).max() == 127
+    kernels = open_onnx(seven).run(None, {"input": x})[0]
+    meaning = open_onnx(seven, optimization="disable").run(None, {"input": x})[0]
+    np.testing.assert_allclose(kernels, meaning, rtol=1e-3, atol=1e-3 * float(np.abs(meaning).max()))
+    fp32 = run_onnx(pre, x)
+    assert np.abs(kernels - fp32).max() < 0.05 * np.abs(fp32).max()  # 7 bits still close to float
+    if _x86_without_vnni():
+        k8 = open_onnx(eight).run(None, {"input": x})[0]
+        m8 = open_onnx(eight, optimization="disable").run(None, {"input": x})[0]
+        assert np.abs(k8 - m8).max() > 0.1 * np.abs(m8).max(), "8-bit weights should saturate without VNNI"
+
+
+def _two_layer_mlp(path):
+    rng = np.random.default_rng(1)
+    return _save([helper.make_node("MatMul", ["input", "w1"], ["h"], name="fc1"),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2")],
+                 {"w1": rng.normal(size=(16, 32)), "w2": rng.normal(size=(32, 4))}, path, ["N", 16], ["N", 4])
+
+
+def test_guard_keeps_nodes_in_float_until_decisions_reach_the_floor(tmp_path):
+    """Calibrated on inputs 20x too small, the INT8 model clips; with no accuracy budget to hold, the guard
+    keeps the fully quantized model unless asked for a decision floor, then keeps nodes in float until the
+    decisions (label or unknown, through the trust section) agree as the floor asks, judged by the Wilson
+    interval of the agreement (upper bound at or above the floor, as the parity gate judges)."""
+    fp32 = _two_layer_mlp(tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    logits = run_onnx(fp32, x)
+    y = logits.argmax(1)
+    trust = Trust(temperature=1.0, ood=OODSpec(threshold=float(np.quantile(ood_score(logits), 0.2))))
+    calib = x[:40] * 0.05
+
+    free = quantize_int8(fp32, tmp_path / "a.onnx", calib, x, y, max_accuracy_drop=1.0)
+    assert free.budget_met and free.excluded_nodes == [] and free.decision_agreement is None
+
+    res = quantize_int8(fp32, tmp_path / "b.onnx", calib, x, y, max_accuracy_drop=1.0,
+                        min_decision_agreement=0.99, trust=trust)
+    first = res.attempts[0]
+    assert first["excluded"] == 0 and first["decision_agreement"] < 0.9, "bad calibration should change decisions"
+    assert res.budget_met and res.excluded_nodes and res.decision_interval[1] >= 0.99
+    assert res.min_decision_agreement == 0.99 and res.to_dict()["decision_agreement"] == res.decision_agreement
+    kept = run_onnx(tmp_path / "b.onnx", x)
+    assert same_decisions(logits, kept, trust).mean() == pytest.approx(res.decision_agreement)
+    # No node may stay in float: the floor cannot hold, the result says so and keeps the quantized model.
+    none = quantize_int8(fp32, tmp_path / "c.onnx", calib, x, y, max_accuracy_drop=1.0, max_excluded_nodes=0,
+                         min_decision_agreement=0.99, trust=trust)
+    assert not none.budget_met and none.excluded_nodes == [] and none.decision_agreement < 0.9
+
+
+def test_same_decisions_counts_unknown_changes_and_ties():
+    ref = np.array([[5.0, 0.0], [0.0, 5.0], [1.0, 1.0]], np.float32)
+    threshold = float(ood_score(ref[2:])[0])
+    trust = Trust(temperature=1.0, ood=OODSpec(threshold=threshold + SCORE_TIE / 2))  # image 2: unknown, a tie
+    cand = ref.copy()
+    cand[0] = [0.0, 5.0]  # label changes
+    cand[2] += SCORE_TIE  # crosses the threshold from within the tie band
+    assert same_decisions(ref, cand, trust).tolist() == [False, True, True]
+    assert same_decisions(ref, cand, None).tolist() == [False, True, True]  # labels alone
+    cand[1] = [-20.0, -20.0]  # same label, now far below the threshold: unknown
+    assert same_decisions(ref, cand, trust).tolist() == [False, False, True]
