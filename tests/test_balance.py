@@ -8,9 +8,7 @@ from torch import nn
 
 from pipeline.features import fit_logistic_regression
 
-from pipeline.training import (
-    TrainSettings, adjusted_cross_entropy, balanced_sampler, class_weights, fit, kd_loss, logit_adjustment, tensor_loader,
-)
+from pipeline.training import TrainSettings, balanced_sampler, class_weights, fit, kd_loss, tensor_loader
 
 
 def _imbalanced(n_major=400, n_minor=40, seed=0):
@@ -89,59 +87,14 @@ def test_logistic_regression_head_honours_balance():
     assert recall["sampler"] == recall["weights"]
 
 
-def test_logit_adjusted_cross_entropy_by_hand():
-    y = torch.tensor([0, 0, 0, 1, -1])  # unlabeled rows are not counted
-    adj = logit_adjustment(y, 3)  # class 2 has no image: counted as one
-    assert torch.allclose(adj, torch.log(torch.tensor([3 / 5, 1 / 5, 1 / 5])))
-    s, t = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]), torch.tensor([1, 0])
-    w = torch.tensor([0.5, 2.0, 1.0])
-    z = s + adj
-    by_hand = -(w[1] * torch.log_softmax(z[0], 0)[1] + w[0] * torch.log_softmax(z[1], 0)[0]) / (w[1] + w[0])
-    assert torch.isclose(adjusted_cross_entropy(s, t, weight=w, adjust=adj), by_hand)
-    assert torch.isclose(adjusted_cross_entropy(s, t), torch.nn.functional.cross_entropy(s, t))
-
-
-def test_weights_mode_trains_with_class_weights_and_logit_adjustment():
-    """The adapt strategies' data.balance: weights hands fit both the class weights and the log prior."""
-    from pipeline.strategies.registry import AdaptContext, fit_adapt
-    from pipeline.config import AdaptConfig
-    import pipeline.strategies.registry as registry
-
-    seen = {}
-
-    def spy(model, loader, vx, vy, settings, **kw):
-        seen["s"] = settings
-        return None
-
-    y = torch.tensor([0] * 6 + [1] * 2)
-
-    class Data:
-        num_classes = 2
-
-        def y(self, part):
-            return y
-
-        def x(self, part):
-            return torch.zeros(len(y), 2)
-
-    orig, registry.fit = registry.fit, spy
-    try:
-        fit_adapt(nn.Linear(2, 2), None, Data(), AdaptConfig(epochs=2), AdaptContext(arch="x", balance="weights"))
-    finally:
-        registry.fit = orig
-    assert torch.allclose(torch.tensor(seen["s"].class_weights), torch.tensor([8 / 12, 8 / 4]))
-    assert torch.allclose(torch.tensor(seen["s"].logit_adjust), torch.log(torch.tensor([6 / 8, 2 / 8])))
-
-
 def _minority_recall(balance: str) -> float:
     x, y = _imbalanced()
     vx, vy = _imbalanced(200, 200, seed=1)  # balanced evaluation
     torch.manual_seed(0)
     model = nn.Linear(2, 2)
     weights = tuple(class_weights(y, 2).tolist()) if balance == "weights" else None
-    adjust = tuple(logit_adjustment(y, 2).tolist()) if balance == "weights" else None
     fit(model, tensor_loader(x, y, batch_size=32, shuffle=True, balance=balance), vx, vy,
-        settings=TrainSettings(epochs=15, lr=0.05, class_weights=weights, logit_adjust=adjust), desc="t")
+        settings=TrainSettings(epochs=15, lr=0.05, class_weights=weights), desc="t")
     pred = model(vx).argmax(1)
     return float((pred[vy == 1] == 1).float().mean())
 

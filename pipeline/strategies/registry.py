@@ -18,7 +18,7 @@ from pipeline.config import AdaptConfig
 from pipeline.errors import ConfigError
 from pipeline.models import EdgeClassifier
 from pipeline.strategies.data import AdaptData, train_loader
-from pipeline.training import FitResult, TrainSettings, class_weights, fit, logit_adjustment
+from pipeline.training import FitResult, TrainSettings, class_weights, fit
 from pipeline.training.budget import Budget, plan_budget
 from runtime.registry import Registry
 
@@ -70,10 +70,8 @@ def loader_for(data: AdaptData, augment: str, ctx: AdaptContext) -> DataLoader:
 def fit_adapt(model: nn.Module, loader, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext, val_x=None, **kw) -> FitResult:
     """pipeline.training.fit with the adapt settings, validated on the val split (or `val_x`, e.g. its features)."""
     settings = replace(TrainSettings.from_adapt(cfg, ctx.budget), select_metric=ctx.select_metric)
-    if ctx.balance == "weights":  # class-weighted, logit-adjusted cross-entropy (pipeline.training.balance)
-        y = data.y("train")
-        settings = replace(settings, class_weights=tuple(class_weights(y, data.num_classes).tolist()),
-                           logit_adjust=tuple(logit_adjustment(y, data.num_classes).tolist()))
+    if ctx.balance == "weights":
+        settings = replace(settings, class_weights=tuple(class_weights(data.y("train"), data.num_classes).tolist()))
     return fit(
         model, loader, data.x("val") if val_x is None else val_x, data.y("val"),
         settings=settings, desc=ctx.desc, checkpoint_dir=ctx.checkpoint_dir,

@@ -11,9 +11,7 @@
     torchrun --nproc_per_node 2 -m pipeline.cli adapt my.yaml
 """
 
-from pipeline.training.balance import (
-    adjusted_cross_entropy, balanced_sampler, class_weights, logit_adjustment, row_weights,
-)
+from pipeline.training.balance import balanced_sampler, class_weights, row_weights
 from pipeline.training.distributed import DistInfo, dist_info, init_distributed, train_device
 from pipeline.training.loop import (
     FitResult,
@@ -35,7 +33,6 @@ from pipeline.training.resume import load_resume_state, save_resume_state
 __all__ = [
     "DistInfo", "FitResult", "OPTIMIZERS", "TrainSettings", "TrainingDiverged", "TrainingInterrupted", "accuracy",
     "balanced_sampler", "class_weights", "is_multilabel", "macro_f1", "multilabel_kd_loss", "row_weights",
-    "adjusted_cross_entropy", "logit_adjustment",
     "cosine_schedule", "dist_info", "fit", "init_distributed", "kd_loss", "load_resume_state", "make_optimizer",
     "param_groups", "predict_logits", "save_resume_state", "set_seed", "tensor_loader", "train_device",
     "train_one_epoch",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def balanced_sampler(labels: torch.Tensor, generator: torch.Generator):
@@ -33,22 +32,3 @@ def row_weights(labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     known = labels >= 0
     w[known] = weight[labels[known]]
     return w
-
-
-def logit_adjustment(labels: torch.Tensor, num_classes: int, tau: float = 1.0) -> torch.Tensor:
-    """tau * log(prior of each class in `labels`), what the logit-adjusted loss adds to the logits
-    (Menon et al. 2021, https://arxiv.org/abs/2007.07314). A class with no training image counts as one."""
-    y = torch.as_tensor(labels).long()
-    counts = torch.bincount(y[y >= 0], minlength=num_classes).float().clamp(min=1)
-    return tau * torch.log(counts / counts.sum())
-
-
-def adjusted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                           adjust: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of `logits + adjust` (class weights `weight`): with adjust = log prior, training
-    has to beat each class's prior, so a rare class gets a larger margin, and the model's own logits
-    (predicted without the adjustment) aim at the balanced error. Class weights alone fade once a
-    head separates the training images (Byrd & Lipton 2019; Kini et al. 2021): the additive term keeps
-    acting, the weights keep the rare classes' share of the gradient while it is not yet separable."""
-    return F.cross_entropy(logits if adjust is None else logits + adjust, target, weight=weight,
-                           label_smoothing=label_smoothing)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from pipeline.errors import EdgekilnError
-from pipeline.training.balance import adjusted_cross_entropy, balanced_sampler
+from pipeline.training.balance import balanced_sampler
 from pipeline.training.distributed import (
     DistInfo, all_finite, average_buffers, dist_info, distributed_loader, train_device, wrap_ddp,
 )
@@ -392,9 +392,7 @@ def fit(
         loss_fn = F.binary_cross_entropy_with_logits  # one sigmoid per label (task multilabel)
     if loss_fn is None:
         weight = torch.tensor(s.class_weights, device=device) if s.class_weights else None
-        adjust = torch.tensor(s.logit_adjust, device=device) if s.logit_adjust else None
-        loss_fn = functools.partial(adjusted_cross_entropy, label_smoothing=s.label_smoothing, weight=weight,
-                                    adjust=adjust)
+        loss_fn = functools.partial(F.cross_entropy, label_smoothing=s.label_smoothing, weight=weight)
     run = _Run(model, optimizer, scheduler, Amp(device), train_loader, info, checkpoint_dir, run_config)
     start, resumed_from = 1, None
     if resume:

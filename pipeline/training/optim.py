@@ -28,7 +28,6 @@ class TrainSettings:
     patience: int | None = None  # early stopping: validations without a better val accuracy
     validate_every: int = 1  # epochs between validations (the last epoch is always validated)
     class_weights: tuple[float, ...] | None = None  # of the default cross-entropy (data.balance: weights)
-    logit_adjust: tuple[float, ...] | None = None  # added to the logits in the default cross-entropy (the same)
     select_metric: str = "accuracy"  # what picks the best epoch and drives early stopping: accuracy | macro_f1
 
     @classmethod
