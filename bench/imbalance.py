@@ -187,7 +187,8 @@ def seed_interval(diffs: list[float]) -> tuple[float, float]:
     return m - h, m + h
 
 
-def run_set(name: str, pool: Pool, seeds: list[int], metrics: list[str]) -> None:
+def run_set(name: str, pool: Pool, seeds: list[int], metrics: list[str],
+            modes: tuple[str, ...] = ("none", "weights", "sampler")) -> None:
     for metric in metrics:
         rows: dict[str, list] = {}
         for seed in seeds:
@@ -198,7 +199,7 @@ def run_set(name: str, pool: Pool, seeds: list[int], metrics: list[str]) -> None
             else:
                 parts = split_balanced_test(pool.labels, seed, 40, (100, 20), (10, 2))
             y = np.asarray([pool.labels[i] for i in parts["test"]])
-            for balance in ("none", "weights", "sampler"):
+            for balance in modes:
                 logits = pool.adapt(parts, seed, balance, metric)
                 rows.setdefault(balance, []).append((scores(logits, y), y, logits.argmax(1).numpy()))
                 f1, acc, rec = rows[balance][-1][0]
@@ -243,6 +244,7 @@ def main() -> None:
     ap.add_argument("workdir", type=Path)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--sets", default="digits-balanced-test,digits-stratified,photos-balanced-test")
+    ap.add_argument("--modes", default="none,weights,sampler", help="data.balance values to run (none first)")
     ap.add_argument("--select-metric", default="accuracy,macro_f1",
                     help="data.select_metric values to run (what picks the best epoch)")
     args = ap.parse_args()
@@ -255,9 +257,10 @@ def main() -> None:
             if name == "digits-reference":
                 run_reference(digits, seeds)
             else:
-                run_set(name, digits, seeds, metrics)
+                run_set(name, digits, seeds, metrics, tuple(args.modes.split(",")))
         elif name == "photos-balanced-test":
-            run_set(name, Pool(*photos_pool(args.workdir / "photos_all"), 128, list(PHOTOS)), seeds, metrics)
+            run_set(name, Pool(*photos_pool(args.workdir / "photos_all"), 128, list(PHOTOS)), seeds, metrics,
+                    tuple(args.modes.split(",")))
         else:
             raise SystemExit(f"unknown set {name}")
 
