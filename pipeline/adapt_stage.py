@@ -292,7 +292,7 @@ def _baselines(cfg: PipelineConfig, data, ctx) -> tuple[dict[str, Baseline], lis
     t0 = time.perf_counter()
     probe = linear_probe_baseline(create_model(cfg.model.name, data.num_classes, cfg.model.weights,
                                                input_size=data.spec.crop), data,
-                                  cfg.model.name, cfg.seed)
+                                  cfg.model.name, cfg.seed, cfg.data.balance)
     pev = evaluation.classification_metrics(probe["test_logits"], y_test, names)
     return {
         "scratch": Baseline(scratch.val_accuracy, sev["accuracy"], sev["macro_f1"], sev["auc_roc_ovr"], scratch_s,

@@ -48,8 +48,9 @@ class DataConfig(_Strict):
         "(fail), or leave it out and list it in the report (skip).")
     check: bool = Field(True, description="Check every file before training (edgekiln check-data).")
     balance: Literal["none", "weights", "sampler"] = Field(
-        "none", description="Imbalanced classes, in adapt and distill: 'weights' weighs the cross-entropy by "
-        "inverse class frequency; 'sampler' draws training batches with every class equally likely.")
+        "none", description="Imbalanced classes, in adapt and distill: 'weights' weighs the cross-entropy (and "
+        "the KD term) by inverse class frequency; 'sampler' draws training batches with every class equally "
+        "likely (the logistic-regression head gets the class weights either way).")
     select_metric: Literal["accuracy", "macro_f1"] = Field(
         "accuracy", description="The validation metric that picks the best epoch and drives early stopping in "
         "adapt and distill (macro_f1 weighs a rare class like a common one).")

@@ -97,15 +97,26 @@ def cached_features(
     return f
 
 
-def fit_logistic_regression(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, C: float = 1.0, seed: int = 0):
+def fit_logistic_regression(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, C: float = 1.0, seed: int = 0,
+                            balance: str = "none"):
     """scikit-learn logistic regression on standardised features, folded into (weight, bias)
-    of an equivalent nn.Linear: logits = W x + b reproduce the classifier's decision function."""
+    of an equivalent nn.Linear: logits = W x + b reproduce the classifier's decision function.
+
+    balance 'weights' or 'sampler' (data.balance) fits with the inverse-frequency class weights of
+    `pipeline.training.class_weights`: a full-batch fit has no batches to sample, and drawing every
+    class equally often weighs the loss the same way in expectation."""
     from sklearn.linear_model import LogisticRegression
+
+    from pipeline.training import class_weights
 
     x = train_f.double().numpy()
     y = train_y.numpy()
     mu, sd = x.mean(0), x.std(0) + 1e-6
-    clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    weight = None
+    if balance != "none":
+        w = class_weights(train_y, num_classes)
+        weight = {int(c): float(w[c]) for c in np.unique(y)}
+    clf = LogisticRegression(C=C, max_iter=2000, random_state=seed, class_weight=weight)
     clf.fit((x - mu) / sd, y)
     coef = np.zeros((num_classes, x.shape[1]))
     intercept = np.zeros(num_classes)
@@ -122,8 +133,9 @@ def fit_logistic_regression(train_f: torch.Tensor, train_y: torch.Tensor, num_cl
     return torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
 
 
-def linear_probe(train_f, train_y, eval_f, eval_y, num_classes: int, C: float = 1.0, seed: int = 0) -> tuple[float, torch.Tensor]:
+def linear_probe(train_f, train_y, eval_f, eval_y, num_classes: int, C: float = 1.0, seed: int = 0,
+                 balance: str = "none") -> tuple[float, torch.Tensor]:
     """(accuracy, logits) of a logistic-regression probe trained on `train_f`, evaluated on `eval_f`."""
-    w, b = fit_logistic_regression(train_f, train_y, num_classes, C, seed)
+    w, b = fit_logistic_regression(train_f, train_y, num_classes, C, seed, balance)
     logits = eval_f.float() @ w.T + b
     return accuracy(logits, eval_y), logits

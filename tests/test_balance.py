@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from pipeline.features import fit_logistic_regression
 
 from pipeline.training import TrainSettings, balanced_sampler, class_weights, fit, kd_loss, tensor_loader
 
@@ -32,14 +35,56 @@ def test_balanced_sampler_draws_every_class_equally_often():
     assert abs(float(torch.cat([b[1] for b in loader]).eq(2).float().mean()) - 1 / 3) < 0.05
 
 
-def test_weighted_kd_loss_weighs_the_labels_term_only():
-    s, t = torch.randn(6, 3), torch.randn(6, 3)
-    y = torch.tensor([0, 0, 0, 0, 1, 2])
-    w = class_weights(y, 3)
-    plain, weighted = kd_loss(s, t, y, 4.0, 0.0, weight=None), kd_loss(s, t, y, 4.0, 0.0, weight=w)
-    assert torch.isclose(weighted, torch.nn.functional.cross_entropy(s, y, weight=w))
-    assert not torch.isclose(plain, weighted)
-    assert torch.isclose(kd_loss(s, t, y, 4.0, 1.0, weight=w), kd_loss(s, t, y, 4.0, 1.0))  # KD term unchanged
+def _kl_rows(s, t, T):
+    return F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="none", log_target=True).sum(1)
+
+
+def test_weighted_kd_loss_weighs_both_terms_by_class():
+    """data.balance: weights weighs the labels term (torch's weighted cross-entropy) and the KD term
+    (each row by its label's class weight, an unlabeled row by 1), both as weighted means."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g)
+    y = torch.tensor([0, 0, 0, 0, 1, 2, -1])
+    w = class_weights(y, 3)  # 6 labelled rows: 6/(3*4), 6/3, 6/3
+    assert torch.allclose(w, torch.tensor([0.5, 2.0, 2.0]))
+    T = 4.0
+    ce = kd_loss(s, t, y, T, 0.0, weight=w)
+    assert torch.isclose(ce, F.cross_entropy(s[:6], y[:6], weight=w))
+    r = torch.tensor([0.5, 0.5, 0.5, 0.5, 2.0, 2.0, 1.0])
+    kd = kd_loss(s, t, y, T, 1.0, weight=w)
+    assert torch.isclose(kd, T * T * (r * _kl_rows(s, t, T)).sum() / r.sum())
+    assert torch.isclose(kd_loss(s, t, y, T, 1.0), T * T * _kl_rows(s, t, T).mean())  # unweighted: batchmean
+    assert not torch.isclose(kd, kd_loss(s, t, y, T, 1.0))
+    ones = torch.ones(3)  # equal weights change nothing
+    assert torch.isclose(kd_loss(s, t, y, T, 0.6, weight=ones), kd_loss(s, t, y, T, 0.6))
+
+
+def test_weighted_kd_loss_with_mixup_is_a_weighted_mean():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    y, y2 = torch.tensor([0, 0, 1, 2]), torch.tensor([1, 0, 2, 0])
+    lam, w, T = torch.full((4,), 0.7), torch.tensor([0.5, 2.0, 3.0]), 2.0
+    a, b = lam * w[y], (1 - lam) * w[y2]
+    ce = (a * F.cross_entropy(s, y, reduction="none") + b * F.cross_entropy(s, y2, reduction="none")).sum() / (a + b).sum()
+    kl = ((a + b) * _kl_rows(s, t, T)).sum() / (a + b).sum()
+    got = kd_loss(s, t, y, T, 0.25, labels2=y2, lam=lam, weight=w)
+    assert torch.isclose(got, 0.25 * T * T * kl + 0.75 * ce)
+    plain = kd_loss(s, t, y, T, 0.25, labels2=y2, lam=lam)  # no weights: the plain means, as before
+    ce0 = (lam * F.cross_entropy(s, y, reduction="none") + (1 - lam) * F.cross_entropy(s, y2, reduction="none")).mean()
+    assert torch.isclose(plain, 0.25 * T * T * _kl_rows(s, t, T).mean() + 0.75 * ce0)
+
+
+def test_logistic_regression_head_honours_balance():
+    """feature_extraction.head logistic_regression (and the linear-probe baseline) fit with the class
+    weights under balance weights or sampler: the minority class's recall rises."""
+    x, y = _imbalanced()
+    vx, vy = _imbalanced(200, 200, seed=1)
+    recall = {}
+    for balance in ("none", "weights", "sampler"):
+        w, b = fit_logistic_regression(x, y, 2, balance=balance)
+        recall[balance] = float(((vx @ w.T + b).argmax(1)[vy == 1] == 1).float().mean())
+    assert recall["none"] < 0.6 and recall["weights"] > recall["none"] + 0.2, recall
+    assert recall["sampler"] == recall["weights"]
 
 
 def _minority_recall(balance: str) -> float:

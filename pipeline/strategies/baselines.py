@@ -23,12 +23,15 @@ def train_from_scratch(arch: str, data: AdaptData, cfg: AdaptConfig, ctx: AdaptC
     return finetune_groups(model, data, cfg, ctx, "all", 1.0, None)
 
 
-def linear_probe_baseline(model: EdgeClassifier, data: AdaptData, arch: str, seed: int = 0) -> dict[str, Any]:
-    """Logistic regression on the frozen pretrained backbone's (cached) features."""
+def linear_probe_baseline(model: EdgeClassifier, data: AdaptData, arch: str, seed: int = 0,
+                          balance: str = "none") -> dict[str, Any]:
+    """Logistic regression on the frozen pretrained backbone's (cached) features, with the run's
+    data.balance (class weights for 'weights' and 'sampler'), so it compares like with like."""
     digest = weights_digest(model.backbone)
     model.backbone.eval()
     f = {p: data.features(p, model.backbone, arch, digest) for p in data.PARTS}
-    w, b = fit_logistic_regression(f["train"], data.y("train"), data.num_classes, seed=seed)  # one fit, two splits
+    w, b = fit_logistic_regression(f["train"], data.y("train"), data.num_classes, seed=seed,  # one fit, two splits
+                                  balance=balance)
     logits = f["test"].float() @ w.T + b
     val_acc = accuracy(f["val"].float() @ w.T + b, data.y("val"))
     return {"val_accuracy": val_acc, "test_accuracy": accuracy(logits, data.y("test")), "test_logits": logits}

@@ -33,7 +33,8 @@ def feature_extraction(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig,
     extra["feature_cache"] = opts.cache
     head = model.head
     if opts.head == "logistic_regression":
-        w, b = fit_logistic_regression(feats["train"], data.y("train"), data.num_classes, opts.C, ctx.seed)
+        w, b = fit_logistic_regression(feats["train"], data.y("train"), data.num_classes, opts.C, ctx.seed,
+                                      ctx.balance)
         with torch.no_grad():
             head.weight.copy_(w)
             head.bias.copy_(b)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from pipeline.errors import EdgekilnError
+from pipeline.training.balance import balanced_sampler
 from pipeline.training.distributed import (
     DistInfo, all_finite, average_buffers, dist_info, distributed_loader, train_device, wrap_ddp,
 )
@@ -63,26 +64,6 @@ def tensor_loader(*tensors: torch.Tensor, batch_size: int, shuffle: bool, seed: 
     if shuffle and balance == "sampler":
         return DataLoader(ds, batch_size=batch_size, sampler=balanced_sampler(tensors[1], g))
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
-
-
-def balanced_sampler(labels: torch.Tensor, generator: torch.Generator):
-    """torch's WeightedRandomSampler with weight 1/count(class) per image (unlabeled rows, -1, count as
-    one more class): one epoch draws as many images as there are, every class equally likely."""
-    from torch.utils.data import WeightedRandomSampler
-
-    y = torch.as_tensor(labels).long()
-    shifted = y + 1  # -1 (unlabeled) -> 0
-    counts = torch.bincount(shifted).float()
-    return WeightedRandomSampler((1.0 / counts[shifted]).double(), num_samples=len(y), replacement=True,
-                                generator=generator)
-
-
-def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse class frequency, normalised to mean 1 over the classes present (sklearn's 'balanced')."""
-    y = torch.as_tensor(labels).long()
-    counts = torch.bincount(y[y >= 0], minlength=num_classes).float()
-    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
-    return w
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -132,58 +113,6 @@ def macro_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return float(f1_score(labels.numpy() > 0.5, logits.numpy() >= 0, average="macro", zero_division=0))
     ids = list(range(logits.shape[1]))
     return float(f1_score(labels.numpy(), logits.argmax(1).numpy(), labels=ids, average="macro", zero_division=0))
-
-
-def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float, labels2=None,
-            lam=None, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Hinton et al. 2015: alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE.
-
-    The KL term needs no labels: rows labelled -1 (unlabeled images) feed it alone. With mixup,
-    `labels2` and `lam` (per row) make the CE term lam * CE(labels) + (1 - lam) * CE(labels2).
-    Multi-hot `labels` (task multilabel): `multilabel_kd_loss`."""
-    if is_multilabel(labels):
-        return multilabel_kd_loss(student_logits, teacher_logits, labels, temperature, alpha, labels2, lam)
-    t = temperature
-    kl = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True
-    )
-    if alpha >= 1.0:
-        return (t * t) * kl
-    known = labels >= 0 if labels2 is None else (labels >= 0) & (labels2 >= 0)
-    if not known.any():
-        ce = student_logits.sum() * 0.0
-    elif labels2 is None:
-        ce = F.cross_entropy(student_logits[known], labels[known], weight=weight)
-    else:
-        s, w = student_logits[known], lam[known]
-        ce = (w * F.cross_entropy(s, labels[known], weight=weight, reduction="none")
-              + (1 - w) * F.cross_entropy(s, labels2[known], weight=weight, reduction="none")).mean()
-    return alpha * (t * t) * kl + (1.0 - alpha) * ce
-
-
-def multilabel_kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float, labels2=None,
-                       lam=None) -> torch.Tensor:
-    """KD for independent sigmoid outputs: alpha * T^2 * BCE(student / T, sigmoid(teacher / T)) +
-    (1 - alpha) * BCE(student, labels), each averaged over images and labels. The soft term is the
-    binary KL to the teacher's tempered probabilities plus their (constant) entropy, so its gradient is
-    the KL's; T^2 keeps its gradient scale as T changes, as in Hinton et al. Rows whose labels are -1
-    (unlabeled images) feed the soft term alone; with mixup the label term is lam * BCE(labels) +
-    (1 - lam) * BCE(labels2)."""
-    t = temperature
-    soft = F.binary_cross_entropy_with_logits(student_logits / t, torch.sigmoid(teacher_logits / t))
-    if alpha >= 1.0:
-        return (t * t) * soft
-    known = (labels >= 0).all(1) if labels2 is None else (labels >= 0).all(1) & (labels2 >= 0).all(1)
-    if not known.any():
-        hard = student_logits.sum() * 0.0
-    else:
-        s = student_logits[known]
-        hard = F.binary_cross_entropy_with_logits(s, labels[known], reduction="none").mean(1)
-        if labels2 is not None:
-            w = lam[known]
-            hard = w * hard + (1 - w) * F.binary_cross_entropy_with_logits(s, labels2[known], reduction="none").mean(1)
-        hard = hard.mean()
-    return alpha * (t * t) * soft + (1.0 - alpha) * hard
 
 
 def freeze_frozen_batchnorm(model: nn.Module) -> None:
