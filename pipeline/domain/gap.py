@@ -55,3 +55,16 @@ def mean_entropy(logits: torch.Tensor) -> float:
     """Mean softmax entropy in nats (low = confident predictions)."""
     p = logits.float().softmax(1)
     return float(-(p * p.clamp(min=1e-12).log()).sum(1).mean())
+
+
+def closer_fraction(target_f: torch.Tensor, original_f: torch.Tensor, styled_f: torch.Tensor) -> float:
+    """The share of target images whose nearest source image (cosine, frozen features) is a restyled
+    copy rather than an original: 0.5 when restyling made no difference, near 1 when the styled source
+    images look like the target to the backbone."""
+    def unit(f):
+        return torch.nn.functional.normalize(f.float(), dim=1)
+
+    t = unit(target_f)
+    near_orig = (t @ unit(original_f).T).max(1).values
+    near_styled = (t @ unit(styled_f).T).max(1).values
+    return float((near_styled > near_orig).float().mean())
