@@ -182,3 +182,61 @@ def test_negative_transfer_is_said_with_numbers():
     assert note.startswith("negative transfer: training from scratch reaches 90.0% validation accuracy, more than "
                            "the pretrained model's 60.0% (+30.0 points)")
     assert scratch_beats_pretrained(0.9, 0.6) is None and scratch_beats_pretrained(0.9, None) is None
+
+
+def test_report_and_cli_lines_say_the_gap_the_method_and_negative_transfer():
+    from pipeline.domain.explain import domain_lines, domain_section
+
+    teacher = {"val_accuracy": 0.6, "baselines": {"scratch": {"val_accuracy": 0.9}}, "domain": {
+        "requested": "adabn", "method": "adabn", "reason": "set in adapt.domain", "target_images": 40, "styled_closer": 0.8,
+        "gap": {"accuracy": 0.95, "proxy_a_distance": 1.8, "level": "large"},
+        "candidates": {"none": {"target_accuracy": 0.75, "val_accuracy": 1.0}, "adabn": {"target_accuracy": 0.5, "val_accuracy": 1.0}},
+        "warnings": ["negative transfer: adapt.domain 'adabn' scores 50.0% ..."]}}
+    lines = domain_lines(teacher)
+    assert lines[0] == ("domain gap: a domain classifier tells source from target with 95.0% accuracy (large): the "
+                        "backbone separates the two cameras at a glance; expect a drop on the device without adaptation")
+    assert lines[1] == "domain method: adabn (adapt.domain adabn; set in adapt.domain)"
+    assert lines[2:4] == ["  none: labeled target accuracy 0.7500, source val 1.0000",
+                          "  adabn: labeled target accuracy 0.5000, source val 1.0000"]
+    assert lines[4].startswith("negative transfer: adapt.domain 'adabn'")
+    assert lines[5].startswith("negative transfer: training from scratch reaches 90.0%")
+    md = "\n".join(domain_section(teacher))
+    assert "a **large** gap" in md and "| adabn | 50.0% | 100.0% |" in md and "**negative transfer: training from" in md
+    assert domain_section({"val_accuracy": 0.9}) == [] and domain_lines({"val_accuracy": 0.9}) == []
+
+
+def test_advise_with_a_target_folder_measures_the_gap(tiny_data, target_dirs):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    r = CliRunner().invoke(cli, ["advise", str(tiny_data), "--input-size", "32", "--target", str(target_dirs[0])])
+    assert r.exit_code == 0, r.output
+    gap = next(line for line in r.output.splitlines() if line.startswith("domain gap (45 target images): a domain classifier"))
+    assert "a large gap" in gap
+    assert "  meaning: the backbone separates the two cameras at a glance" in r.output
+    method = "style" if "  domain method: style (" in r.output else "none"
+    assert f"    domain: {method}" in r.output
+
+
+def test_run_with_a_target_folder_ships_a_plain_bundle_that_passes_parity(tiny_data, target_dirs, tmp_path):
+    """data.root + data.target and the tiny run's settings: auto, then the same export and parity gate."""
+    import onnx
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.export_stage import run_pipeline
+    from tests.conftest import tiny_config_dict
+
+    raw = tiny_config_dict(tiny_data, tmp_path / "runs", name="dom")
+    raw["data"]["target"] = str(target_dirs[0])
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "p.yaml")
+    assert cfg.adapt.domain == "auto"
+    out = run_pipeline(cfg)
+    assert out.parity.passed
+    d = out.adapt.extra["domain"]
+    assert d["requested"] == "auto" and d["method"] in ("none", "style")
+    g = onnx.load(str(cfg.run.bundle / "model.onnx")).graph
+    assert [i.name for i in g.input] == ["input"] and not any("domain" in n.name for n in g.node)
+    assert "## Domain shift: the deployment camera" in (cfg.run.root / "report.md").read_text()
