@@ -119,8 +119,7 @@ def evaluate(root: Path, seed: int, methods: list[str], args) -> dict:
     model = create_model(args.model, data.num_classes, "default", input_size=spec.crop)
     ctx = AdaptContext(arch=args.model, seed=seed, batch_size=32, desc=f"{root.name} s{seed}")
     gap, closer = measure_gap(model, data, target, args.model, seed)
-    auto, _ = choose_unlabeled(gap, closer)
-    row = {"gap": gap.accuracy, "closer": closer, "auto_choice": auto}
+    row = {"gap": gap.accuracy, "closer": closer, "auto_choice": choose_unlabeled(gap, closer)[0]}
     for m in methods:
         ft = m.endswith("_ft") or m == "dann"
         cfg = AdaptConfig(strategy="finetune", epochs=args.ft_epochs, lr=args.ft_lr) if ft else AdaptConfig()
@@ -131,7 +130,6 @@ def evaluate(root: Path, seed: int, methods: list[str], args) -> dict:
         row[f"{m}_seconds"] = time.perf_counter() - t0
         if m == "none":
             row["source_test"] = accuracy(out.test_logits, data.y("test"))
-    row["auto"] = row[auto]
     return row
 
 
@@ -147,7 +145,12 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=96)
     ap.add_argument("--ft-epochs", type=int, default=6)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
+    ap.add_argument("--from-json", type=Path, default=None, help="Print the table of an earlier run's results.json.")
     args = ap.parse_args()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        print_table(results, [m for m in args.methods if m in next(iter(results.values()))[0]])
+        return
     if any(s in PHOTO_SETS for s in args.sets) and not (args.photo_root / "textures").is_dir():
         import subprocess
 
@@ -160,7 +163,16 @@ def main() -> None:
         print_table({name: results[name]}, args.methods)
 
 
+def with_auto(row: dict) -> dict:
+    """`auto`'s score: the method the current unlabeled rule picks from the recorded nearest-neighbour share."""
+    from pipeline.domain import STYLE_CLOSER
+
+    choice = "style" if row["closer"] >= STYLE_CLOSER else "none"
+    return {**row, "auto_choice": choice, "auto": row[choice]}
+
+
 def print_table(results: dict, methods: list[str]) -> None:
+    results = {name: [with_auto(r) for r in rows] for name, rows in results.items()}
     cols = ["source_test", *methods, "auto"]
     print("| benchmark | domain gap, styled nearer | " + " | ".join(cols) + " | auto chose | auto - none |")
     print("|---" * (len(cols) + 4) + "|")

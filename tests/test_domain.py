@@ -145,11 +145,12 @@ def test_auto_with_target_labels_picks_the_best_and_style_beats_source_only(tiny
 
 def test_auto_without_target_labels_uses_the_nearest_neighbour_rule(tiny_data, target_dirs, tmp_path):
     from pipeline.adapt_stage import run_adapt
+    from pipeline.domain import STYLE_CLOSER
 
     result = run_adapt(_adapt_cfg(tiny_data, tmp_path, target=target_dirs[0]))
     d = result.extra["domain"]
     assert list(d["candidates"]) == [d["method"]] and d["target_accuracy"] is None
-    assert d["method"] == ("style" if d["styled_closer"] >= 0.75 else "none") and "restyled" in d["reason"]
+    assert d["method"] == ("style" if d["styled_closer"] >= STYLE_CLOSER else "none") and "restyled" in d["reason"]
 
 
 def test_a_target_labeled_class_the_source_lacks_is_refused(tiny_data, target_dirs, tmp_path):

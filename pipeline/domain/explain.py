@@ -12,20 +12,6 @@ MEANING = {
 }
 
 
-def recommend_method(level: str, closer: float | None, labeled: bool) -> str:
-    """The method `auto` would take, in words (pipeline.domain.choose_unlabeled's rule)."""
-    from pipeline.domain import STYLE_CLOSER
-
-    if labeled:
-        return "auto: every method is scored on data.target_labeled and the best kept"
-    if closer is not None and closer >= STYLE_CLOSER:
-        return f"style: {closer:.0%} of the target images are nearest a restyled source image"
-    if level == "small":
-        return "none: the gap is small"
-    return ("none (style did not match the target camera); add a labeled target sample (data.target_labeled) so "
-            "auto can score adabn and dann, or fine-tune with adapt.domain dann")
-
-
 def domain_lines(teacher: dict[str, Any]) -> list[str]:
     """Plain-text lines for the CLI: the gap, the method run and why, every candidate, and warnings."""
     d = teacher.get("domain")
