@@ -168,7 +168,7 @@ def with_auto(row: dict) -> dict:
     from pipeline.domain import STYLE_CLOSER
 
     choice = "style" if row["closer"] >= STYLE_CLOSER else "none"
-    return {**row, "auto_choice": choice, "auto": row[choice]}
+    return {**row, "auto_choice": choice, "auto": row.get(choice, float("nan"))}
 
 
 def print_table(results: dict, methods: list[str]) -> None:
@@ -180,7 +180,7 @@ def print_table(results: dict, methods: list[str]) -> None:
         def ms(k):
             v = [r[k] for r in rows]
             return f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}"
-        delta = statistics.mean(r["auto"] - r["none"] for r in rows)
+        delta = statistics.mean(r["auto"] - r.get("none", float("nan")) for r in rows)
         choices = ",".join(r["auto_choice"] for r in rows)
         print(f"| {name} | {statistics.mean(r['gap'] for r in rows):.2f}, {statistics.mean(r['closer'] for r in rows):.2f} | "
               + " | ".join(ms(k) for k in cols) + f" | {choices} | {100 * delta:+.1f} |", flush=True)
