@@ -177,8 +177,8 @@ def print_table(results: dict, methods: list[str]) -> None:
     print("| benchmark | domain gap, styled nearer | " + " | ".join(cols) + " | auto chose | auto - none |")
     print("|---" * (len(cols) + 4) + "|")
     for name, rows in results.items():
-        def ms(k):
-            v = [r[k] for r in rows]
+        def ms(k, rows=rows):
+            v = [r.get(k, float("nan")) for r in rows]
             return f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}"
         delta = statistics.mean(r["auto"] - r.get("none", float("nan")) for r in rows)
         choices = ",".join(r["auto_choice"] for r in rows)

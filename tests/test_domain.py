@@ -173,10 +173,10 @@ def test_negative_transfer_is_said_with_numbers():
     from pipeline.domain import negative_transfer, scratch_beats_pretrained
 
     info = {"method": "adabn", "candidates": {"none": {"target_accuracy": 0.75}, "adabn": {"target_accuracy": 0.5}}}
-    assert negative_transfer(info) == [
+    assert negative_transfer(info) == [(
         "negative transfer: adapt.domain 'adabn' scores 50.0% on data.target_labeled, worse than source-only "
         "training (75.0%, -25.0 points). To try: adapt.domain none or auto, more target images, or a labeled target "
-        "sample in the training data."]
+        "sample in the training data.")]
     info["candidates"]["adabn"]["target_accuracy"] = 0.8
     assert negative_transfer(info) == []
     note = scratch_beats_pretrained(0.6, 0.9)

@@ -19,7 +19,7 @@ from pipeline.domain.gap import DomainGap, closer_fraction, domain_gap
 from pipeline.domain.methods import METHODS, run_method, styled_data, target_accuracy
 from pipeline.domain.target import TargetSet, load_target
 
-__all__ = ["TargetSet", "load_target", "adapt_to_domain", "measure_gap", "choose_unlabeled", "METHODS"]
+__all__ = ["METHODS", "TargetSet", "adapt_to_domain", "choose_unlabeled", "load_target", "measure_gap"]
 
 log = logging.getLogger("edgekiln")
 STYLE_CLOSER = 0.80  # auto without labels: style when at least this share of target images is nearest a styled copy

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -72,9 +72,9 @@ def method_adabn(model, data, cfg, ctx, target) -> AdaptOutcome:
 def method_dann(model, data, cfg, ctx, target) -> AdaptOutcome:
     """Fine-tune every block group (layer-wise LR decay) with the domain classifier through the GRL;
     source and target images are shuffled together, a target row has label -1."""
+    from pipeline.models import count_params
     from pipeline.strategies.data import AugmentedImages, train_transform
     from pipeline.strategies.finetune import finetune_param_groups
-    from pipeline.models import count_params
 
     ctx = with_budget(cfg, data, ctx)
     x = torch.cat([data.x_uint8("train"), target.x_uint8])
