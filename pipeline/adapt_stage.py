@@ -242,7 +242,14 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
     )
     params = count_params(model)
     t0 = time.perf_counter()
-    out = adapt_model(model, data, a, ctx)
+    if a.domain != "none":
+        from pipeline.domain import adapt_to_domain, load_target
+
+        target = load_target(cfg.data.target, cfg.data.target_labeled, split.class_names, spec, cfg.seed)
+        out, domain = adapt_to_domain(model, data, a, ctx, target)
+        out.extra = {**out.extra, "domain": domain}
+    else:
+        out = adapt_model(model, data, a, ctx)
     train_seconds = time.perf_counter() - t0
     ev = evaluation.classification_metrics(out.test_logits, data.y("test"), split.class_names)
     if split.multilabel:  # accuracy figures are mAP; these are the multilabel ones at probability 0.5
@@ -265,6 +272,7 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
     if a.baselines:
         result.baselines, scratch_history = _baselines(cfg, data, replace(ctx, adapter_dir=None, checkpoint_dir=None,
                                                                           resume=False, desc="baseline (scratch)"))
+        _say_negative_transfer(result)
     if not info.is_main:
         return result
     result.size_mb = path.stat().st_size / 1e6
@@ -273,6 +281,15 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
 
     write_run_report(run, run.update_metrics("teacher", result.to_metrics()))
     return result
+
+
+def _say_negative_transfer(result: AdaptResult) -> None:
+    from pipeline.domain import scratch_beats_pretrained
+
+    scratch = (result.baselines or {}).get("scratch")
+    note = scratch_beats_pretrained(result.val_accuracy, scratch.val_accuracy if scratch else None)
+    if note:
+        log.warning("adapt: %s", note)
 
 
 def _baselines(cfg: PipelineConfig, data, ctx) -> tuple[dict[str, Baseline], list[dict] | None]:

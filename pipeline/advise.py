@@ -71,6 +71,7 @@ class Advice:
     recommendation: str
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    domain: dict[str, Any] | None = None  # with a target folder: the domain gap and the method recommended
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,9 +104,10 @@ def recommend(per_class_median: float, probe: float, n_classes: int, model_param
 
 def advise(
     root: Path, model_name: str = "efficientnet_lite0", weights: str = "default", input_size: int | None = None,
-    crop_pct: float | None = None, tight_budget: bool = False, seed: int = 0,
+    crop_pct: float | None = None, tight_budget: bool = False, seed: int = 0, target: Path | None = None,
 ) -> Advice:
-    """Data statistics + a logistic-regression probe on the model's (cached) features -> a strategy."""
+    """Data statistics + a logistic-regression probe on the model's (cached) features -> a strategy;
+    with `target` (unlabeled deployment images), the domain gap and the domain method to use."""
     from pipeline.features import linear_probe, weights_digest
     from pipeline.models import count_params, create_model, model_defaults
     from pipeline.strategies import AdaptData
@@ -129,4 +131,20 @@ def advise(
         notes.append(f"images are small (median {stats.width[1]}x{stats.height[1]}) for input {spec.crop}: a smaller model.input_size is cheaper")
     if weights == "none":
         notes.append("weights: none -- the probe ran on random features; pass --weights default for a meaningful probe")
-    return Advice(stats, model_name, params, spec.crop, probe, float(per_class), strategy, reasons, notes)
+    domain = None
+    if target is not None:
+        domain = domain_advice(model, data, target, model_name, spec, seed)
+    return Advice(stats, model_name, params, spec.crop, probe, float(per_class), strategy, reasons, notes, domain)
+
+
+def domain_advice(model, data, target: Path, model_name: str, spec, seed: int) -> dict[str, Any]:
+    """The gap between the source images and `target` on the frozen features, what it means, and
+    the adapt.domain method `auto` would run without target labels."""
+    from pipeline.domain import choose_unlabeled, load_target, measure_gap
+    from pipeline.domain.explain import MEANING
+
+    t = load_target(target, None, data.class_names, spec, seed)
+    gap, closer = measure_gap(model, data, t, model_name, seed)
+    method, why = choose_unlabeled(gap, closer)
+    return {"target": str(target), "target_images": len(t.x_uint8), **gap.to_dict(), "meaning": MEANING[gap.level],
+            "styled_closer": closer, "method": method, "reason": why, "describe": gap.describe()}

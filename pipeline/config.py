@@ -60,6 +60,10 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     ood: Path | None = Field(None, description="A folder of out-of-distribution images (none of the classes): "
                              "the OOD score's AUROC and FPR at 95% TPR are measured on them at export.")
+    target: Path | None = Field(None, description="A folder (flat or nested) of unlabeled images from the "
+                                "deployment domain; adapt.domain learns from them (folder names are ignored).")
+    target_labeled: Path | None = Field(None, description="A small labeled ImageFolder of the deployment domain, "
+                                        "used only to score and choose the domain method, never to train.")
 
     @model_validator(mode="after")
     def _root_or_demo(self) -> "DataConfig":
@@ -107,6 +111,7 @@ class ModelConfig(_Strict):
         return sides[0] if len(set(sides)) == 1 else list(sides)
 
 
+DomainMethod = Literal["none", "style", "adabn", "dann", "auto"]
 StrategyName = Literal["feature_extraction", "finetune", "lora"]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 
@@ -180,6 +185,8 @@ class AdaptConfig(_Strict):
     patience: int | None = Field(10, ge=1, description="Early stopping: validations without a better val accuracy "
                                  "(None: train the whole budget; the best validated weights are kept either way).")
     baselines: bool = Field(False, description="Also train from scratch and a linear probe, and compare.")
+    domain: DomainMethod | None = Field(None, description="Domain adaptation to data.target (pipeline.domain): "
+                                        "none|style|adabn|dann|auto; default auto with data.target, else none.")
     feature_extraction: FeatureExtractionOptions = FeatureExtractionOptions()
     finetune: FinetuneOptions = FinetuneOptions()
     lora: LoraOptions = LoraOptions()
@@ -276,6 +283,21 @@ class PipelineConfig(_Strict):
             if asked:
                 raise ValueError(f"{field_name}: int8 is not supported with data.task multilabel (its calibration "
                                  "and guard judge softmax accuracy); use fp32 or fp16")
+        return self
+
+    @model_validator(mode="after")
+    def _domain_needs_target(self) -> "PipelineConfig":
+        d, a = self.data, self.adapt
+        if d.target is None and d.target_labeled is not None:
+            raise ValueError("data.target_labeled needs data.target (the unlabeled deployment images)")
+        if a.domain is None:  # resolved once here, so config.yaml records the method that ran
+            object.__setattr__(a, "domain", "auto" if d.target is not None else "none")
+        if a.domain != "none" and d.target is None:
+            raise ValueError(f"adapt.domain '{a.domain}' needs data.target (a folder of unlabeled deployment images)")
+        if a.domain == "dann" and a.strategy != "finetune":
+            raise ValueError("adapt.domain 'dann' trains the backbone: set adapt.strategy: finetune")
+        if a.domain != "none" and d.task == "multilabel":
+            raise ValueError("adapt.domain is not supported with data.task multilabel; set it to none")
         return self
 
     @model_validator(mode="after")
@@ -382,8 +404,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
         cfg.data.manifest = (path.parent / cfg.data.manifest).resolve()
     if cfg.distill.unlabeled is not None and not cfg.distill.unlabeled.is_absolute():
         cfg.distill.unlabeled = (path.parent / cfg.distill.unlabeled).resolve()
-    if cfg.data.ood is not None and not cfg.data.ood.is_absolute():
-        cfg.data.ood = (path.parent / cfg.data.ood).resolve()
+    for key in ("ood", "target", "target_labeled"):
+        value = getattr(cfg.data, key)
+        if value is not None and not value.is_absolute():
+            setattr(cfg.data, key, (path.parent / value).resolve())
     return cfg
 
 

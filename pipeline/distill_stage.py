@@ -185,14 +185,16 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
     from pipeline.strategies.data import load_uint8
 
     dcfg, train = cfg.distill, split.paths("train")
-    if dcfg.augment == "none" and dcfg.unlabeled is None and dcfg.mixup == 0:
+    # With adapt.domain, the deployment camera's images feed the KD term too: the teacher labels them.
+    folders = [f for f in (dcfg.unlabeled, cfg.data.target if cfg.adapt.domain != "none" else None) if f is not None]
+    if dcfg.augment == "none" and not folders and dcfg.mixup == 0:
         return None, len(train)
     from pipeline.data import label_tensor
 
     x8, y = load_uint8(train, spec), label_tensor(split.labels("train"))
-    if dcfg.unlabeled is not None:
-        extra = unlabeled_paths(dcfg.unlabeled)
-        log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), dcfg.unlabeled)
+    for folder in folders:
+        extra = unlabeled_paths(folder)
+        log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), folder)
         x8 = torch.cat([x8, load_uint8(extra, spec)])
         y = torch.cat([y, torch.full((len(extra), *y.shape[1:]), -1, dtype=y.dtype)])  # -1: unlabeled
     return (lambda batch: view_loader(x8, y, spec, dcfg.augment, batch, cfg.seed, cfg.data.balance)), len(y)

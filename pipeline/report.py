@@ -44,6 +44,10 @@ def print_summary(result: PipelineResult, run: RunDir, console: Console | None =
         table.add_row(*row)
     console.print(table)
     metrics = run.read_metrics()
+    from pipeline.domain.explain import domain_lines
+
+    for line in domain_lines(metrics.get("teacher") or {}):
+        console.print(line, soft_wrap=True)
     if metrics.get("deploy"):
         print_deploy(metrics["deploy"], console)
         console.print(verdict(metrics), soft_wrap=True)
@@ -226,6 +230,9 @@ def _adapt_section(run: RunDir, t: AdaptResult) -> list[str]:
             ["train seconds"] + [f"{m.train_seconds:.1f}" for _, m in cols],
         ]
         lines += _md_table([""] + [c for c, _ in cols], rows)
+    from pipeline.domain.explain import domain_section
+
+    lines += domain_section(t.to_metrics())
     if t.per_class:
         lines += ["### Per class (test split)", ""]
         lines += _md_table(

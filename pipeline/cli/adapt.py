@@ -44,6 +44,10 @@ def echo_adapt_result(r) -> None:
         )
     for name, b in (r.baselines or {}).items():
         click.echo(f"baseline {name}: test accuracy {b.test_accuracy:.4f}, macro-F1 {b.macro_f1:.4f}")
+    from pipeline.domain.explain import domain_lines
+
+    for line in domain_lines(r.to_metrics()):
+        click.echo(line)
 
 
 def _parse_shots(value: str) -> list[int | None]:
@@ -102,19 +106,22 @@ def efficiency(config: Path, overrides: tuple[str, ...], shots: str, strategies:
 @click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None, help="Center-crop fraction.")
 @click.option("--tight-budget", is_flag=True, help="Compute or memory is tight (favours LoRA over full fine-tuning).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--target", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A folder of unlabeled images from the deployment camera: measure the domain gap.")
 @click.option("--json", "as_json", is_flag=True, help="Print the advice as JSON.")
 @handle_errors
 def advise(data_dir: Path, model_name: str, weights: str, input_size: int | None, crop_pct: float | None,
-           tight_budget: bool, seed: int, as_json: bool) -> None:
-    """Look at an ImageFolder, probe the pretrained features, and recommend a strategy.
+           tight_budget: bool, seed: int, target: Path | None, as_json: bool) -> None:
+    """Look at an ImageFolder, probe the pretrained features, and recommend a strategy (and, with
+    --target, a domain method).
 
-    Example: edgekiln advise ~/my_images --input-size 96
+    Example: edgekiln advise ~/my_images --input-size 96 --target ~/device_images
     """
     import json
 
     from pipeline.advise import advise as run_advise
 
-    a = run_advise(data_dir, model_name, weights, input_size, crop_pct, tight_budget, seed)
+    a = run_advise(data_dir, model_name, weights, input_size, crop_pct, tight_budget, seed, target)
     if as_json:
         click.echo(json.dumps(a.to_dict(), indent=2))
         return
@@ -130,4 +137,9 @@ def advise(data_dir: Path, model_name: str, weights: str, input_size: int | None
         click.echo(f"  - {r}")
     for n in a.notes:
         click.echo(f"note: {n}")
-    click.echo(f"config:\n  adapt:\n    strategy: {a.recommendation}")
+    d = a.domain
+    if d:
+        click.echo(f"domain gap ({d['target_images']} target images): {d['describe']}")
+        click.echo(f"  meaning: {d['meaning']}")
+        click.echo(f"  domain method: {d['method']} ({d['reason']})")
+    click.echo(f"config:\n  adapt:\n    strategy: {a.recommendation}" + (f"\n    domain: {d['method']}" if d else ""))
