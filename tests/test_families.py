@@ -18,7 +18,8 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.errors import ModelError
-from pipeline.models import TORCHVISION_FAMILIES, check_runs, create_model, torchvision_classifiers, torchvision_family
+from pipeline.models import check_runs, create_model
+from pipeline.models_torchvision import TORCHVISION_FAMILIES, torchvision_classifiers, torchvision_family
 
 # family -> (an architecture of it, a small input size it accepts)
 FAMILY_CASES = {
