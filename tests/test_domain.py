@@ -231,6 +231,10 @@ def test_run_with_a_target_folder_ships_a_plain_bundle_that_passes_parity(tiny_d
 
     raw = tiny_config_dict(tiny_data, tmp_path / "runs", name="dom")
     raw["data"]["target"] = str(target_dirs[0])
+    # FP32 only, a shorter distillation, no ONNX cost probe: INT8, the student's quality and its cost are not
+    # about the domain step (the tiny run covers them), and the whole test suite has a 15-minute budget.
+    raw["export"] = {"precisions": ["fp32"]}
+    raw["distill"].update(steps=40, measure_cost=False)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "p.yaml")
     assert cfg.adapt.domain == "auto"
