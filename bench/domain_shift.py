@@ -102,6 +102,8 @@ def build(name: str, out: Path, photo_root: Path) -> Path:
 
 def evaluate(root: Path, seed: int, methods: list[str], args) -> dict:
     """Target-test accuracy of every method (and the source test accuracy of source-only)."""
+    import torch
+
     from pipeline.config import AdaptConfig
     from pipeline.data import make_split
     from pipeline.domain import choose_unlabeled, load_target, measure_gap
@@ -119,10 +121,12 @@ def evaluate(root: Path, seed: int, methods: list[str], args) -> dict:
     model = create_model(args.model, data.num_classes, "default", input_size=spec.crop)
     ctx = AdaptContext(arch=args.model, seed=seed, batch_size=32, desc=f"{root.name} s{seed}")
     gap, closer = measure_gap(model, data, target, args.model, seed)
-    row = {"gap": gap.accuracy, "closer": closer, "auto_choice": choose_unlabeled(gap, closer)[0]}
+    row = {"seed": seed, "gap": gap.accuracy, "closer": closer, "auto_choice": choose_unlabeled(gap, closer)[0],
+           "device": str(next(model.parameters()).device) + ("+cuda" if torch.cuda.is_available() else "")}
     for m in methods:
         ft = m.endswith("_ft") or m == "dann"
-        cfg = AdaptConfig(strategy="finetune", epochs=args.ft_epochs, lr=args.ft_lr) if ft else AdaptConfig()
+        cfg = (AdaptConfig(strategy="finetune", epochs=args.ft_epochs, lr=args.ft_lr, ssl_steps=args.ssl_steps) if ft
+               else AdaptConfig(ssl_steps=args.ssl_steps))
         set_seed(seed)
         t0 = time.perf_counter()
         out = run_method(m.removesuffix("_ft"), model, data, cfg, ctx, target)
@@ -140,11 +144,12 @@ def main() -> None:
                     help="bench/photo_sets.py's output (built there if missing)")
     ap.add_argument("--sets", nargs="+", default=["textures", "lfw_faces", "digits"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=["none", "style", "adabn", "none_ft", "dann"])
+    ap.add_argument("--methods", nargs="+", default=["none", "style", "adabn", "ssl", "none_ft", "dann"])
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--input-size", type=int, default=96)
     ap.add_argument("--ft-epochs", type=int, default=6)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
+    ap.add_argument("--ssl-steps", type=int, default=100)
     ap.add_argument("--from-json", type=Path, default=None, help="Print the table of an earlier run's results.json.")
     args = ap.parse_args()
     if args.from_json:
@@ -158,8 +163,10 @@ def main() -> None:
     results = {}
     for name in args.sets:
         root = build(name, args.out, args.photo_root)
-        results[name] = [evaluate(root, s, args.methods, args) for s in args.seeds]
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        results[name] = []
+        for s in args.seeds:
+            results[name].append(evaluate(root, s, args.methods, args))
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))
         print_table({name: results[name]}, args.methods)
 
 
@@ -178,7 +185,9 @@ def print_table(results: dict, methods: list[str]) -> None:
     print("|---" * (len(cols) + 4) + "|")
     for name, rows in results.items():
         def ms(k, rows=rows):
-            v = [r.get(k, float("nan")) for r in rows]
+            v = [r[k] for r in rows if r.get(k) == r.get(k) and k in r]  # present and not nan
+            if not v:
+                return "—"
             return f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}"
         delta = statistics.mean(r["auto"] - r.get("none", float("nan")) for r in rows)
         choices = ",".join(r["auto_choice"] for r in rows)

@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh ddp     # only edgekiln's training under torchrun
 #   bash bench/gpu_session.sh part    # only stash this call's part
 #   bash bench/gpu_session.sh ort     # assemble onnxruntime-gpu; CUDA EP inference bench; pytest -m gpu
+#   bash bench/gpu_session.sh domain  # issue 16's bench/domain_shift.py, one process per benchmark side by side
+#                                     # (photo sets from bench/photo_sets.py carried in .gpudata/photosets)
 # Every step has its own time limit and its output goes to $OUT/<stage>.log as well.
 set -uo pipefail
 stage=${1:?torch|part|ort}
@@ -34,6 +36,18 @@ export PYTHONPATH=/tmp/site:$PWD
 nvlib=$(python3 -c "import glob,os,site;print(':'.join(sorted({os.path.dirname(p) for p in glob.glob(site.getsitepackages()[0]+'/nvidia/**/lib*.so*',recursive=True)})))")
 export LD_LIBRARY_PATH=$nvlib:${LD_LIBRARY_PATH:-}
 export EDGEKILN_CACHE=/tmp/ekcache
+
+if [ "$stage" = domain ]; then  # its own logs only ($OUT comes back with at most 8 files)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    sets=${SETS:-textures lfw_faces scenes digits}
+    for s in $sets; do
+        OMP_NUM_THREADS=$((16 / $(echo $sets | wc -w))) timeout "${LIMIT:-530}" python3 bench/domain_shift.py \
+            --out /tmp/ds_$s --photo-root .gpudata/photosets --sets $s --seeds 0 1 2 >"$OUT/ds_$s.log" 2>&1 &
+    done
+    wait
+    for s in $sets; do cp /tmp/ds_$s/results.json "$OUT/ds_$s.json"; tail -3 "$OUT/ds_$s.log"; done
+    exit 0
+fi
 
 step 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 step 60 python3 -c "import torch,sys;print('python',sys.version.split()[0],'torch',torch.__version__,'cuda',torch.version.cuda,'cudnn',torch.backends.cudnn.version(),torch.cuda.get_device_name())"

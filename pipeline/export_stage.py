@@ -184,11 +184,24 @@ def fit_model_trust(cfg: PipelineConfig, role: str, model: nn.Module, meta, spli
         from pipeline.training import predict_logits
 
         ood_logits = predict_logits(model, x, desc="pytorch logits (OOD)").numpy()
-    fit = fit_trust(cfg.trust, val, test, ood_logits, ood_source=str(cfg.data.ood) if ood else None)
+    fit = fit_trust(cfg.trust, val, test, ood_logits, ood_source=str(cfg.data.ood) if ood else None,
+                    target=target_logits(cfg, model, split, meta) if cfg.trust.ood.enabled else None)
     png = cfg.run.reliability_png(role)
     if plot_reliability(fit, png, title=f"{role} ({meta.arch})"):
         fit.metrics["plot"] = png.name
     return fit
+
+
+def target_logits(cfg: PipelineConfig, model: nn.Module, split: Split, meta) -> np.ndarray | None:
+    """The model's logits on data.target (the deployment camera's unlabeled images, up to
+    MAX_TARGET_IMAGES, seeded), for the OOD threshold; None without data.target."""
+    if cfg.data.target is None:
+        return None
+    from pipeline.domain import load_target
+    from pipeline.training import predict_logits
+
+    target = load_target(Path(cfg.data.target), None, split.class_names, meta.preprocess, cfg.seed)
+    return predict_logits(model, target.x(), desc="pytorch logits (data.target)").numpy()
 
 
 def fit_model_thresholds(cfg: PipelineConfig, role: str, model: nn.Module, meta, split: Split,

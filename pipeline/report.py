@@ -70,8 +70,9 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
                 f"({-e['ece_reduction']:+.0%})")
         o = t.get("ood")
         if o:
-            line += (f"; unknown below {o['score']} {o['threshold']:.3f} (val recall {o['val_known_rate']:.1%}), "
-                     f"test unknown rate {o['test_unknown_rate']:.1%}")
+            line += (f"; unknown below {o['score']} {o['threshold']:.3f} (val recall {o['val_known_rate']:.1%}"
+                     + (f", data.target recall {o['target_known_rate']:.1%}" if "target_known_rate" in o else "")
+                     + f"), test unknown rate {o['test_unknown_rate']:.1%}")
             line += (f"; vs {o['n_ood']} OOD images: AUROC {o['auroc']:.3f}, FPR@95TPR {o['fpr_at_95_tpr']:.1%}"
                      if o["validated"] else f"; {o['note']}")
         lines.append(line)

@@ -44,8 +44,8 @@ def test_domain_defaults_to_auto_with_a_target_and_none_without():
 @pytest.mark.parametrize("raw, message", [
     ({"data": {"root": "x"}, "adapt": {"domain": "style"}},
      "config: <root>: adapt.domain 'style' needs data.target (a folder of unlabeled deployment images)"),
-    ({"data": {"root": "x", "target": "t"}, "adapt": {"domain": "ssl"}},
-     "config: adapt.domain: Input should be 'none', 'style', 'adabn', 'dann' or 'auto'"),
+    ({"data": {"root": "x", "target": "t"}, "adapt": {"domain": "simclr"}},
+     "config: adapt.domain: Input should be 'none', 'style', 'adabn', 'dann', 'ssl' or 'auto'"),
     ({"data": {"root": "x", "target": "t"}, "adapt": {"domain": "dann"}},
      "config: <root>: adapt.domain 'dann' trains the backbone: set adapt.strategy: finetune"),
     ({"data": {"root": "x", "target_labeled": "t"}},
@@ -102,6 +102,39 @@ def test_dann_wrapper_trains_a_domain_head_and_leaves_a_plain_model():
     loss.backward()
     assert model.head.weight.grad is not None and w.domain_head[0].weight.grad is not None
     assert w.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3) and set(model.state_dict()) == keys
+
+
+def test_nt_xent_is_the_simclr_loss_by_hand():
+    from pipeline.domain.ssl import nt_xent
+
+    n, tau = 4, 0.2
+    views = torch.eye(8)[:n]  # view pairs identical, other images orthogonal
+    z = torch.cat([views, views])
+    want = -np.log(np.exp(1 / tau) / (np.exp(1 / tau) + 2 * n - 2))
+    assert abs(nt_xent(z, temperature=tau).item() - want) < 1e-5
+    assert nt_xent(torch.cat([views, -views]), temperature=tau).item() > want + 5  # views apart: much worse
+
+
+def test_ssl_warmup_trains_the_backbone_weights_only_and_leaves_a_plain_model():
+    from pipeline.domain.ssl import SimCLRWrapper, ssl_warmup
+    from pipeline.models import create_model, model_defaults
+
+    torch.manual_seed(0)
+    model = create_model("compact_cnn_w0.5", 3, "none")
+    spec = model_defaults("compact_cnn_w0.5").preprocess(32, 1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(24, 3, 32, 32, generator=g) * 255).to(torch.uint8)
+    info = ssl_warmup(model, x, spec, steps=12, batch_size=8, seed=0)
+    after = model.state_dict()
+    assert set(after) == set(before) and info["steps"] == 12 and info["images"] == 24
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith("head.") for k in changed)  # the classifier is trained later, on labels
+    assert not any("running_" in k or "num_batches" in k for k in changed)  # pretrained BN statistics kept
+    assert any(k.endswith("weight") for k in changed) and not model.training
+    w = SimCLRWrapper(model).train()
+    assert all(not m.training for m in w.modules() if isinstance(m, nn.BatchNorm2d))
+    assert w(torch.randn(3, 2, 3, 32, 32)).shape == (6, 128)
 
 
 def test_style_moves_the_source_statistics_toward_the_target():

@@ -105,6 +105,21 @@ def test_fit_trust_measures_ood_quality_or_says_it_is_unvalidated():
     assert off.trust.ood is None and "ood" not in off.metrics
 
 
+def test_the_threshold_keeps_the_deployment_cameras_images_known_too():
+    """data.target's images are in-distribution for the device: a threshold fitted on the source camera
+    alone called 89 % of dusk images unknown (issue 16); with them it keeps 95 % of each known."""
+    z, y = _overconfident(600, 2.0, seed=1)
+    dusk = z[300:] - 6.0  # another camera: the same answers from lower logits (lower energy)
+    source_only = fit_trust(TrustConfig(), (z[:300], y[:300]), (z[300:], y[300:]))
+    assert (ood_score(dusk) >= source_only.trust.ood.threshold).mean() < 0.5
+    both = fit_trust(TrustConfig(), (z[:300], y[:300]), (z[300:], y[300:]), target=dusk)
+    o = both.metrics["ood"]
+    assert o["fitted_on"] == "val+target" and o["n_target"] == 300
+    assert o["target_known_rate"] >= 0.95 and o["val_known_rate"] >= 0.95
+    assert both.trust.ood.threshold == threshold_for_recall(ood_score(dusk), 0.95) < source_only.trust.ood.threshold
+    assert source_only.metrics["ood"]["fitted_on"] == "val" and "target_known_rate" not in source_only.metrics["ood"]
+
+
 # ---------------------------------------------------------------- the runtime's one postprocessing
 
 

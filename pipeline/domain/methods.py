@@ -91,7 +91,19 @@ def method_dann(model, data, cfg, ctx, target) -> AdaptOutcome:
                         count_params(model.parameters()), {"dann": {"steps": int(wrapper.step), "final_lambda": wrapper.lam}})
 
 
-METHODS: dict[str, Method] = {"none": method_none, "style": method_style, "adabn": method_adabn, "dann": method_dann}
+def method_ssl(model, data, cfg, ctx, target) -> AdaptOutcome:
+    """SimCLR warm-up of the backbone on target + source images (pipeline.domain.ssl), then the adapt strategy."""
+    from pipeline.domain.ssl import ssl_warmup
+
+    x = torch.cat([target.x_uint8, data.x_uint8("train")])
+    info = ssl_warmup(model, x, data.spec, cfg.ssl_steps, ctx.batch_size, ctx.seed, desc=f"{ctx.desc}: ssl warm-up")
+    out = adapt_model(model, data, cfg, ctx)
+    out.extra = {**out.extra, "ssl": info}
+    return out
+
+
+METHODS: dict[str, Method] = {"none": method_none, "style": method_style, "adabn": method_adabn, "dann": method_dann,
+                              "ssl": method_ssl}
 
 
 def target_accuracy(model: EdgeClassifier, target: TargetSet) -> float | None:
