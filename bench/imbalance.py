@@ -130,6 +130,8 @@ class Pool:
         self.features = cached_features(self.model.backbone.eval(), self.arch, paths, labels, self.spec,
                                         weights=self.digest, desc="pool features")
 
+    head = "linear"  # adapt.feature_extraction.head (--head)
+
     def adapt(self, parts: dict[str, list[int]], seed: int, balance: str, metric: str) -> torch.Tensor:
         """Test logits of the feature_extraction strategy trained on `parts` (indices into the pool)."""
         from pipeline.config import AdaptConfig
@@ -143,7 +145,8 @@ class Pool:
         set_seed(seed)
         ctx = AdaptContext(arch=self.arch, seed=seed, batch_size=64, balance=balance, select_metric=metric,
                            desc=f"{balance}/{metric}/seed {seed}")
-        return adapt_model(copy.deepcopy(self.model), data, AdaptConfig(), ctx).test_logits
+        cfg = AdaptConfig(feature_extraction={"head": self.head})
+        return adapt_model(copy.deepcopy(self.model), data, cfg, ctx).test_logits
 
 
 def scores(logits: torch.Tensor, y: np.ndarray) -> tuple[float, float, float]:
@@ -247,7 +250,10 @@ def main() -> None:
     ap.add_argument("--modes", default="none,weights,sampler", help="data.balance values to run (none first)")
     ap.add_argument("--select-metric", default="accuracy,macro_f1",
                     help="data.select_metric values to run (what picks the best epoch)")
+    ap.add_argument("--head", default="linear", choices=["linear", "logistic_regression"],
+                    help="adapt.feature_extraction.head")
     args = ap.parse_args()
+    Pool.head = args.head
     seeds = [int(s) for s in args.seeds.split(",")]
     metrics = args.select_metric.split(",")
     digits = None

@@ -186,6 +186,20 @@ def test_auto_without_target_labels_uses_the_nearest_neighbour_rule(tiny_data, t
     assert d["method"] == ("style" if d["styled_closer"] >= STYLE_CLOSER else "none") and "restyled" in d["reason"]
 
 
+def test_ssl_through_adapt_warms_up_then_trains_and_checkpoints_a_plain_model(tiny_data, target_dirs, tmp_path):
+    from pipeline.adapt_stage import run_adapt
+    from pipeline.checkpoint import load_checkpoint
+
+    cfg = _adapt_cfg(tiny_data, tmp_path, target=target_dirs[0])
+    cfg.adapt.domain, cfg.adapt.ssl_steps = "ssl", 4
+    result = run_adapt(cfg)
+    d = result.extra["domain"]
+    assert d["method"] == "ssl" and list(d["candidates"]) == ["ssl"] and d["reason"] == "set in adapt.domain"
+    assert result.extra["ssl"]["steps"] >= 4 and result.extra["ssl"]["images"] > d["target_images"]  # source too
+    model, _ = load_checkpoint(tmp_path / "runs" / "dom" / "checkpoints" / "teacher.safetensors")
+    assert not any("projection" in k for k in model.state_dict())
+
+
 def test_a_target_labeled_class_the_source_lacks_is_refused(tiny_data, target_dirs, tmp_path):
     import shutil
 
