@@ -8,6 +8,7 @@
 #   bash bench/gpu_session.sh ddp     # only edgekiln's training under torchrun
 #   bash bench/gpu_session.sh part    # only stash this call's part
 #   bash bench/gpu_session.sh ort     # assemble onnxruntime-gpu; CUDA EP inference bench; pytest -m gpu
+#   B_SET=distill.mixup=0.4 bash bench/gpu_session.sh distill_ab  # photo sets: adapt + distill, defaults vs one --set
 #   bash bench/gpu_session.sh domain  # issue 16's bench/domain_shift.py, one process per benchmark side by side
 #                                     # (photo sets from bench/photo_sets.py carried in .gpudata/photosets)
 # Every step has its own time limit and its output goes to $OUT/<stage>.log as well.
@@ -42,10 +43,30 @@ if [ "$stage" = domain ]; then  # its own logs only ($OUT comes back with at mos
     sets=${SETS:-textures lfw_faces scenes digits}
     for s in $sets; do
         OMP_NUM_THREADS=$((16 / $(echo $sets | wc -w))) timeout "${LIMIT:-530}" python3 bench/domain_shift.py \
-            --out /tmp/ds_$s --photo-root .gpudata/photosets --sets $s --seeds 0 1 2 >"$OUT/ds_$s.log" 2>&1 &
+            --out /tmp/ds_$s --photo-root .gpudata/photosets --sets $s --seeds 0 1 2 ${BENCH_ARGS:-} >"$OUT/ds_$s.log" 2>&1 &
     done
     wait
     for s in $sets; do cp /tmp/ds_$s/results.json "$OUT/ds_$s.json"; tail -3 "$OUT/ds_$s.log"; done
+    exit 0
+fi
+
+if [ "$stage" = distill_ab ]; then  # adapt + distill of each photo set with only data.root set, A = defaults, B = $B_SET
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    for s in textures lfw_faces scenes; do for v in a b; do
+        printf 'name: %s_%s\nruns_dir: /tmp/ab\ndata: {root: %s}\n' $s $v "$PWD/.gpudata/photosets/$s" >/tmp/ab_${s}_${v}.yaml
+        extra=(); [ $v = b ] && extra=(--set "$B_SET")
+        ( OMP_NUM_THREADS=2 timeout "${LIMIT:-500}" python3 -m pipeline.cli adapt /tmp/ab_${s}_${v}.yaml &&
+          OMP_NUM_THREADS=2 timeout "${LIMIT:-500}" python3 -m pipeline.cli distill /tmp/ab_${s}_${v}.yaml "${extra[@]}" ) >/tmp/ab_${s}_${v}.log 2>&1 &
+    done; done
+    wait
+    python3 - <<'PY' | tee "$OUT/distill_ab.txt"
+import glob, json
+for f in sorted(glob.glob("/tmp/ab/*/metrics.json")):
+    m = json.load(open(f)); t, s = m.get("teacher", {}), m.get("student", {})
+    print(f.split("/")[-2], "teacher test", t.get("test_accuracy"), "student test", s.get("test_accuracy"),
+          "train s", round(s.get("train_seconds", 0)), s.get("budget"))
+PY
+    tail -n 3 /tmp/ab_*.log > "$OUT/distill_ab.log"
     exit 0
 fi
 
