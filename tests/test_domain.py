@@ -154,6 +154,20 @@ def test_style_moves_the_source_statistics_toward_the_target():
     assert abs(np.log(styled.sharpness / t.sharpness)) < 0.3 * abs(np.log(s.sharpness / t.sharpness))
 
 
+def test_style_measures_blur_at_the_photos_scale_when_the_model_input_upsamples_them():
+    """48-px photos blurred by sigma 1.5 px, both domains upsampled 4x to a 192-px input: the blur to add
+    at the input is 6 px (measured at MEASURE_SIDE; at 192 px the Laplacian saw no difference)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from pipeline.domain.style import fit_style
+
+    small = torch.rand(24, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    def up(x):
+        return (TF.resize(x, [192, 192], antialias=True).clamp(0, 1) * 255).to(torch.uint8)
+    _, _, t = fit_style(up(small), up(TF.gaussian_blur(small, [9, 9], [1.5, 1.5])))
+    assert 5.0 <= t.blur_sigma <= 7.0
+
+
 def _adapt_cfg(tiny_data, tmp_path, **data):
     return build_config({"name": "dom", "runs_dir": str(tmp_path / "runs"),
                          "data": {"root": str(tiny_data), "batch_size": 16, **{k: str(v) for k, v in data.items()}},

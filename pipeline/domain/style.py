@@ -94,22 +94,39 @@ class StyleTransfer:
         return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+MEASURE_SIDE = 96  # sharpness and noise are compared at this side at most (see fit_style)
+
+
+def _at_measure_scale(x_uint8: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """`x_uint8` downscaled (antialiased) so its shorter side is at most MEASURE_SIDE, and the factor.
+    A 3x3 Laplacian sees only the highest frequencies: when the model input upsamples small photos
+    (128 px photos at 224 px) both domains have none there and look alike, however blurred one is."""
+    f = max(1.0, min(x_uint8.shape[-2:]) / MEASURE_SIDE)
+    if f == 1.0:
+        return x_uint8, 1.0
+    hw = [round(x_uint8.shape[-2] / f), round(x_uint8.shape[-1] / f)]
+    return TF.resize(x_uint8, hw, antialias=True), f
+
+
 def fit_style(source_uint8: torch.Tensor, target_uint8: torch.Tensor, seed: int = 0,
               sample: int = 64) -> tuple[StyleTransfer, StyleStats, StyleStats]:
     """The transform whose output best matches the target's sharpness and noise (a grid over the blur
-    sigma; the noise added is what the target has beyond the blurred source's), and both domains' stats."""
+    sigma; the noise added is what the target has beyond the blurred source's), and both domains' stats.
+    Both are measured at MEASURE_SIDE; the sigma and noise returned are at the model input's scale."""
     g = torch.Generator().manual_seed(seed)
     src = source_uint8[torch.randperm(len(source_uint8), generator=g)[:sample]]
-    s_stats, t_stats = domain_stats(source_uint8), domain_stats(target_uint8)
+    s_stats, t_stats = domain_stats(_at_measure_scale(source_uint8)[0]), domain_stats(_at_measure_scale(target_uint8)[0])
+    f = _at_measure_scale(src)[1]
     best = None
     for sigma in BLUR_GRID:
-        blurred = StyleTransfer(target_uint8, sigma, 0.0)(src, torch.Generator().manual_seed(seed))
-        have = float(noise_sigma(_to_float(blurred)).median())
-        add = math.sqrt(max(0.0, t_stats.noise ** 2 - have ** 2))
-        styled = StyleTransfer(target_uint8, sigma, add)(src, torch.Generator().manual_seed(seed))
-        err = abs(math.log(float(sharpness(_to_float(styled)).median()) + 1e-8) - math.log(t_stats.sharpness + 1e-8))
+        blurred = StyleTransfer(target_uint8, sigma * f, 0.0)(src, torch.Generator().manual_seed(seed))
+        have = float(noise_sigma(_to_float(_at_measure_scale(blurred)[0])).median())
+        add = math.sqrt(max(0.0, t_stats.noise ** 2 - have ** 2)) * f  # white noise averaged over f x f pixels
+        styled = StyleTransfer(target_uint8, sigma * f, add)(src, torch.Generator().manual_seed(seed))
+        sharp = float(sharpness(_to_float(_at_measure_scale(styled)[0])).median())
+        err = abs(math.log(sharp + 1e-8) - math.log(t_stats.sharpness + 1e-8))
         if best is None or err < best[0] - 1e-3:
-            best = (err, sigma, add)
+            best = (err, sigma * f, add)
     _, sigma, add = best
     t_stats.blur_sigma, t_stats.add_noise = sigma, add
     return StyleTransfer(target_uint8, sigma, add), s_stats, t_stats
