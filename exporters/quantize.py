@@ -50,7 +50,7 @@ import onnx
 
 from exporters.calibration import ImageSource, SourceCalibrationReader, as_source
 from exporters.decisions import same_decisions
-from exporters.sensitivity import _input_name, rank_sensitive_nodes
+from exporters.sensitivity import onnx_input_name, rank_sensitive_nodes
 from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.errors import QuantizationError  # noqa: F401  (raised here; importable from here as before)
 from exporters.quiet import quiet
@@ -314,7 +314,7 @@ def quantize_int8(
         raise QuantizationError("INT8 calibration needs at least one image (export.calibration_size)")
     if len(guard_x) != len(guard_y) or len(guard_x) == 0:
         raise QuantizationError("INT8 accuracy guard needs labeled images (the validation split is empty)")
-    input_name = _input_name(fp32_path)
+    input_name = onnx_input_name(fp32_path)
     work = Path(tempfile.mkdtemp(prefix=".int8-", dir=Path(out_path).parent))
     try:
         pre = work / "pre.onnx"
@@ -334,7 +334,7 @@ def quantize_int8(
         attempts = [quantize([])]
         if attempts[0].over and max_excluded_nodes > 0:
             n = min(sensitivity_images, len(guard_x))
-            ranked = rank_sensitive_nodes(pre, attempts[0].path, ImageSource(array=guard_x.slice(0, n)), work,
+            ranked = rank_sensitive_nodes(pre, attempts[0].path, ImageSource(array=guard_x.slice(0, n)),
                                           batch_size=max(1, min(4, plan.batch)))
             for k in _exclusion_steps(min(max_excluded_nodes, len(ranked))):
                 attempts.append(quantize([name for name, _ in ranked[:k]]))

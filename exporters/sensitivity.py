@@ -14,7 +14,7 @@ from runtime.backends.ort import open_onnx
 _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _input_name(path: Path) -> str:
+def onnx_input_name(path: Path) -> str:
     """The model's first real input (read from the graph: no session needed)."""
     graph = onnx.load(str(path), load_external_data=False).graph
     inits = {t.name for t in graph.initializer}
@@ -35,7 +35,7 @@ def _with_outputs(src: Path, names: list[str], dst: Path) -> list[str]:
     return added + [n for n in dict.fromkeys(names) if n in outputs]
 
 
-def rank_sensitive_nodes(float_path: Path, qdq_path: Path, x: np.ndarray | ImageSource, work: Path,
+def rank_sensitive_nodes(float_path: Path, qdq_path: Path, x: np.ndarray | ImageSource,
                          batch_size: int = 4) -> list[tuple[str, float]]:
     """Nodes of the float model ranked by the SQNR they lose under quantization (worst first).
 
@@ -76,7 +76,7 @@ def rank_sensitive_nodes(float_path: Path, qdq_path: Path, x: np.ndarray | Image
             common &= set(added)
     names = sorted(common)
     sessions = {tag: open_onnx(p) for tag, p in paths.items()}
-    input_name = _input_name(float_path)
+    input_name = onnx_input_name(float_path)
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
     for batch in as_source(x).batches(batch_size):

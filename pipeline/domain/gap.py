@@ -51,12 +51,6 @@ def domain_gap(source_f: torch.Tensor, target_f: torch.Tensor, seed: int = 0, fo
     return DomainGap(acc, 2.0 * (1.0 - 2.0 * min(err, 0.5)), len(source_f), len(target_f))
 
 
-def mean_entropy(logits: torch.Tensor) -> float:
-    """Mean softmax entropy in nats (low = confident predictions)."""
-    p = logits.float().softmax(1)
-    return float(-(p * p.clamp(min=1e-12).log()).sum(1).mean())
-
-
 def closer_fraction(target_f: torch.Tensor, original_f: torch.Tensor, styled_f: torch.Tensor) -> float:
     """The share of target images whose nearest source image (cosine, frozen features) is a restyled
     copy rather than an original: 0.5 when restyling made no difference, near 1 when the styled source

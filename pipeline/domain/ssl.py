@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from pipeline.domain.adabn import bn_layers
 from runtime.preprocess import PreprocessSpec
 
 log = logging.getLogger("edgekiln")
@@ -63,14 +64,13 @@ class SimCLRWrapper(nn.Module):
         d = model.num_features
         self.projection = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
-    def train(self, mode: bool = True) -> "SimCLRWrapper":
+    def train(self, mode: bool = True) -> SimCLRWrapper:
         """BatchNorm keeps its pretrained running statistics (eval mode) while the weights learn: batch
         statistics of a few hundred augmented images from two cameras are too noisy to replace them
         (with them updated, 4 warm-up steps cut textures -> dusk from 0.76 to 0.47)."""
         super().train(mode)
-        for m in self.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for m in bn_layers(self.model):
+            m.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,13 @@ def ssl_warmup(model: nn.Module, x_uint8: torch.Tensor, spec: PreprocessSpec, st
     steps on `x_uint8`; the head is untouched. Returns what it did, for metrics.json."""
     from tqdm.auto import tqdm
 
-    from pipeline.training import cosine_schedule, make_optimizer, param_groups, train_device, train_one_epoch
+    from pipeline.training import (
+        cosine_schedule,
+        make_optimizer,
+        param_groups,
+        train_device,
+        train_one_epoch,
+    )
     from pipeline.training.loop import Amp, device_of
 
     batch_size = max(2, min(batch_size, len(x_uint8)))
