@@ -8,6 +8,10 @@ Benchmarks, built offline and seeded:
   is the labeled source, the other half goes through a cheap camera at dusk (Gaussian blur sigma 2 px at
   128 px, exposure x0.35, a blue cast, sensor noise sigma 6/255 before a JPEG at quality 75) and is split
   into the unlabeled target (what `data.target` holds) and the labeled target test set (scoring only);
+- <photo set>-haze -> a second camera, designed as a held-out check of `auto`'s rule after it was set
+  from the dusk benchmarks: a hazy, warm, low-contrast lens with horizontal motion blur and strong JPEG
+  (160 px, 5-px horizontal box blur, contrast x0.55 toward a bright grey, a warm cast, noise sigma 3/255,
+  JPEG quality 35) — motion blur and JPEG blocks are outside what `style` models;
 - digits -> digits-m: scikit-learn's 8x8 digits at 32 px, against the same kind of digits blended with
   random crops of colour photographs, |photo - digit| per channel (the MNIST-M recipe of Ganin &
   Lempitsky 2015, with scikit-image's photographs instead of BSDS500).
@@ -39,6 +43,18 @@ def dusk(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
 
 
+def haze(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The same scene through a hazy, warm lens with motion blur (the JPEG comes at write time)."""
+    im = im.convert("RGB").resize((160, 160), Image.Resampling.BILINEAR)
+    im = im.filter(ImageFilter.Kernel((5, 5), [0] * 10 + [1] * 5 + [0] * 10, scale=5))  # horizontal motion
+    a = np.asarray(im).astype(np.float32) * 0.55 + 0.45 * 215.0
+    a = a * np.array([1.08, 1.0, 0.86], dtype=np.float32) + rng.normal(0, 3, a.shape)
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+SHIFTS = {"dusk": (dusk, 75), "haze": (haze, 35)}  # camera, JPEG quality
+
+
 def _photo_crops(rng: np.random.Generator, n: int, side: int = 32) -> list[np.ndarray]:
     from skimage import data as skd
 
@@ -56,7 +72,8 @@ def _write(root: Path, cls: str, name: str, im: Image.Image, quality: int = 90) 
     im.save(root / cls / f"{name}.jpg", quality=quality)
 
 
-def build_photo(set_dir: Path, out: Path) -> Path:
+def build_photo(set_dir: Path, out: Path, shift: str = "dusk") -> Path:
+    camera, quality = SHIFTS[shift]
     rng = np.random.default_rng(0)
     for cls_dir in sorted(d for d in set_dir.iterdir() if d.is_dir()):
         files = sorted(cls_dir.iterdir())
@@ -68,7 +85,7 @@ def build_photo(set_dir: Path, out: Path) -> Path:
                 _write(out / "source", cls_dir.name, files[i].stem, im)
             else:
                 part = "target" if k < three_q else "target_test"
-                _write(out / part, cls_dir.name, files[i].stem, dusk(im, rng), quality=75)
+                _write(out / part, cls_dir.name, files[i].stem, camera(im, rng), quality=quality)
     return out
 
 
@@ -97,7 +114,8 @@ def build(name: str, out: Path, photo_root: Path) -> Path:
         return root
     if name == "digits":
         return build_digits(root)
-    return build_photo(photo_root / name, root)
+    base, _, shift = name.partition("-")
+    return build_photo(photo_root / base, root, shift or "dusk")
 
 
 def evaluate(root: Path, seed: int, methods: list[str], args) -> dict:
@@ -156,7 +174,7 @@ def main() -> None:
         results = json.loads(args.from_json.read_text())
         print_table(results, [m for m in args.methods if m in next(iter(results.values()))[0]])
         return
-    if any(s in PHOTO_SETS for s in args.sets) and not (args.photo_root / "textures").is_dir():
+    if any(s.partition("-")[0] in PHOTO_SETS for s in args.sets) and not (args.photo_root / "textures").is_dir():
         import subprocess
 
         subprocess.run([sys.executable, str(Path(__file__).parent / "photo_sets.py"), str(args.photo_root)], check=True)
@@ -171,10 +189,11 @@ def main() -> None:
 
 
 def with_auto(row: dict) -> dict:
-    """`auto`'s score: the method the current unlabeled rule picks from the recorded nearest-neighbour share."""
-    from pipeline.domain import STYLE_CLOSER
+    """`auto`'s score: the method the current unlabeled rule picks from the recorded gap and share."""
+    from pipeline.domain import choose_unlabeled
+    from pipeline.domain.gap import DomainGap
 
-    choice = "style" if row["closer"] >= STYLE_CLOSER else "none"
+    choice = choose_unlabeled(DomainGap(row["gap"], 0.0, 0, 0), row["closer"])[0]
     return {**row, "auto_choice": choice, "auto": row.get(choice, float("nan"))}
 
 

@@ -70,6 +70,30 @@ PY
     exit 0
 fi
 
+if [ "$stage" = target_ab ]; then  # issue 16: edgekiln adapt + distill with only data.root + data.target per
+    # photo set -> dusk; distill A = defaults, B = --set $B_SET on a copy of the same teacher; scored on target_test
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    sets=${SETS:-textures lfw_faces scenes}
+    for s in $sets; do
+        python3 -c "import sys;from pathlib import Path;sys.path.insert(0,'bench');import domain_shift as d;d.build('$s',Path('/tmp/ds'),Path('.gpudata/photosets'))"
+    done
+    for seed in ${SEEDS:-0}; do for s in $sets; do
+        r=${s}_${seed}
+        for v in a b; do
+            printf 'name: %s_%s\nruns_dir: /tmp/tab\nseed: %s\ndata: {root: /tmp/ds/data/%s/source, target: /tmp/ds/data/%s/target}\n' $r $v $seed $s $s >/tmp/tab_${r}_${v}.yaml
+        done
+        ( OMP_NUM_THREADS=2 timeout "${LIMIT:-500}" python3 -m pipeline.cli adapt /tmp/tab_${r}_a.yaml ${ADAPT_SET:+--set "$ADAPT_SET"} &&
+          cp -r /tmp/tab/${r}_a /tmp/tab/${r}_b &&
+          { OMP_NUM_THREADS=2 timeout "${LIMIT:-500}" python3 -m pipeline.cli distill /tmp/tab_${r}_a.yaml >/tmp/tab_${r}_a.dlog 2>&1 &
+            OMP_NUM_THREADS=2 timeout "${LIMIT:-500}" python3 -m pipeline.cli distill /tmp/tab_${r}_b.yaml --set "$B_SET" >/tmp/tab_${r}_b.dlog 2>&1; wait; }
+        ) >/tmp/tab_${r}.log 2>&1 &
+    done; done
+    wait
+    python3 bench/score_target.py /tmp/tab | tee "$OUT/target_ab.txt"
+    tail -n 4 /tmp/tab_*.log /tmp/tab_*.dlog > "$OUT/target_ab.log"
+    exit 0
+fi
+
 step 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 step 60 python3 -c "import torch,sys;print('python',sys.version.split()[0],'torch',torch.__version__,'cuda',torch.version.cuda,'cudnn',torch.backends.cudnn.version(),torch.cuda.get_device_name())"
 step 120 python3 -c "from pipeline.data import demo_data_dir;print(demo_data_dir())"

@@ -232,9 +232,14 @@ class DistillConfig(_Strict):
         "light", description="Train-time augmentation; teacher and student see the same augmented view "
         "(the teacher runs live on each batch). 'none': fixed inputs, teacher outputs computed once.")
     mixup: float = Field(0.0, ge=0, description="Mixup of the inputs for the KD term: Beta(mixup, mixup); 0 = off.")
+    domain_views: bool = Field(True, description="When adapt restyled the source images to data.target's camera "
+                               "(adapt.domain style), the student trains on the same restyled copies.")
     unlabeled: Path | None = Field(None, description="Folder of unlabeled images that feed the KD term (no labels needed).")
     min_retention: float = Field(0.98, ge=0, le=1, description="Adopt the student only when it keeps this share of "
                                  "the teacher's validation accuracy; otherwise the teacher is exported.")
+    min_target_agreement: float = Field(
+        0.9, ge=0, le=1, description="With data.target and no data.target_labeled: adopt the student only when it "
+        "predicts the teacher's class on this share of the target images (with labels: min_retention on them).")
     cache_teacher: bool = Field(True, description="With augment 'none': compute teacher outputs once.")
     compare_without_kd: bool = Field(False, description="Also train the student without KD, same budget.")
     measure_cost: bool = Field(False, description="Also export teacher and student to ONNX here and time them "

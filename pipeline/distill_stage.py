@@ -59,6 +59,7 @@ class DistillResult:
     val_drop: dict[str, Any] | None = None  # exporters.stats.paired_drop on the validation images
     refusal: str | None = None  # why the student was refused, and what to try
     budget: str | None = None  # the training budget, as it was printed
+    target_gate: dict[str, Any] | None = None  # with data.target: what target_gate measured
 
     @property
     def accuracy_retained(self) -> float | None:
@@ -100,7 +101,7 @@ class DistillResult:
             teacher_cost=OnnxCost(**cost["teacher"]) if cost else None, size_mb=d.get("size_mb", 0.0),
             adopted=d.get("adopted", True), retention=d.get("retention"),
             teacher_val_accuracy=d.get("teacher_val_accuracy"), val_drop=d.get("val_drop"),
-            refusal=d.get("refusal"), budget=d.get("budget"),
+            refusal=d.get("refusal"), budget=d.get("budget"), target_gate=d.get("target_gate"),
         )
 
     def to_metrics(self) -> dict[str, Any]:
@@ -123,7 +124,8 @@ class DistillResult:
             m["latency_b32_ratio"] = self.latency_b32_ratio
         m["size_mb"] = self.size_mb
         m.update(adopted=self.adopted, retention=self.retention, teacher_val_accuracy=self.teacher_val_accuracy,
-                 val_drop=self.val_drop, refusal=self.refusal, budget=self.budget)
+                 val_drop=self.val_drop, refusal=self.refusal, budget=self.budget,
+                 target_gate=self.target_gate)
         return m
 
 
@@ -145,7 +147,8 @@ def _candidates(dcfg: DistillConfig, n_classes: int, crop: Size) -> tuple[list[s
     return names, {"candidates": table, "trained": names}
 
 
-def retention_gate(teacher_val_logits, student_val_logits, vy, min_retention: float) -> dict[str, Any]:
+def retention_gate(teacher_val_logits, student_val_logits, vy, min_retention: float,
+                   images: str = "validation") -> dict[str, Any]:
     """Adopt the student only when it keeps >= min_retention of the teacher's validation accuracy
     on the same images. A refused student costs the user nothing (the teacher is exported), so
     the verdict follows the measured retention; the paired interval (exporters.stats.paired_drop, the
@@ -167,13 +170,60 @@ def retention_gate(teacher_val_logits, student_val_logits, vy, min_retention: fl
     drop = paired_drop(t_ok, s_ok).to_dict()
     adopted = retention >= min_retention
     refusal = None if adopted else (
-        f"student refused: it keeps {retention:.1%} of the teacher's validation accuracy ({s_acc:.3f} vs {t_acc:.3f} "
+        f"student refused: it keeps {retention:.1%} of the teacher's {images} accuracy ({s_acc:.3f} vs {t_acc:.3f} "
         f"on {drop['n']} images; drop {100 * drop['drop']:.1f} points, 95% CI {100 * drop['low']:.1f} to "
         f"{100 * drop['high']:.1f}), under distill.min_retention {min_retention:.0%}; the teacher will be exported. "
         "To try: a longer budget (distill.steps), unlabeled images (distill.unlabeled), a pretrained student "
         "(distill.student: efficientnet_lite0, weights: default, under a larger teacher such as efficientnet_lite2)")
     return {"adopted": adopted, "retention": retention, "teacher_val_accuracy": t_acc, "val_drop": drop,
             "refusal": refusal}
+
+
+def _teacher_domain(cfg: PipelineConfig) -> str | None:
+    """The domain method the adapt stage used for the teacher (metrics.json), or None."""
+    return ((cfg.run.read_metrics().get("teacher") or {}).get("domain") or {}).get("method")
+
+
+def target_gate(teacher, student, target, min_agreement: float, min_retention: float) -> dict[str, Any]:
+    """Judge the student on the deployment camera (data.target), which the retention gate (source-camera
+    validation images) never sees: a student can keep the teacher's accuracy there and lose the target.
+    Measured on three photo sets -> dusk (H100, 3 seeds): students at 0.40 to 0.87 on the target whose
+    teachers scored 0.53 to 0.76, with source test accuracy 0.95 to 1.00 for all of them.
+
+    With data.target_labeled: the retention rule on those labeled images (student >= min_retention of
+    the teacher's accuracy), so a student better than its teacher on the target ships. Without labels:
+    the share `a` of data.target images on which the student predicts the teacher's class; such a
+    student scores at least the teacher's target accuracy minus (1 - a), so a >= min_agreement bounds
+    what adopting it can cost. Point estimates like the retention gate, with the Wilson interval."""
+    from exporters.stats import agreement_interval
+    from pipeline.training import predict_logits
+
+    if target.labeled_y is not None:
+        x = target.labeled_x()
+        gate = retention_gate(predict_logits(teacher, x), predict_logits(student, x), target.labeled_y, min_retention,
+                              images="data.target_labeled")
+        return {"judged_on": "data.target_labeled", "adopted": gate["adopted"], "retention": gate["retention"],
+                "teacher_accuracy": gate["teacher_val_accuracy"], "n": gate["val_drop"]["n"],
+                "drop": gate["val_drop"], "refusal": gate["refusal"]}
+    x = target.x()
+    agree = predict_logits(teacher, x).argmax(1) == predict_logits(student, x).argmax(1)
+    k, n = int(agree.sum()), len(agree)
+    share = k / n
+    low, high = agreement_interval(k, n)
+    ok = share >= min_agreement
+    refusal = None if ok else (
+        f"student refused: it predicts the teacher's class on {share:.1%} of the {n} data.target images (95% CI "
+        f"{100 * low:.1f} to {100 * high:.1f} %), under distill.min_target_agreement {min_agreement:.0%}: without "
+        "target labels nothing shows it is as accurate on the deployment camera, so the teacher will be exported. "
+        "To try: a few labeled target images (data.target_labeled) to judge it by accuracy instead")
+    return {"judged_on": "data.target", "adopted": ok, "agreement": share, "n": n, "low": low, "high": high,
+            "refusal": refusal}
+
+
+def _describe_target_gate(tg: dict[str, Any]) -> str:
+    if "agreement" in tg:
+        return f"the student predicts the teacher's class on {100 * tg['agreement']:.1f}% of {tg['n']} images"
+    return f"the student keeps {100 * tg['retention']:.1f}% of the teacher's accuracy ({tg['n']} images)"
 
 
 def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
@@ -192,6 +242,18 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
     from pipeline.data import label_tensor
 
     x8, y = load_uint8(train, spec), label_tensor(split.labels("train"))
+    if dcfg.domain_views and folders and _teacher_domain(cfg) == "style" and cfg.data.target is not None:
+        # The teacher learned the target camera from restyled source images; a student that sees only
+        # the originals and the few unlabeled target images fails on the target (textures -> dusk:
+        # teacher 0.58, student 0.36 of 3 classes), so it trains on the same restyled copies.
+        from pipeline.domain.methods import STYLE_COPIES
+        from pipeline.domain.style import fit_style, style_images
+
+        target = load_uint8(unlabeled_paths(cfg.data.target), spec)
+        transfer, _, t_stats = fit_style(x8, target, cfg.seed)
+        log.info("distill: %d restyled copies of each training image (blur sigma %.1f px, noise %.3f), as adapt made",
+                 STYLE_COPIES, t_stats.blur_sigma, t_stats.add_noise)
+        x8, y = torch.cat([x8, style_images(x8, transfer, STYLE_COPIES, cfg.seed)]), torch.cat([y] * (STYLE_COPIES + 1))
     for folder in folders:
         extra = unlabeled_paths(folder)
         log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), folder)
@@ -285,6 +347,15 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
         params=count_params(student), teacher_params=count_params(teacher), kd=kd,
         train_seconds=train_seconds, history=fitted.history, auto=auto, budget=budget.describe(), **gate,
     )
+    if cfg.data.target is not None and cfg.adapt.domain != "none" and vy.ndim == 1:
+        from pipeline.domain import load_target
+
+        target = load_target(cfg.data.target, cfg.data.target_labeled, split.class_names, spec, cfg.seed)
+        tg = target_gate(teacher, student, target, dcfg.min_target_agreement, dcfg.min_retention)
+        result.target_gate = {k: v for k, v in tg.items() if k not in ("adopted", "refusal")}
+        log.info("distill: on %s, %s", tg["judged_on"], _describe_target_gate(tg))
+        if result.adopted and not tg["adopted"]:
+            result.adopted, result.refusal = False, tg["refusal"]
     if result.refusal:
         log.warning("distill: %s", result.refusal)
     if dcfg.compare_without_kd:

@@ -104,7 +104,10 @@ def verdict(metrics: dict[str, Any]) -> str:
     parts = [f"verdict: shipped {chosen['label']} ({chosen['artifact']})" if chosen else "verdict: nothing shipped"]
     for role, why in (d.get("refused_models") or {}).items():
         s = metrics.get(role) or {}
-        figs = f" (retention {s['retention']:.1%})" if isinstance(s.get("retention"), (int, float)) else ""
+        nums = [f"retention {s['retention']:.1%}"] if isinstance(s.get("retention"), (int, float)) else []
+        if "agreement" in (s.get("target_gate") or {}):
+            nums.append(f"data.target agreement {s['target_gate']['agreement']:.1%}")
+        figs = f" ({', '.join(nums)})" if nums else ""
         parts.append(f"{role} refused{figs}: {why}")
     cands = d["candidates"]
     failed = [c for c in cands if not c["passed"]]
@@ -149,7 +152,15 @@ def distill_rows(r) -> list[tuple[str, str]]:
         d = r.val_drop or {}
         rows.append(("validation retention (student / teacher)",
                      f"{r.retention:.1%} ({r.val_accuracy:.4f} / {r.teacher_val_accuracy:.4f}, n={d.get('n', '?')})"))
-        rows.append(("retention gate", "adopted" if r.adopted else "REFUSED: the teacher is exported"))
+        tg = r.target_gate
+        if tg and "agreement" in tg:
+            rows.append(("agrees with the teacher on data.target",
+                         f"{tg['agreement']:.1%} of {tg['n']} images (95% CI {tg['low']:.1%} to {tg['high']:.1%})"))
+        elif tg:
+            rows.append(("data.target_labeled retention", f"{tg['retention']:.1%} (teacher {tg['teacher_accuracy']:.4f}, "
+                                                          f"n={tg['n']})"))
+        rows.append(("student gate" if tg else "retention gate",
+                     "adopted" if r.adopted else "REFUSED: the teacher is exported"))
     if r.budget:
         rows.append(("training budget", r.budget.split(" (")[0]))
     s, t = r.student_cost, r.teacher_cost

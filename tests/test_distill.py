@@ -122,3 +122,75 @@ def test_unlabeled_images_feed_distillation(run_copy, tiny_data, tmp_path):
         p.unlink()
     r = CliRunner().invoke(cli, ["distill", str(cfg)])
     assert r.exit_code == 1 and "distill.unlabeled:" in r.output and "holds no images" in r.output
+
+
+def _fixed_model(weight: torch.Tensor) -> torch.nn.Module:
+    """Logits = weight @ (channel means): a classifier whose decisions a test sets by hand."""
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)) @ weight.T
+
+    return M()
+
+
+def test_target_gate_judges_the_student_on_the_deployment_camera():
+    """Without target labels: the share of target images where the student predicts the teacher's class;
+    with them: the retention rule on the labeled target, so a student better than its teacher ships."""
+    from pipeline.distill_stage import target_gate
+    from pipeline.domain.target import TargetSet
+    from runtime.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(resize=8, crop=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    g = torch.Generator().manual_seed(0)
+    x8 = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    red = x8.float().mean((2, 3))[:, 0] > x8.float().mean((2, 3))[:, 1]  # teacher: red > green -> class 1
+    teacher = _fixed_model(torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    same = _fixed_model(torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 0.0]]))
+    other = _fixed_model(torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))  # red > blue: agrees on some images
+    target = TargetSet(x8, spec=spec)
+    ok = target_gate(teacher, same, target, 0.9, 0.98)
+    assert ok["adopted"] and ok["agreement"] == 1.0 and ok["n"] == 40 and ok["judged_on"] == "data.target"
+    bad = target_gate(teacher, other, target, 0.9, 0.98)
+    blue = x8.float().mean((2, 3))[:, 0] > x8.float().mean((2, 3))[:, 2]
+    assert bad["agreement"] == pytest.approx(float((red == blue).float().mean())) and bad["agreement"] < 0.9
+    assert not bad["adopted"] and bad["low"] < bad["agreement"] < bad["high"]
+    assert bad["refusal"].startswith(f"student refused: it predicts the teacher's class on {bad['agreement']:.1%} of "
+                                     "the 40 data.target images") and "data.target_labeled" in bad["refusal"]
+    # Labeled target images where the true rule is red > blue: the disagreeing student is the better one.
+    labeled = TargetSet(x8, labeled_uint8=x8, labeled_y=blue.long(), spec=spec)
+    better = target_gate(teacher, other, labeled, 0.9, 0.98)
+    assert better["judged_on"] == "data.target_labeled" and better["adopted"] and better["retention"] > 1.0
+    worse = target_gate(other, teacher, labeled, 0.9, 0.98)
+    assert not worse["adopted"] and "of the teacher's data.target_labeled accuracy" in worse["refusal"]
+
+
+def test_a_style_teachers_student_trains_on_the_restyled_copies_and_faces_the_target_gate(run_copy, tiny_data, tmp_path):
+    """When adapt restyled the source images (metrics.json: teacher.domain.method 'style'), distillation draws
+    from the originals, 2 restyled copies of each and the target images, and the student is judged on the
+    target images; with distill.domain_views false, from the originals and the target images only."""
+    import shutil
+
+    cfg, run_dir = run_copy
+    site = tmp_path / "site"
+    site.mkdir()
+    for i, p in enumerate(sorted(tiny_data.rglob("*.png"))[:12]):
+        shutil.copy(p, site / f"t{i}.png")
+    d = yaml.safe_load(cfg.read_text())
+    d["data"]["target"] = str(site)
+    d["adapt"]["domain"] = "style"
+    d["distill"].update({"epochs": None, "steps": 4, "measure_cost": False})
+    cfg.write_text(yaml.safe_dump(d))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["teacher"]["domain"] = {"method": "style"}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    n_train = len(json.loads((run_dir / "split.json").read_text())["train"])
+    for views, n in ((True, 3 * n_train + 12), (False, n_train + 12)):
+        r = CliRunner().invoke(cli, ["distill", str(cfg), "--set", f"distill.domain_views={str(views).lower()}"])
+        assert r.exit_code == 0, r.output
+        m = json.loads((run_dir / "metrics.json").read_text())["student"]
+        assert f"{n} images" in m["budget"]
+        tg = m["target_gate"]
+        assert tg["judged_on"] == "data.target" and tg["n"] == 12 and 0 <= tg["agreement"] <= 1
+        assert "agrees with the teacher on data.target" in r.output
+        assert m["adopted"] is (m["retention"] >= 0.98 and tg["agreement"] >= 0.9)

@@ -190,14 +190,19 @@ def test_auto_with_target_labels_picks_the_best_and_style_beats_source_only(tiny
     assert not any("domain" in k for k in model.state_dict())
 
 
-def test_auto_without_target_labels_uses_the_nearest_neighbour_rule(tiny_data, target_dirs, tmp_path):
+def test_auto_without_target_labels_restyles_unless_the_gap_is_small(tiny_data, target_dirs, tmp_path):
     from pipeline.adapt_stage import run_adapt
-    from pipeline.domain import STYLE_CLOSER
+    from pipeline.domain import choose_unlabeled
+    from pipeline.domain.gap import SMALL_GAP, DomainGap
 
     result = run_adapt(_adapt_cfg(tiny_data, tmp_path, target=target_dirs[0]))
     d = result.extra["domain"]
     assert list(d["candidates"]) == [d["method"]] and d["target_accuracy"] is None
-    assert d["method"] == ("style" if d["styled_closer"] >= STYLE_CLOSER else "none") and "restyled" in d["reason"]
+    assert d["gap"]["level"] == "large" and d["method"] == "style"  # the dusk copies: blurred, dark, noisy
+    assert d["reason"].startswith("the domain gap is large (a domain classifier tells the cameras apart with ")
+    method, why = choose_unlabeled(DomainGap(SMALL_GAP - 0.01, 0.3, 40, 40), 0.9)
+    assert method == "none" and "under 70%" in why and "nothing to restyle" in why
+    assert choose_unlabeled(DomainGap(SMALL_GAP, 0.3, 40, 40), 0.1)[0] == "style"
 
 
 def test_ssl_through_adapt_warms_up_then_trains_and_checkpoints_a_plain_model(tiny_data, target_dirs, tmp_path):

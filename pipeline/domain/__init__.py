@@ -16,14 +16,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipeline.domain.gap import DomainGap, closer_fraction, domain_gap
+from pipeline.domain.gap import SMALL_GAP, DomainGap, closer_fraction, domain_gap
 from pipeline.domain.methods import METHODS, run_method, styled_data, target_accuracy
 from pipeline.domain.target import TargetSet, load_target
 
 __all__ = ["METHODS", "TargetSet", "adapt_to_domain", "choose_unlabeled", "load_target", "measure_gap"]
 
 log = logging.getLogger("edgekiln")
-STYLE_CLOSER = 0.80  # auto without labels: style when at least this share of target images is nearest a styled copy
 # auto with target labels tries these (dann only with adapt.strategy finetune). Not ssl: in bench/domain_shift.py
 # it beat source-only on 1 benchmark of 4 (textures +2.2 points; lfw -3.3, scenes -10.7, digits -0.9, 3 seeds
 # each) and costs a warm-up per run; a few dozen labeled target images would pick it on noise as often as not.
@@ -46,19 +45,22 @@ def measure_gap(model, data, target: TargetSet, arch: str, seed: int) -> tuple[D
 
 
 def choose_unlabeled(gap: DomainGap, closer: float) -> tuple[str, str]:
-    """No target labels: `style` when the restyled source images are what the target images look
-    like to the backbone (at least STYLE_CLOSER of the target images have a styled copy as their nearest
-    source image; 0.5 = restyling changed nothing), else `none`. A domain classifier's accuracy is no
-    use here: on a few hundred images it separates styled source from target as easily as the
-    originals (0.99 vs 0.96 on textures -> dusk, where style gains 22 points). The threshold comes from
-    bench/domain_shift.py: 0.82-0.89 where style gained 7-22 points (textures), 0.74-0.78 where it did not
-    help (digits -> digits-m, -5..+3 points); a thin margin from two benchmarks. AdaBN and DANN are chosen
-    only on labeled target images: in bench/domain_shift.py neither was reliably better than
-    source-only, and a method nobody can check must not risk negative transfer."""
-    ok = closer >= STYLE_CLOSER
-    why = (f"{closer:.0%} of the target images are nearer a restyled source image than an original "
-           f"({'at least' if ok else 'under'} {STYLE_CLOSER:.0%}): restyling {'matches' if ok else 'does not match'} "
-           f"the target camera")
+    """No target labels: `style` unless the domain gap is small (a domain classifier on the frozen
+    features under SMALL_GAP accuracy: the cameras look alike to the backbone and restyling has little to
+    match), else `none`. Measured in bench/domain_shift.py (means of 3 seeds; single seeds vary by a few
+    points either way): with the current fit, style scored within 0.3 points of source-only or better on
+    every benchmark and size: photo sets -> dusk +13.3, +13.3, +0.7 and digits -> digits-m -0.3 at 96 px,
+    +11.1, +22.6, +4.6 at 224 px; the held-out haze camera (designed after this rule) +0.0, +2.0, +2.0 at
+    both sizes. Every gap there was large (domain classifier 0.91-1.00). The share of target
+    images nearer a restyled copy (`closer`, reported) was the rule before: it missed lfw_faces at 224 px
+    (14 % nearer, style +22.6), so it is no sign of "style helps". AdaBN and DANN are chosen only on
+    labeled target images: in bench/domain_shift.py neither was reliably better than source-only, and a
+    method nobody can check must not risk negative transfer."""
+    ok = gap.level != "small"
+    why = (f"the domain gap is {gap.level} (a domain classifier tells the cameras apart with {gap.accuracy:.0%} "
+           f"accuracy{'' if ok else f', under {SMALL_GAP:.0%}'}): "
+           + ("the source images are restyled to the target camera" if ok else "the cameras look alike, nothing to restyle")
+           + f"; {closer:.0%} of the target images are nearer a restyled source image than an original")
     return ("style" if ok else "none"), why
 
 
