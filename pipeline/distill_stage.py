@@ -237,7 +237,7 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
     dcfg, train = cfg.distill, split.paths("train")
     # With adapt.domain, the deployment camera's images feed the KD term too: the teacher labels them.
     folders = [f for f in (dcfg.unlabeled, cfg.data.target if cfg.adapt.domain != "none" else None) if f is not None]
-    if dcfg.augment == "none" and not folders:  # fixed inputs (mixup too mixes fixed tensors, teacher live)
+    if dcfg.augment == "none" and not folders:  # fixed inputs (mixup: a pool of mixed pairs, distill.mixup_pool_loader)
         return None, len(train)
     from pipeline.data import label_tensor
 

@@ -194,3 +194,25 @@ def test_a_style_teachers_student_trains_on_the_restyled_copies_and_faces_the_ta
         assert tg["judged_on"] == "data.target" and tg["n"] == 12 and 0 <= tg["agreement"] <= 1
         assert "agrees with the teacher on data.target" in r.output
         assert m["adopted"] is (m["retention"] >= 0.98 and tg["agreement"] >= 0.9)
+
+
+def test_mixup_on_fixed_inputs_uses_teacher_outputs_of_exactly_the_mixed_images():
+    """The pool: the teacher runs once over MIXUP_POOL mixed partners per image; every batch carries the
+    teacher's logits of exactly the images it yields, and an epoch is still len(x) images."""
+    from pipeline.distill import MIXUP_POOL, mixup_pool_loader, teacher_outputs
+
+    x, y = _tiny_tensors(n=40)
+    teacher = build_student("compact_cnn_w0.5", 2, "none").eval()
+    loader = mixup_pool_loader(teacher, x, y, 0.4, 8, seed=0, hint=False)
+    assert len(loader.dataset) == MIXUP_POOL * 40 and len(loader) == 5
+    seen = 0
+    for xb, yb, t_logits, y2, lam in loader:
+        assert torch.allclose(teacher_outputs(teacher, xb)[0], t_logits, atol=1e-5)
+        assert ((lam > 0) & (lam < 1)).all() and not torch.allclose(xb, x[: len(xb)])
+        seen += len(xb)
+    assert seen == 40
+    # and it trains: the student's loss falls over a few epochs
+    student = build_student("compact_cnn_w0.5", 2, "none")
+    r = train_student(student, x, y, x, y, kd=KDSettings(4.0, 0.7, 0.0), teacher=teacher, mixup=0.4,
+                      epochs=6, lr=1e-2, weight_decay=0.0, batch_size=8, seed=0)
+    assert r.history[-1]["train_loss"] < r.history[0]["train_loss"]

@@ -306,6 +306,9 @@ def test_run_with_a_target_folder_ships_a_plain_bundle_that_passes_parity(tiny_d
     assert cfg.adapt.domain == "auto"
     out = run_pipeline(cfg)
     assert out.parity.passed
+    n_target = len(list(Path(target_dirs[0]).glob("*.png")))
+    # the deployment camera's images are in every artifact's agreement set (validate.unlabeled unset)
+    assert all(r.agreement_sources.get("unlabeled") == n_target for r in out.parity.reports.values())
     d = out.adapt.extra["domain"]
     assert d["requested"] == "auto" and d["method"] in ("none", "style")
     g = onnx.load(str(cfg.run.bundle / "model.onnx")).graph

@@ -66,3 +66,20 @@ def test_agreement_counts_extra_images_and_reports_n():
                        extra=(xr, xa), extra_sources={"augmented_views": 200})
     assert r.agreement_n == 240 and r.agreement == pytest.approx(239 / 240) and r.passed
     assert r.agreement_sources == {"test": 40, "augmented_views": 200}
+
+
+def test_unlabeled_images_are_held_to_the_decision_floor_on_their_own():
+    """The deployment camera's images (the agreement set's unlabeled part, last in it): 31 of 45 agreeing
+    passes the pooled 75 % agreement floor with 64 perfect source images, and fails the 99 % decision
+    floor on its own; 45 of 45 passes."""
+    ref, art, labels = _pair(both=64, lost=0, gained=0, neither=0)
+    t = Thresholds.only(min_agreement=0.75, min_decision_agreement=0.99)
+    for agree, passed in ((31, False), (45, True)):
+        xr, xa, _ = _pair(both=agree, lost=45 - agree, gained=0, neither=0, seed=2)
+        r = compare_logits("m.int8.onnx", ref, art, labels, t, precision="int8", extra=(xr, xa),
+                           extra_sources={"unlabeled": 45})
+        assert r.agreement == pytest.approx((64 + agree) / 109) and r.unlabeled_n == 45
+        assert r.unlabeled_agreement == pytest.approx(agree / 45) and r.passed is passed
+        if not passed:
+            assert r.failures == ["top-1 agreement 68.89% < 99.00% on the 45 unlabeled images (data.target / "
+                                  "validate.unlabeled): on those images it is not the model"]
