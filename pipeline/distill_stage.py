@@ -232,6 +232,7 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
     import torch
 
     from pipeline.distill import unlabeled_paths, view_loader
+    from pipeline.domain.target import target_paths
     from pipeline.strategies.data import load_uint8
 
     dcfg, train = cfg.distill, split.paths("train")
@@ -249,13 +250,13 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
         from pipeline.domain.methods import STYLE_COPIES
         from pipeline.domain.style import fit_style, style_images
 
-        target = load_uint8(unlabeled_paths(cfg.data.target), spec)
+        target = load_uint8(target_paths(cfg.data.target, cfg.seed), spec)
         transfer, _, t_stats = fit_style(x8, target, cfg.seed)
         log.info("distill: %d restyled copies of each training image (blur sigma %.1f px, noise %.3f), as adapt made",
                  STYLE_COPIES, t_stats.blur_sigma, t_stats.add_noise)
         x8, y = torch.cat([x8, style_images(x8, transfer, STYLE_COPIES, cfg.seed)]), torch.cat([y] * (STYLE_COPIES + 1))
-    for folder in folders:
-        extra = unlabeled_paths(folder)
+    for folder in folders:  # of data.target, the 'train' half (the other judges the student: target_paths)
+        extra = target_paths(folder, cfg.seed, "train") if folder == cfg.data.target else unlabeled_paths(folder)
         log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), folder)
         x8 = torch.cat([x8, load_uint8(extra, spec)])
         y = torch.cat([y, torch.full((len(extra), *y.shape[1:]), -1, dtype=y.dtype)])  # -1: unlabeled
@@ -350,7 +351,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     if cfg.data.target is not None and cfg.adapt.domain != "none" and vy.ndim == 1:
         from pipeline.domain import load_target
 
-        target = load_target(cfg.data.target, cfg.data.target_labeled, split.class_names, spec, cfg.seed)
+        target = load_target(cfg.data.target, cfg.data.target_labeled, split.class_names, spec, cfg.seed, "check")
         tg = target_gate(teacher, student, target, dcfg.min_target_agreement, dcfg.min_retention)
         result.target_gate = {k: v for k, v in tg.items() if k not in ("adopted", "refusal")}
         log.info("distill: on %s, %s", tg["judged_on"], _describe_target_gate(tg))

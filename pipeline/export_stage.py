@@ -205,13 +205,14 @@ def gate_settings(cfg: PipelineConfig):
 
 def target_logits(cfg: PipelineConfig, model: nn.Module, split: Split, meta) -> np.ndarray | None:
     """The model's logits on data.target (the deployment camera's unlabeled images, up to
-    MAX_TARGET_IMAGES, seeded), for the OOD threshold; None without data.target."""
+    MAX_TARGET_IMAGES, seeded; the held-out half: target_paths), for the OOD threshold; None without data.target."""
     if cfg.data.target is None:
         return None
     from pipeline.domain import load_target
     from pipeline.training import predict_logits
 
-    target = load_target(Path(cfg.data.target), None, split.class_names, meta.preprocess, cfg.seed)
+    # the half no model trained on (pipeline.domain.target.target_paths)
+    target = load_target(Path(cfg.data.target), None, split.class_names, meta.preprocess, cfg.seed, "check")
     return predict_logits(model, target.x(), desc="pytorch logits (data.target)").numpy()
 
 

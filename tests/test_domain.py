@@ -35,6 +35,19 @@ def target_dirs(tiny_data, tmp_path_factory):
 # --------------------------------------------------------------------------- config
 
 
+def test_target_images_split_into_halves_that_never_overlap(tmp_path):
+    """Distillation trains on the 'train' half of data.target; the student's gate and the OOD threshold
+    use the 'check' half: disjoint, together every image, the same for the same seed."""
+    from pipeline.domain.target import target_paths
+
+    for i in range(9):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / f"t{i}.png")
+    every = target_paths(tmp_path, seed=3)
+    train, check = target_paths(tmp_path, 3, "train"), target_paths(tmp_path, 3, "check")
+    assert len(every) == 9 and len(check) == 4 and sorted(train + check) == every and not set(train) & set(check)
+    assert target_paths(tmp_path, 3, "check") == check and target_paths(tmp_path, 4, "check") != check
+
+
 def test_domain_defaults_to_auto_with_a_target_and_none_without():
     assert build_config({"data": {"root": "x", "target": "t"}}).adapt.domain == "auto"
     assert build_config({"data": {"root": "x"}}).adapt.domain == "none"
