@@ -248,13 +248,13 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
         # the originals and the few unlabeled target images fails on the target (textures -> dusk:
         # teacher 0.58, student 0.36 of 3 classes), so it trains on the same restyled copies.
         from pipeline.domain.methods import STYLE_COPIES
-        from pipeline.domain.style import fit_style, style_images
+        from pipeline.domain.style import restyled_copies
 
         target = load_uint8(target_paths(cfg.data.target, cfg.seed), spec)
-        transfer, _, t_stats = fit_style(x8, target, cfg.seed)
+        styled, _, t_stats = restyled_copies(x8, target, cfg.seed, STYLE_COPIES)
         log.info("distill: %d restyled copies of each training image (blur sigma %.1f px, noise %.3f), as adapt made",
                  STYLE_COPIES, t_stats.blur_sigma, t_stats.add_noise)
-        x8, y = torch.cat([x8, style_images(x8, transfer, STYLE_COPIES, cfg.seed)]), torch.cat([y] * (STYLE_COPIES + 1))
+        x8, y = torch.cat([x8, styled]), torch.cat([y] * (STYLE_COPIES + 1))
     for folder in folders:  # of data.target, the 'train' half (the other judges the student: target_paths)
         extra = target_paths(folder, cfg.seed, "train") if folder == cfg.data.target else unlabeled_paths(folder)
         log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), folder)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import AdaptConfig
 from pipeline.domain.adabn import adapt_batchnorm
 from pipeline.domain.dann import DannWrapper, dann_loss
-from pipeline.domain.style import fit_style, style_images
+from pipeline.domain.style import restyled_copies
 from pipeline.domain.target import TargetSet, normalize
 from pipeline.models import EdgeClassifier
 from pipeline.strategies import AdaptContext, AdaptData, adapt_model
@@ -29,8 +29,8 @@ Method = Callable[[EdgeClassifier, AdaptData, AdaptConfig, AdaptContext, TargetS
 def styled_data(data: AdaptData, target: TargetSet, seed: int, copies: int = STYLE_COPIES) -> tuple[AdaptData, dict]:
     """`data` whose training part holds the originals plus `copies` styled versions of each."""
     src = data.x_uint8("train")
-    transfer, s_stats, t_stats = fit_style(src, target.x_uint8, seed)
-    u8 = torch.cat([src, style_images(src, transfer, copies, seed)])
+    styled, s_stats, t_stats = restyled_copies(src, target.x_uint8, seed, copies)
+    u8 = torch.cat([src, styled])
     k = copies + 1
     out = AdaptData({**data.paths, "train": data.paths["train"] * k},
                     {**data._labels, "train": data.labels("train") * k}, data.spec, data.class_names)

@@ -136,3 +136,11 @@ def style_images(x_uint8: torch.Tensor, transfer: StyleTransfer, copies: int, se
     """`copies` styled versions of every image, in order (copy 0 of all images, then copy 1, ...)."""
     g = torch.Generator().manual_seed(seed)
     return torch.cat([transfer(x_uint8, g) for _ in range(copies)]) if copies else x_uint8[:0]
+
+
+def restyled_copies(source_uint8: torch.Tensor, target_uint8: torch.Tensor, seed: int,
+                    copies: int) -> tuple[torch.Tensor, StyleStats, StyleStats]:
+    """`copies` versions of every source image restyled to the target camera (fit_style, then
+    style_images), and both domains' stats: what adapt's `style` trains on and the student sees too."""
+    transfer, s_stats, t_stats = fit_style(source_uint8, target_uint8, seed)
+    return style_images(source_uint8, transfer, copies, seed), s_stats, t_stats
