@@ -22,6 +22,8 @@ The sets (real images, no download):
 - digits-reference (not in the default --sets): the same head on balanced digits training sets (every
   class at 10 + 2 images, and at 100 + 20), the same balanced test split: the ceiling a rebalanced
   10:1 model can approach.
+- --shift-curve: for the digits sets, macro-F1 of `none` and `weights` after a post-hoc logit shift of
+  tau * log(training prior), tau from 0 to 1.5: which rule is best depends on the test split's class mix.
 - photos-balanced-test: random crops (bench/photo_sets.py's) of ten scikit-image photographs (at
   128 px); train and val 10:1 (100 + 20, 10 + 2), the test split 40 fresh crops of every class.
 Not a test.
@@ -228,6 +230,29 @@ def run_set(name: str, pool: Pool, seeds: list[int], metrics: list[str],
         print()
 
 
+def run_shift_curve(name: str, pool: Pool, seeds: list[int], taus=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5)) -> None:
+    """Where `none` and `weights` sit on the family of decision rules that favour the rare classes more or
+    less: macro-F1 after subtracting tau * log(training class prior) from the test logits (post-hoc logit
+    adjustment, Menon et al. 2021; tau = 1 aims at the balanced error). The tau that is best depends on the
+    test split's class mix, which training cannot see."""
+    res: dict[tuple[str, float], list[float]] = {}
+    for seed in seeds:
+        parts = (split_stratified(pool.labels, seed) if name == "digits-stratified"
+                 else split_balanced_test(pool.labels, seed, 50, (100, 20), (10, 2)))
+        y = np.asarray([pool.labels[i] for i in parts["test"]])
+        counts = np.bincount([pool.labels[i] for i in parts["train"]], minlength=10)
+        log_prior = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+        for balance in ("none", "weights"):
+            logits = pool.adapt(parts, seed, balance, "accuracy")
+            for tau in taus:
+                res.setdefault((balance, tau), []).append(scores(logits - tau * log_prior, y)[0])
+    print(f"\n{name}: macro-F1 (mean over seeds {','.join(map(str, seeds))}) after a post-hoc shift of tau * log prior\n")
+    print("| balance | " + " | ".join(f"tau {t:g}" for t in taus) + " |")
+    print("|---|" + "---|" * len(taus))
+    for balance in ("none", "weights"):
+        print(f"| {balance} | " + " | ".join(f"{statistics.mean(res[balance, t]):.4f}" for t in taus) + " |", flush=True)
+
+
 def run_reference(pool: Pool, seeds: list[int]) -> None:
     """Where the 10:1 figures sit: the same head trained on balanced digits, every class at the
     minority's 10 + 2 images and at the majority's 100 + 20, the same balanced test split."""
@@ -250,6 +275,8 @@ def main() -> None:
     ap.add_argument("--modes", default="none,weights,sampler", help="data.balance values to run (none first)")
     ap.add_argument("--select-metric", default="accuracy,macro_f1",
                     help="data.select_metric values to run (what picks the best epoch)")
+    ap.add_argument("--shift-curve", action="store_true",
+                    help="instead of the balance table: macro-F1 of none and weights after post-hoc logit shifts")
     ap.add_argument("--head", default="linear", choices=["linear", "logistic_regression"],
                     help="adapt.feature_extraction.head")
     args = ap.parse_args()
@@ -262,6 +289,8 @@ def main() -> None:
             digits = digits or Pool(*digits_pool(args.workdir / "digits_all"), 96, [str(c) for c in range(10)])
             if name == "digits-reference":
                 run_reference(digits, seeds)
+            elif args.shift_curve:
+                run_shift_curve(name, digits, seeds)
             else:
                 run_set(name, digits, seeds, metrics, tuple(args.modes.split(",")))
         elif name == "photos-balanced-test":
