@@ -238,7 +238,8 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
     dcfg, train = cfg.distill, split.paths("train")
     # With adapt.domain, the deployment camera's images feed the KD term too: the teacher labels them.
     folders = [f for f in (dcfg.unlabeled, cfg.data.target if cfg.adapt.domain != "none" else None) if f is not None]
-    if dcfg.augment == "none" and not folders:  # fixed inputs (mixup: a pool of mixed pairs, distill.mixup_pool_loader)
+    if dcfg.augment == "none" and not folders and not dcfg.synthetic_outliers:
+        # fixed inputs (mixup: a pool of mixed pairs, distill.mixup_pool_loader)
         return None, len(train)
     from pipeline.data import label_tensor
 
@@ -260,7 +261,22 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
         log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), folder)
         x8 = torch.cat([x8, load_uint8(extra, spec)])
         y = torch.cat([y, torch.full((len(extra), *y.shape[1:]), -1, dtype=y.dtype)])  # -1: unlabeled
+    if dcfg.synthetic_outliers:
+        x8, y = _with_synthetic(x8, y, dcfg.synthetic_outliers, cfg.seed, spec)
     return (lambda batch: view_loader(x8, y, spec, dcfg.augment, batch, cfg.seed, cfg.data.balance)), len(y)
+
+
+def _with_synthetic(x8, y, n: int, seed: int, spec):
+    """`x8`, `y` with `n` generated images of no class (pipeline.synthetic) appended as unlabeled rows,
+    through the evaluation transform's resize and crop as the image files are."""
+    import torch
+
+    from pipeline.strategies.data import uint8_crops
+    from pipeline.synthetic import synthetic_images
+
+    extra = uint8_crops(synthetic_images(n, seed), n, spec)
+    log.info("distill: %d generated images of no class (distill.synthetic_outliers) feed the KD term", n)
+    return torch.cat([x8, extra]), torch.cat([y, torch.full((n, *y.shape[1:]), -1, dtype=y.dtype)])
 
 
 class _TeacherOnFixedImages:

@@ -124,6 +124,32 @@ def test_unlabeled_images_feed_distillation(run_copy, tiny_data, tmp_path):
     assert r.exit_code == 1 and "distill.unlabeled:" in r.output and "holds no images" in r.output
 
 
+def test_synthetic_outliers_feed_distillation(run_copy):
+    """distill.synthetic_outliers: that many generated images join the KD term as unlabeled rows."""
+    cfg, run_dir = run_copy
+    n_train = len(json.loads((run_dir / "split.json").read_text())["train"])
+    r = CliRunner().invoke(cli, ["distill", str(cfg), "--set", "distill.steps=4", "--set", "distill.epochs=null",
+                                 "--set", "distill.measure_cost=false", "--set", "distill.synthetic_outliers=6"])
+    assert r.exit_code == 0, r.output
+    assert f"{n_train + 6} images" in json.loads((run_dir / "metrics.json").read_text())["student"]["budget"]
+
+
+def test_synthetic_images_are_seeded_and_varied():
+    import numpy as np
+
+    from pipeline.synthetic import synthetic_images
+
+    a, b, c = synthetic_images(4, seed=0), synthetic_images(4, seed=0), synthetic_images(4, seed=1)
+    arrays = [np.asarray(img) for img in a]
+    assert all(img.mode == "RGB" and img.size == (160, 160) for img in a)
+    assert all(np.array_equal(x, np.asarray(y)) for x, y in zip(arrays, b))  # same seed, same pixels
+    assert not any(np.array_equal(x, np.asarray(y)) for x, y in zip(arrays, c))  # another seed, other images
+    assert all(x.std() > 10 for x in arrays)  # not flat
+    # dead leaves (even) are flat patches: few distinct colours; spectral noise (odd) is smooth: many
+    distinct = [len(np.unique(x.reshape(-1, 3), axis=0)) for x in arrays]
+    assert distinct[0] < 400 and distinct[2] < 400 and distinct[1] > 2000 and distinct[3] > 2000, distinct
+
+
 def _fixed_model(weight: torch.Tensor) -> torch.nn.Module:
     """Logits = weight @ (channel means): a classifier whose decisions a test sets by hand."""
 

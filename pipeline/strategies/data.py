@@ -18,10 +18,15 @@ from runtime.preprocess import PreprocessSpec, open_image
 
 def load_uint8(paths: list[Path], spec: PreprocessSpec) -> torch.Tensor:
     """Images after the evaluation transform's resize and crop, still uint8 (for augmentation)."""
+    return uint8_crops((open_image(p) for p in paths), len(paths), spec)
+
+
+def uint8_crops(images, n: int, spec: PreprocessSpec) -> torch.Tensor:
+    """`n` RGB PIL images (an iterable) through the evaluation transform's resize and crop, as uint8 (N, 3, H, W)."""
     geometry = v2.Compose(eval_transform(spec).transforms[:3])  # Resize, CenterCrop, PILToTensor
-    x = torch.empty((len(paths), 3, *spec.hw), dtype=torch.uint8)
-    for i, p in enumerate(paths):
-        x[i] = geometry(open_image(p))
+    x = torch.empty((n, 3, *spec.hw), dtype=torch.uint8)
+    for i, img in enumerate(images):
+        x[i] = geometry(img)
     return x
 
 
