@@ -192,17 +192,20 @@ def seed_interval(diffs: list[float]) -> tuple[float, float]:
     return m - h, m + h
 
 
+def set_parts(name: str, labels: list[int], seed: int) -> dict[str, list[int]]:
+    """The train / val / test indices of set `name` for `seed`."""
+    if name == "digits-stratified":
+        return split_stratified(labels, seed)
+    test = 50 if name == "digits-balanced-test" else 40  # photos-balanced-test: 40 of every class
+    return split_balanced_test(labels, seed, test, (100, 20), (10, 2))
+
+
 def run_set(name: str, pool: Pool, seeds: list[int], metrics: list[str],
             modes: tuple[str, ...] = ("none", "weights", "sampler")) -> None:
     for metric in metrics:
         rows: dict[str, list] = {}
         for seed in seeds:
-            if name == "digits-stratified":
-                parts = split_stratified(pool.labels, seed)
-            elif name == "digits-balanced-test":
-                parts = split_balanced_test(pool.labels, seed, 50, (100, 20), (10, 2))
-            else:
-                parts = split_balanced_test(pool.labels, seed, 40, (100, 20), (10, 2))
+            parts = set_parts(name, pool.labels, seed)
             y = np.asarray([pool.labels[i] for i in parts["test"]])
             for balance in modes:
                 logits = pool.adapt(parts, seed, balance, metric)
@@ -237,8 +240,7 @@ def run_shift_curve(name: str, pool: Pool, seeds: list[int], taus=(0.0, 0.25, 0.
     test split's class mix, which training cannot see."""
     res: dict[tuple[str, float], list[float]] = {}
     for seed in seeds:
-        parts = (split_stratified(pool.labels, seed) if name == "digits-stratified"
-                 else split_balanced_test(pool.labels, seed, 50, (100, 20), (10, 2)))
+        parts = set_parts(name, pool.labels, seed)
         y = np.asarray([pool.labels[i] for i in parts["test"]])
         counts = np.bincount([pool.labels[i] for i in parts["train"]], minlength=10)
         log_prior = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
