@@ -195,14 +195,15 @@ class TrustFit:
 
 def fit_trust(cfg: TrustConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
               ood: np.ndarray | None = None, ood_source: str | None = None,
-              target: np.ndarray | None = None) -> TrustFit:
+              target: np.ndarray | None = None, proxy: np.ndarray | None = None) -> TrustFit:
     """Fit the temperature (cfg.calibration) and the OOD threshold (cfg.ood) on the validation logits
     and labels `val`; measure ECE, NLL, the unknown rate and (given outlier logits `ood`) AUROC and FPR
     at 95% TPR on the test split. Everything is computed from PyTorch logits (the parity gate then
     holds every artifact to the same decisions). `target`: logits of the unlabeled deployment images
     (data.target); they are in-distribution for the device, so the threshold also keeps
     target_recall of them known (a threshold fitted on the source camera alone called 89 % of
-    dusk-camera images unknown)."""
+    dusk-camera images unknown). `proxy`: logits of generated images of no class, measured in place of
+    `ood` when there is none (a floor, not a validation: see the note it writes)."""
     (vz, vy), (tz, ty) = val, test
     fitted = fit_temperature(vz, vy) if cfg.calibration != "none" else None
     t = round(fitted, 6) if fitted is not None else 1.0
@@ -261,6 +262,11 @@ def fit_trust(cfg: TrustConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[
             o["note"] = ("no out-of-distribution images (data.ood): the threshold keeps "
                          f"{cfg.ood.target_recall:.0%} of validation images known but is unvalidated against "
                          "real outliers")
+            if proxy is not None and len(proxy) and len(t_scores):
+                p_scores = ood_score(proxy, kind)
+                o["proxy"] = {"source": "generated images of no class", "n": len(p_scores),
+                              "auroc": auroc(t_scores, p_scores),
+                              "known_rate": float((p_scores >= spec.threshold).mean())}
         m["ood"] = o
     fit_record = {"split": "val", "n": len(vy), "ece_before": m["val"]["ece_before"],
                   "ece_after": m["val"]["ece_after"]}

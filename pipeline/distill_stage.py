@@ -10,6 +10,7 @@ the `student` section of metrics.json.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -226,9 +227,19 @@ def _describe_target_gate(tg: dict[str, Any]) -> str:
     return f"the student keeps {100 * tg['retention']:.1f}% of the teacher's accuracy ({tg['n']} images)"
 
 
-def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
-    """(loader of augmented views of the training images plus the unlabeled ones, or None for
-    fixed inputs; the number of images it draws from)."""
+def generated_count(cfg: PipelineConfig, n_train: int) -> int:
+    """How many generated images of no class join the KD term (distill.synthetic_outliers per
+    training image): none where there is no unknown answer for them to teach (multi-label, or
+    trust.ood off)."""
+    if cfg.data.task != "multiclass" or not cfg.trust.ood.enabled:
+        return 0
+    return round(cfg.distill.synthetic_outliers * n_train)
+
+
+def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int, int]:
+    """(loader factory, (batch size, labeled_only=False) -> augmented views of the training images plus
+    the unlabeled and generated ones, or None for fixed inputs; the number of real images, which sizes the budget; the
+    number of generated images of no class, generated_count)."""
     import torch
 
     from pipeline.distill import unlabeled_paths, view_loader
@@ -236,11 +247,12 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
     from pipeline.strategies.data import load_uint8
 
     dcfg, train = cfg.distill, split.paths("train")
+    n_generated = generated_count(cfg, len(train))
     # With adapt.domain, the deployment camera's images feed the KD term too: the teacher labels them.
     folders = [f for f in (dcfg.unlabeled, cfg.data.target if cfg.adapt.domain != "none" else None) if f is not None]
-    if dcfg.augment == "none" and not folders and not dcfg.synthetic_outliers:
-        # fixed inputs (mixup: a pool of mixed pairs, distill.mixup_pool_loader)
-        return None, len(train)
+    if dcfg.augment == "none" and not folders:
+        # fixed inputs (mixup: a pool of mixed pairs, distill.mixup_pool_loader); `run` appends the generated ones
+        return None, len(train), n_generated
     from pipeline.data import label_tensor
 
     x8, y = load_uint8(train, spec), label_tensor(split.labels("train"))
@@ -261,22 +273,20 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int]:
         log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), folder)
         x8 = torch.cat([x8, load_uint8(extra, spec)])
         y = torch.cat([y, torch.full((len(extra), *y.shape[1:]), -1, dtype=y.dtype)])  # -1: unlabeled
-    if dcfg.synthetic_outliers:
-        x8, y = _with_synthetic(x8, y, dcfg.synthetic_outliers, cfg.seed, spec)
-    return (lambda batch: view_loader(x8, y, spec, dcfg.augment, batch, cfg.seed, cfg.data.balance)), len(y)
+    n_real = len(y)
+    if n_generated:
+        from pipeline.strategies.data import uint8_crops
+        from pipeline.synthetic import synthetic_images
 
+        x8 = torch.cat([x8, uint8_crops(synthetic_images(n_generated, cfg.seed), n_generated, spec)])
+        y = torch.cat([y, torch.full((n_generated, *y.shape[1:]), -1, dtype=y.dtype)])
+    labeled = (y.reshape(len(y), -1) != -1).any(1)  # the rows with a label (unlabeled, generated: -1)
 
-def _with_synthetic(x8, y, n: int, seed: int, spec):
-    """`x8`, `y` with `n` generated images of no class (pipeline.synthetic) appended as unlabeled rows,
-    through the evaluation transform's resize and crop as the image files are."""
-    import torch
+    def views(batch: int, labeled_only: bool = False):
+        keep = labeled if labeled_only else slice(None)
+        return view_loader(x8[keep], y[keep], spec, dcfg.augment, batch, cfg.seed, cfg.data.balance)
 
-    from pipeline.strategies.data import uint8_crops
-    from pipeline.synthetic import synthetic_images
-
-    extra = uint8_crops(synthetic_images(n, seed), n, spec)
-    log.info("distill: %d generated images of no class (distill.synthetic_outliers) feed the KD term", n)
-    return torch.cat([x8, extra]), torch.cat([y, torch.full((n, *y.shape[1:]), -1, dtype=y.dtype)])
+    return views, n_real, n_generated
 
 
 class _TeacherOnFixedImages:
@@ -315,6 +325,8 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     """Train a smaller student with KD against the adapted teacher (same augmented view for both,
     teacher live; a step budget sized to the data), judge it with the retention gate, and justify
     it: accuracy retained, parameters, optionally ONNX size and latency and the no-KD control."""
+    import torch
+
     from pipeline.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
     from pipeline.data import load_tensors
     from pipeline.distill import KDSettings, build_student, onnx_costs, train_student
@@ -334,11 +346,26 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     t_out = _TeacherOnFixedImages(teacher, tmeta.arch, split, spec, {"train": x, "val": vx, "test": tx})
     teacher_test_acc = accuracy(t_out.logits("test"), ty)
     kd = KDSettings(dcfg.temperature, dcfg.alpha, dcfg.hint_weight)
-    views, n_images = _views(cfg, split, spec)
+    views, n_images, n_generated = _views(cfg, split, spec)
     budget = plan_budget("distill", n_images, cfg.data.batch_size, epochs=dcfg.epochs, steps=dcfg.steps,
                          min_steps=dcfg.min_steps)
-    log.info("distill: training budget %s", budget.describe())
-    common = dict(epochs=budget.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=budget.batch_size,
+    # The budget is sized to the real images; the generated ones ride along, each batch grown by their
+    # share, so they add that share to a step's time and take no visits from the real images (counted
+    # in the budget, 300 of them doubled the batch on 120 photos: student training x1.8-3.1).
+    batch = math.ceil(budget.batch_size * (n_images + n_generated) / n_images)
+    described = budget.describe()
+    generated = None  # fixed inputs: the generated images as tensors
+    if n_generated:
+        described += f"; each batch also carries {batch - budget.batch_size} of {n_generated} generated images of no class"
+        log.info("distill: %d generated images of no class (distill.synthetic_outliers %g per training image) feed "
+                 "the KD term", n_generated, dcfg.synthetic_outliers)
+        if views is None:  # fixed inputs: they join x as unlabeled rows, and the teacher labels them once
+            from pipeline.synthetic import synthetic_tensors
+
+            generated = synthetic_tensors(n_generated, spec, seed=cfg.seed)
+            x, y = torch.cat([x, generated]), torch.cat([y, torch.full((n_generated, *y.shape[1:]), -1, dtype=y.dtype)])
+    log.info("distill: training budget %s", described)
+    common = dict(epochs=budget.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=batch,
                   seed=cfg.seed, validate_every=budget.validate_every, patience=dcfg.patience,
                   balance=cfg.data.balance, select_metric=cfg.data.select_metric)
     names, auto = _candidates(dcfg, n_classes, spec.crop)
@@ -348,11 +375,16 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     # Several `auto` candidates share one pass of the teacher over the (fixed) training images.
     shared = ((t_out.logits("train"), t_out.features("train") if kd.hint_weight > 0 else None)
               if views is None and dcfg.cache_teacher and dcfg.mixup == 0 else None)
+    if shared is not None and generated is not None:
+        from pipeline.distill import teacher_outputs
+
+        g_logits, g_feats = teacher_outputs(teacher, generated, features=kd.hint_weight > 0)
+        shared = (torch.cat([shared[0], g_logits]), torch.cat([shared[1], g_feats]) if g_feats is not None else None)
     for name in names:
         student = build_student(name, n_classes, dcfg.weights, spec.crop)
         fitted = train_student(student, x, y, vx, vy, kd=kd, teacher=teacher, cache_teacher=dcfg.cache_teacher,
                                teacher_cache=shared, desc=f"distill ({name})", mixup=dcfg.mixup,
-                               train_loader=views(budget.batch_size) if views else None, **common)
+                               train_loader=views(batch) if views else None, **common)
         if best is None or fitted.best_val_accuracy > best[2].best_val_accuracy:
             best = (name, student, fitted)
     name, student, fitted = best
@@ -362,7 +394,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
         model=name, val_accuracy=fitted.best_val_accuracy, test_accuracy=accuracy(predict_logits(student, tx), ty),
         teacher_model=tmeta.arch, teacher_test_accuracy=teacher_test_acc, best_epoch=fitted.best_epoch,
         params=count_params(student), teacher_params=count_params(teacher), kd=kd,
-        train_seconds=train_seconds, history=fitted.history, auto=auto, budget=budget.describe(), **gate,
+        train_seconds=train_seconds, history=fitted.history, auto=auto, budget=described, **gate,
     )
     if cfg.data.target is not None and cfg.adapt.domain != "none" and vy.ndim == 1:
         from pipeline.domain import load_target
@@ -377,8 +409,13 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
         log.warning("distill: %s", result.refusal)
     if dcfg.compare_without_kd:
         control = build_student(name, n_classes, dcfg.weights, spec.crop)
-        c_fit = train_student(control, x, y, vx, vy, kd=None, desc=f"control, no KD ({name})",
-                              train_loader=views(budget.batch_size) if views else None, **common)
+        # the labeled images alone, at the real images' batch: cross-entropy has nothing to learn from
+        # the unlabeled and generated rows (label -1)
+        n_labeled = len(x) - (n_generated if views is None else 0)
+        c_fit = train_student(control, x[:n_labeled], y[:n_labeled], vx, vy, kd=None,
+                              desc=f"control, no KD ({name})",
+                              train_loader=views(budget.batch_size, labeled_only=True) if views else None,
+                              **{**common, "batch_size": budget.batch_size})
         result.without_kd = WithoutKD(accuracy(predict_logits(control, tx), ty), c_fit.best_val_accuracy)
     teacher.cpu()  # ONNX export (cost measurement) traces on the CPU
     if dcfg.measure_cost:

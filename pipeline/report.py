@@ -75,8 +75,32 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
                      + f"), test unknown rate {o['test_unknown_rate']:.1%}")
             line += (f"; vs {o['n_ood']} OOD images: AUROC {o['auroc']:.3f}, FPR@95TPR {o['fpr_at_95_tpr']:.1%}"
                      if o["validated"] else f"; {o['note']}")
+            if not o["validated"] and o.get("proxy"):
+                line += f"; {proxy_text(o['proxy'])}"
         lines.append(line)
     return lines
+
+
+# The report warns when a model's unknown answer separates generated images of no class worse than this
+# AUROC, or lets more than this share of them through at its threshold: the default students that let
+# 45-90 % of real photos of other subjects through scored AUROC 0.21-0.78 and let 45-91 % of generated
+# images through (bench/RESULTS.md, issue 17).
+PROXY_MIN_AUROC, PROXY_MAX_KNOWN = 0.9, 0.5
+
+
+def proxy_warning(role: str, p: dict[str, Any]) -> str | None:
+    """A warning for the report when the check on generated images (exporters.trust's `proxy`) fails, else None."""
+    if p["auroc"] >= PROXY_MIN_AUROC and p["known_rate"] <= PROXY_MAX_KNOWN:
+        return None
+    return (f"the {role}'s unknown answer lets {p['known_rate']:.0%} of {p['n']} generated images of no class "
+            f"through (AUROC {p['auroc']:.2f}); it is unlikely to reject real outliers either: measure it with "
+            "data.ood, or for a student raise distill.synthetic_outliers")
+
+
+def proxy_text(p: dict[str, Any]) -> str:
+    """exporters.trust's check on generated images of no class, in words."""
+    return (f"vs {p['n']} generated images of no class (not real outliers): AUROC {p['auroc']:.3f}, "
+            f"{p['known_rate']:.1%} answered with a class")
 
 
 def print_deploy(record: dict[str, Any], console: Console | None = None, title: str = "") -> None:
@@ -348,9 +372,15 @@ def _trust_section(run: RunDir, trust: dict[str, Any]) -> list[str]:
                  ["OOD: FPR at 95% TPR, unknown rate", *[o(r, lambda x: f"{x['fpr_at_95_tpr']:.1%}, "
                                                          f"{x['ood_unknown_rate']:.1%}" if x["validated"] else "—")
                                                          for r in roles]]]
+        if any((trust[r].get("ood") or {}).get("proxy") for r in roles):
+            rows.append(["generated images of no class: n, AUROC, answered with a class",
+                         *[o(r, lambda x: f"{x['proxy']['n']}, {x['proxy']['auroc']:.4f}, {x['proxy']['known_rate']:.1%}"
+                             if x.get("proxy") else "—") for r in roles]])
     lines += _md_table(header, rows)
     notes = {trust[r]["ood"]["note"] for r in roles if trust[r].get("ood") and not trust[r]["ood"]["validated"]}
-    lines += [f"**{n[0].upper() + n[1:]}.**" for n in notes] + ([""] if notes else [])
+    notes |= {w for r in roles if (trust[r].get("ood") or {}).get("proxy")
+              and (w := proxy_warning(r, trust[r]["ood"]["proxy"]))}
+    lines += [f"**{n[0].upper() + n[1:]}.**" for n in sorted(notes)] + ([""] if notes else [])
     for r in roles:
         if trust[r].get("plot") and (run.root / trust[r]["plot"]).is_file():
             lines += [f"![reliability diagram, {r}]({trust[r]['plot']})", ""]

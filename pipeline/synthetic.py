@@ -1,6 +1,7 @@
 """Procedurally generated images of no class, for the KD term (distill.synthetic_outliers).
 
     images = synthetic_images(300, seed=0)   # list of PIL RGB images, the same for the same seed
+    x = synthetic_tensors(200, spec, seed=0, stream=1)   # through the evaluation transform: (200, 3, H, W)
 
 A student distilled from scratch on a few hundred photos learns nothing about what its classes are not:
 on the textures photo set (bench/photo_sets.py) the shipped student answered "brick", "grass" or "gravel"
@@ -48,7 +49,19 @@ def spectral_noise(rng: np.random.Generator, size: int = SIZE) -> Image.Image:
     return Image.fromarray((np.stack(channels, -1) * 255).astype(np.uint8))
 
 
-def synthetic_images(n: int, seed: int = 0, size: int = SIZE) -> list[Image.Image]:
-    """`n` images, dead leaves and spectral noise alternating, deterministic for `seed`."""
-    rng = np.random.default_rng([seed, 0x5EED])
+def synthetic_images(n: int, seed: int = 0, size: int = SIZE, stream: int = 0) -> list[Image.Image]:
+    """`n` images, dead leaves and spectral noise alternating, deterministic for `seed`; another
+    `stream` gives other images of the same families (the export's check draws from stream 1, the
+    student trains on stream 0)."""
+    rng = np.random.default_rng([seed, 0x5EED] + ([stream] if stream else []))
     return [(dead_leaves if i % 2 == 0 else spectral_noise)(rng, size) for i in range(n)]
+
+
+def synthetic_tensors(n: int, spec, seed: int = 0, stream: int = 0):
+    """`n` generated images through the evaluation transform (pipeline.data.eval_transform), a float tensor."""
+    import torch
+
+    from pipeline.data import eval_transform
+
+    tf = eval_transform(spec)
+    return torch.stack([tf(img) for img in synthetic_images(n, seed, stream=stream)])

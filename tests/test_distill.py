@@ -1,4 +1,6 @@
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -124,14 +126,34 @@ def test_unlabeled_images_feed_distillation(run_copy, tiny_data, tmp_path):
     assert r.exit_code == 1 and "distill.unlabeled:" in r.output and "holds no images" in r.output
 
 
-def test_synthetic_outliers_feed_distillation(run_copy):
-    """distill.synthetic_outliers: that many generated images join the KD term as unlabeled rows."""
-    cfg, run_dir = run_copy
-    n_train = len(json.loads((run_dir / "split.json").read_text())["train"])
-    r = CliRunner().invoke(cli, ["distill", str(cfg), "--set", "distill.steps=4", "--set", "distill.epochs=null",
-                                 "--set", "distill.measure_cost=false", "--set", "distill.synthetic_outliers=6"])
+def test_synthetic_outliers_ride_along_without_growing_the_budget(run_copy):
+    """distill.synthetic_outliers: that share of generated images joins the KD term as unlabeled rows;
+    the budget stays sized to the real images and each batch grows by the share instead."""
+    from pipeline.config import load_config
+    from pipeline.distill_stage import _views
+    from pipeline.rundir import load_split
+    from runtime.preprocess import PreprocessSpec
+
+    cfg_path, run_dir = run_copy
+    split = load_split(load_config(cfg_path).run)
+    n_train = len(split.paths("train"))
+    spec = PreprocessSpec(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    views, n, extra = _views(load_config(cfg_path, ["distill.synthetic_outliers=0.5", "distill.augment=light"]),
+                             split, spec)
+    assert (n, extra) == (n_train, round(0.5 * n_train))
+    labels = torch.cat([yb for _, yb in views(8)])
+    assert len(labels) == n_train + extra and int((labels == -1).sum()) == extra  # generated rows are unlabeled
+    assert _views(load_config(cfg_path, ["distill.synthetic_outliers=0"]), split, spec)[1:] == (n_train, 0)
+    assert _views(load_config(cfg_path, ["trust.ood.enabled=false"]), split, spec)[1:] == (n_train, 0)  # nothing to teach
+
+    # fixed inputs (augment none, the tiny run's): the teacher labels the generated rows once
+    r = CliRunner().invoke(cli, ["distill", str(cfg_path), "--set", "distill.steps=4", "--set", "distill.epochs=null",
+                                 "--set", "distill.measure_cost=false", "--set", "distill.synthetic_outliers=0.5"])
     assert r.exit_code == 0, r.output
-    assert f"{n_train + 6} images" in json.loads((run_dir / "metrics.json").read_text())["student"]["budget"]
+    budget = json.loads((run_dir / "metrics.json").read_text())["student"]["budget"]
+    batch = int(re.search(r"\(batch (\d+),", budget).group(1))  # the real images' batch, as without them
+    grown = math.ceil(batch * (n_train + extra) / n_train)  # so an epoch takes as many steps as without them
+    assert f"{n_train} images" in budget and f"carries {grown - batch} of {extra} generated images of no class" in budget
 
 
 def test_synthetic_images_are_seeded_and_varied():
@@ -144,6 +166,8 @@ def test_synthetic_images_are_seeded_and_varied():
     assert all(img.mode == "RGB" and img.size == (160, 160) for img in a)
     assert all(np.array_equal(x, np.asarray(y)) for x, y in zip(arrays, b))  # same seed, same pixels
     assert not any(np.array_equal(x, np.asarray(y)) for x, y in zip(arrays, c))  # another seed, other images
+    other = synthetic_images(4, seed=0, stream=1)  # the export's check: not the images a student trained on
+    assert not any(np.array_equal(x, np.asarray(y)) for x, y in zip(arrays, other))
     assert all(x.std() > 10 for x in arrays)  # not flat
     # dead leaves (even) are flat patches: few distinct colours; spectral noise (odd) is smooth: many
     distinct = [len(np.unique(x.reshape(-1, 3), axis=0)) for x in arrays]

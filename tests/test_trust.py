@@ -101,8 +101,25 @@ def test_fit_trust_measures_ood_quality_or_says_it_is_unvalidated():
     assert fit.metrics["test"]["ece_after"] < fit.metrics["test"]["ece_before"]
     plain = fit_trust(TrustConfig(), (z[:300], y[:300]), (z[300:], y[300:]))
     assert not plain.metrics["ood"]["validated"] and "unvalidated against real outliers" in plain.metrics["ood"]["note"]
+    assert "proxy" not in plain.metrics["ood"]
+    # without data.ood, generated images of no class give a floor: measured, but still "unvalidated"
+    proxy = fit_trust(TrustConfig(), (z[:300], y[:300]), (z[300:], y[300:]), proxy=outliers)
+    p = proxy.metrics["ood"]["proxy"]
+    assert not proxy.metrics["ood"]["validated"] and p["n"] == 200 and p["auroc"] == o["auroc"]
+    assert p["known_rate"] == pytest.approx(1 - o["ood_unknown_rate"])
+    passing = fit_trust(TrustConfig(), (z[:300], y[:300]), (z[300:], y[300:]), proxy=z[300:500])  # like the test split
+    assert 0.35 < passing.metrics["ood"]["proxy"]["auroc"] < 0.65 and passing.metrics["ood"]["proxy"]["known_rate"] > 0.8
     off = fit_trust(TrustConfig(ood=OODConfig(enabled=False)), (z[:300], y[:300]), (z[300:], y[300:]))
     assert off.trust.ood is None and "ood" not in off.metrics
+
+
+def test_the_report_warns_when_generated_images_pass_as_known():
+    from pipeline.report import proxy_warning
+
+    assert proxy_warning("student", {"n": 200, "auroc": 1.0, "known_rate": 0.0}) is None
+    poor = proxy_warning("student", {"n": 200, "auroc": 0.78, "known_rate": 0.45})  # textures' default student
+    assert poor.startswith("the student's unknown answer lets 45% of 200 generated") and "AUROC 0.78" in poor
+    assert "80%" in proxy_warning("teacher", {"n": 200, "auroc": 0.94, "known_rate": 0.8})  # ranked well, yet let through
 
 
 def test_the_threshold_keeps_the_deployment_cameras_images_known_too():
@@ -200,6 +217,8 @@ def test_bundle_carries_trust_and_every_artifact_passed_its_checks(tiny_run):
     report = (run_dir / "report.md").read_text()
     assert "## Trust: calibrated probabilities and the unknown answer" in report
     assert "unvalidated against real outliers" in report and f"![reliability diagram, {role}]" in report
+    assert m["ood"]["proxy"]["n"] == 200 and 0 <= m["ood"]["proxy"]["known_rate"] <= 1
+    assert "generated images of no class: n, AUROC, answered with a class" in report
 
 
 def test_runtime_answers_unknown_below_the_threshold(tiny_run):
