@@ -227,6 +227,13 @@ def _describe_target_gate(tg: dict[str, Any]) -> str:
     return f"the student keeps {100 * tg['retention']:.1f}% of the teacher's accuracy ({tg['n']} images)"
 
 
+def _with_unlabeled(x, y, extra):
+    """`x`, `y` with the rows `extra` appended, labeled -1 (unlabeled: they feed the KD term alone)."""
+    import torch
+
+    return torch.cat([x, extra]), torch.cat([y, torch.full((len(extra), *y.shape[1:]), -1, dtype=y.dtype)])
+
+
 def generated_count(cfg: PipelineConfig, n_train: int) -> int:
     """How many generated images of no class join the KD term (distill.synthetic_outliers per
     training image): none where there is no unknown answer for them to teach (multi-label, or
@@ -271,15 +278,13 @@ def _views(cfg: PipelineConfig, split, spec) -> tuple[Any, int, int]:
     for folder in folders:  # of data.target, the 'train' half (the other judges the student: target_paths)
         extra = target_paths(folder, cfg.seed, "train") if folder == cfg.data.target else unlabeled_paths(folder)
         log.info("distill: %d unlabeled images from %s feed the KD term", len(extra), folder)
-        x8 = torch.cat([x8, load_uint8(extra, spec)])
-        y = torch.cat([y, torch.full((len(extra), *y.shape[1:]), -1, dtype=y.dtype)])  # -1: unlabeled
+        x8, y = _with_unlabeled(x8, y, load_uint8(extra, spec))
     n_real = len(y)
     if n_generated:
         from pipeline.strategies.data import uint8_crops
         from pipeline.synthetic import synthetic_images
 
-        x8 = torch.cat([x8, uint8_crops(synthetic_images(n_generated, cfg.seed), n_generated, spec)])
-        y = torch.cat([y, torch.full((n_generated, *y.shape[1:]), -1, dtype=y.dtype)])
+        x8, y = _with_unlabeled(x8, y, uint8_crops(synthetic_images(n_generated, cfg.seed), n_generated, spec))
     labeled = (y.reshape(len(y), -1) != -1).any(1)  # the rows with a label (unlabeled, generated: -1)
 
     def views(batch: int, labeled_only: bool = False):
@@ -355,6 +360,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
     batch = math.ceil(budget.batch_size * (n_images + n_generated) / n_images)
     described = budget.describe()
     generated = None  # fixed inputs: the generated images as tensors
+    x_labeled, y_labeled = x, y  # the no-KD control's: cross-entropy needs labels
     if n_generated:
         described += f"; each batch also carries {batch - budget.batch_size} of {n_generated} generated images of no class"
         log.info("distill: %d generated images of no class (distill.synthetic_outliers %g per training image) feed "
@@ -363,7 +369,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
             from pipeline.synthetic import synthetic_tensors
 
             generated = synthetic_tensors(n_generated, spec, seed=cfg.seed)
-            x, y = torch.cat([x, generated]), torch.cat([y, torch.full((n_generated, *y.shape[1:]), -1, dtype=y.dtype)])
+            x, y = _with_unlabeled(x, y, generated)
     log.info("distill: training budget %s", described)
     common = dict(epochs=budget.epochs, lr=dcfg.lr, weight_decay=dcfg.weight_decay, batch_size=batch,
                   seed=cfg.seed, validate_every=budget.validate_every, patience=dcfg.patience,
@@ -411,8 +417,7 @@ def run_distill(cfg: PipelineConfig) -> DistillResult:
         control = build_student(name, n_classes, dcfg.weights, spec.crop)
         # the labeled images alone, at the real images' batch: cross-entropy has nothing to learn from
         # the unlabeled and generated rows (label -1)
-        n_labeled = len(x) - (n_generated if views is None else 0)
-        c_fit = train_student(control, x[:n_labeled], y[:n_labeled], vx, vy, kd=None,
+        c_fit = train_student(control, x_labeled, y_labeled, vx, vy, kd=None,
                               desc=f"control, no KD ({name})",
                               train_loader=views(budget.batch_size, labeled_only=True) if views else None,
                               **{**common, "batch_size": budget.batch_size})
