@@ -109,3 +109,26 @@ def test_the_split_minimum_is_said_as_a_number(tmp_path):
     assert all({y for _, y in getattr(split, part)} == {0, 1, 2} for part in ("train", "val", "test"))
     report = check_data(DataConfig(root=root, val_fraction=0.2, test_fraction=0.2), progress=False)
     assert report.errors == [] and report.summary["min_images_per_class"] == 5
+
+
+def test_near_duplicates_group_around_one_image_and_do_not_chain():
+    from pipeline.datacheck import _near_groups
+
+    # a-b, b-c and c-d are each 4 bits apart (the bound), a and c 8, a and d 12: a chain, not one group.
+    hashes = {"a.png": 0, "b.png": 0b1111, "c.png": 0b11111111, "d.png": 0xFFF, "e.png": 0xFFFF_0000_0000}
+    exact = {f: f for f in hashes}
+    assert _near_groups(hashes, exact) == [["a.png", "b.png"], ["c.png", "d.png"]]
+    # b is a's bytes (reported as identical files): a has no near-duplicate left, b leads c.
+    assert _near_groups(hashes, {**exact, "b.png": "a.png"}) == [["b.png", "c.png"]]
+
+
+def test_a_big_group_is_listed_in_a_line_and_kept_whole_in_the_json(tmp_path):
+    root = tmp_path / "same"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    for i in range(12):  # one picture, re-encoded: each file differs in bytes, not in looks
+        _photo(root / ("a" if i < 6 else "b") / f"img{i:02d}.jpg", size=(64, 48), quality=60 + 3 * i)
+    report = check_data(DataConfig(root=root, val_fraction=0.15, test_fraction=0.2), progress=False)
+    (group,) = [p for p in report.problems if p.kind == "conflicting_labels"]
+    assert len(group.files) == 12
+    assert group.message.endswith("a/img04.jpg and 7 more (every file in the JSON report)")
