@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data import IMAGE_EXTENSIONS, min_images_per_class, read_manifest
+from runtime.preprocess import open_image
 
 #: Hamming distance (of 64 bits) at or under which two images count as near-duplicates.
 NEAR_DUPLICATE_BITS = 4
@@ -92,10 +93,13 @@ def _inspect(path: Path) -> tuple[str | None, str | None, dict[str, Any]]:
             im.verify()  # structure and checksums; the image must be reopened after verify
         with Image.open(path) as im:
             facts = {"format": im.format, "mode": im.mode, "size": im.size,
-                     "bits": {"1": 1, "L": 8, "P": 8, "RGB": 8, "RGBA": 8, "I;16": 16, "I": 32, "F": 32}.get(im.mode, 8),
+                     "bits": 16 if im.mode.startswith("I;16") else {"1": 1, "I": 32, "F": 32}.get(im.mode, 8),
                      "exif_rotated": im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)}
             im.load()  # decodes every pixel: a truncated file fails here
-            facts["dhash"] = _dhash(im)
+            # Hashed as training and the runtime see it (runtime.preprocess.open_image): PIL's own
+            # convert("L") clips 16-bit scans to white, which made every 16-bit image a near-duplicate
+            # of every other, across classes.
+            facts["dhash"] = _dhash(open_image(im, max_pixels=None))
     except OSError as e:
         text = str(e)
         kind = "truncated" if "truncated" in text.lower() else "corrupt"

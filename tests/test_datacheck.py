@@ -132,3 +132,19 @@ def test_a_big_group_is_listed_in_a_line_and_kept_whole_in_the_json(tmp_path):
     (group,) = [p for p in report.problems if p.kind == "conflicting_labels"]
     assert len(group.files) == 12
     assert group.message.endswith("a/img04.jpg and 7 more (every file in the JSON report)")
+
+
+def test_16_bit_scans_are_hashed_as_the_model_sees_them(tmp_path):
+    import numpy as np
+
+    root = tmp_path / "scans"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(8):  # every image its own smooth 16-bit scan, all of it above 255: no two alike
+            coarse = Image.fromarray(rng.uniform(1000, 65535, (4, 4)).astype(np.float32), mode="F")
+            px = np.asarray(coarse.resize((40, 40), Image.Resampling.BILINEAR)).astype(np.uint16)
+            Image.fromarray(px).save(root / c / f"{i}.png")
+    report = check_data(DataConfig(root=root, val_fraction=0.15, test_fraction=0.2), progress=False)
+    assert report.summary["modes"] == {"I;16": 16} and report.summary["bit_depths"] == {"16": 16}
+    assert not [p for p in report.problems if p.kind in ("conflicting_labels", "leakage", "near_duplicate")]
