@@ -26,6 +26,7 @@ import numpy as np
 from exporters.bench import alternating_latency, artifact_bytes, timing_inputs
 from exporters.config import DeployConfig
 from exporters.parity import GateResult
+from exporters.quiet import logger_at
 from runtime.backends import session_for_artifact
 from runtime.bundle import Bundle, read_bundle, write_manifest
 from runtime.errors import EdgekilnError
@@ -146,26 +147,27 @@ def measure(cands: list[Candidate], bundles: dict[str, Bundle], deploy: DeployCo
     latency at batch 1 with every session open, in alternating blocks; then throughput at `deploy.batch`
     one candidate at a time, each session closed before the next opens (a session's memory arena grows to
     the batch's activations: ViT-B/16's four sessions at batch 16 held 6 GB at once)."""
-    runners, inputs = {}, {}
-    for i, c in enumerate(cands):
-        b = bundles[c.bundle]
-        run = session_for_artifact(b, c.artifact, backend=c.backend, intra_op_threads=deploy.threads).run
-        if c.bundle not in inputs:
-            inputs[c.bundle] = timing_inputs(b, 1)
-        runners[i] = (run, inputs[c.bundle])
-    blocks = 3
-    per = max(1, deploy.latency_rounds // blocks)
-    lat = alternating_latency({i: (lambda _x, r=r, x=x1: r(x)) for i, (r, x1) in runners.items()}, None,
-                              blocks=blocks, per_block=per, warmup=3)
-    runners.clear()
-    for i, c in enumerate(cands):
-        b = bundles[c.bundle]
-        run = session_for_artifact(b, c.artifact, backend=c.backend, intra_op_threads=deploy.threads).run
-        thr = alternating_latency({i: run}, timing_inputs(b, deploy.batch), blocks=2, per_block=2, warmup=1)
-        del run
-        c.latency_p50_ms = float(np.median(lat[i])) * 1e3
-        c.throughput_ips = deploy.batch / float(np.median(thr[i]))
-    return cands
+    with logger_at("edgekiln.runtime"):  # the candidates' table says what ran where
+        runners, inputs = {}, {}
+        for i, c in enumerate(cands):
+            b = bundles[c.bundle]
+            run = session_for_artifact(b, c.artifact, backend=c.backend, intra_op_threads=deploy.threads).run
+            if c.bundle not in inputs:
+                inputs[c.bundle] = timing_inputs(b, 1)
+            runners[i] = (run, inputs[c.bundle])
+        blocks = 3
+        per = max(1, deploy.latency_rounds // blocks)
+        lat = alternating_latency({i: (lambda _x, r=r, x=x1: r(x)) for i, (r, x1) in runners.items()}, None,
+                                  blocks=blocks, per_block=per, warmup=3)
+        runners.clear()
+        for i, c in enumerate(cands):
+            b = bundles[c.bundle]
+            run = session_for_artifact(b, c.artifact, backend=c.backend, intra_op_threads=deploy.threads).run
+            thr = alternating_latency({i: run}, timing_inputs(b, deploy.batch), blocks=2, per_block=2, warmup=1)
+            del run
+            c.latency_p50_ms = float(np.median(lat[i])) * 1e3
+            c.throughput_ips = deploy.batch / float(np.median(thr[i]))
+        return cands
 
 
 def pareto_front(cands: list[Candidate], metric: str = "accuracy") -> None:

@@ -25,6 +25,7 @@ import numpy as np
 from exporters.agreement import AgreementSet
 from exporters.decisions import SCORE_TIE, compare_decisions  # noqa: F401  (SCORE_TIE: importable from here as before)
 from exporters.stats import DropStats, agreement_interval, paired_drop
+from exporters.quiet import logger_at
 from exporters.thresholds import Thresholds
 from runtime.backends import EngineUnavailable, session_for_artifact
 from runtime.bundle import Bundle, MultiLabel, Trust
@@ -383,6 +384,13 @@ def open_runners(bundle: Bundle, keys: list[str] | None = None,
     `all_backends`, also on every other backend of its `runtimes` that starts here, as key@backend),
     as float32 NCHW batch -> logits functions, and {label: why} for what cannot run on this machine."""
     runners, skipped = {}, {}
+    with logger_at("edgekiln.runtime"):  # the gate's table says what ran where
+        _open_each(bundle, keys, all_backends, runners, skipped)
+    return runners, skipped
+
+
+def _open_each(bundle: Bundle, keys: list[str] | None, all_backends: bool, runners: dict[str, Runner],
+               skipped: dict[str, str]) -> None:
     for key in keys if keys is not None else list(bundle.manifest.artifacts):
         runtimes = bundle.artifact(key).runtimes
         for i, backend in enumerate(runtimes if all_backends else runtimes[:1]):
@@ -397,7 +405,6 @@ def open_runners(bundle: Bundle, keys: list[str] | None = None,
                     raise
                 log.debug("parity: %s: backend %s not available here: %s", key, backend, e)
                 skipped[label] = str(e)
-    return runners, skipped
 
 
 def _run_all(runners: dict[str, Runner], batches, reference: Runner | None = None) -> dict[str, np.ndarray]:

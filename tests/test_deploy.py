@@ -160,3 +160,22 @@ def test_an_artifact_that_failed_parity_on_one_backend_is_refused_there_only(run
     assert runtime.load(bundle, backend="cpu", artifact="onnx_int8").artifact == "onnx_int8"
     r = CliRunner().invoke(cli, ["serve", str(bundle), "--backend", "openvino", "--artifact", "onnx_int8"])
     assert r.exit_code != 0 and "failed the parity gate on backend 'openvino'" in r.output and "Traceback" not in r.output
+
+
+def test_the_gate_and_the_timing_open_sessions_without_a_line_each_and_predict_still_says_it(tiny_run, caplog):
+    import logging
+
+    import runtime
+    from exporters.deploy import bundle_candidates, measure
+    from exporters.parity import open_runners
+
+    _, run_dir, _ = tiny_run
+    bundle = read_bundle(run_dir / "bundle")
+    caplog.set_level(logging.INFO, logger="edgekiln.runtime")
+    runners, _ = open_runners(bundle, all_backends=True)
+    cands = bundle_candidates(bundle)
+    measure(cands, {c.bundle: bundle for c in cands}, DeployConfig(latency_rounds=5, batch=2))
+    assert len(runners) >= 2 and all(c.latency_p50_ms > 0 for c in cands)
+    assert not [r for r in caplog.records if r.name == "edgekiln.runtime"]
+    runtime.load(run_dir / "bundle")  # what `edgekiln predict` and `serve` open: the user sees where it runs
+    assert any("on backend 'cpu'" in r.getMessage() for r in caplog.records if r.name == "edgekiln.runtime")
