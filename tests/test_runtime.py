@@ -127,3 +127,16 @@ def test_predict_cli(tiny_run, tiny_data):
     assert len(lines) == 2 and lines[0].startswith(str(imgs[0]) + "\t")
     r = CliRunner().invoke(cli, ["predict", str(run_dir / "bundle"), str(tiny_data / "missing.png")])
     assert r.exit_code == 1 and "missing.png: no such file" in r.output
+
+
+def test_predict_answers_every_readable_image_and_names_each_bad_one(tiny_run, tiny_data, tmp_path):
+    _, run_dir, _ = tiny_run
+    good = sorted(tiny_data.rglob("*.png"))[:3]
+    (tmp_path / "broken.png").write_bytes(b"not a png" * 10)
+    args = [str(good[0]), str(tmp_path / "missing.png"), str(good[1]), str(tmp_path / "broken.png"), str(good[2])]
+    r = CliRunner().invoke(cli, ["predict", str(run_dir / "bundle"), *args])
+    assert r.exit_code == 1
+    assert [line.split("\t")[0] for line in r.stdout.strip().splitlines()] == [str(p) for p in good]
+    err = r.stderr.strip().splitlines()
+    assert err[-3].endswith("missing.png: no such file") and "broken.png: " in err[-2]
+    assert err[-1] == "error: 2 of 5 image(s) could not be read (each is named above)"

@@ -26,14 +26,39 @@ def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int, ood: bool, p
     Example: edgekiln predict runs/demo/bundle photo1.jpg photo2.png --top-k 3
     """
     import runtime
+    from runtime.errors import ImageError
 
     clf = runtime.load(bundle_dir, public_key=public_key, ood=ood)
-    if clf.multilabel is not None:
-        for path, p in zip(images, clf.predict(list(images))):
+    failed = 0
+    for path, p in _each(clf, list(images), top_k):
+        if isinstance(p, ImageError):  # said on its own line; the other images still get their answer
+            failed += 1
+            click.echo(f"error: {p}", err=True)
+        elif clf.multilabel is not None:
             probs = "  ".join(f"{label}:{prob:.3f}" for label, prob in p.probabilities.items())
             click.echo(f"{path}\t{','.join(p.labels) or '-'}\t{probs}")
-        return
-    for path, p in zip(images, clf.predict(list(images), top_k=top_k)):
-        alts = "  ".join(f"{label}:{prob:.3f}" for label, prob in p.top_k)
-        score = f"\tscore {p.score:.3f}" if p.score is not None else ""
-        click.echo(f"{path}\t{p.label}\t{p.probability:.4f}{score}" + (f"\t{alts}" if top_k > 1 else ""))
+        else:
+            alts = "  ".join(f"{label}:{prob:.3f}" for label, prob in p.top_k)
+            score = f"\tscore {p.score:.3f}" if p.score is not None else ""
+            click.echo(f"{path}\t{p.label}\t{p.probability:.4f}{score}" + (f"\t{alts}" if top_k > 1 else ""))
+    if failed:
+        raise ImageError(f"{failed} of {len(images)} image(s) could not be read (each is named above)"
+                         if len(images) > 1 else "the image could not be read (above)")
+
+
+def _each(clf, paths: list[Path], top_k: int, chunk: int = 32):
+    """(path, Prediction or the ImageError that image raised), a chunk of images per call; a chunk with an
+    unreadable image is retried one image at a time, so one bad file does not cost the others their answer."""
+    from runtime.errors import ImageError
+
+    kw = {} if clf.multilabel is not None else {"top_k": top_k}
+    for i in range(0, len(paths), chunk):
+        part = paths[i : i + chunk]
+        try:
+            yield from zip(part, clf.predict(part, **kw))
+        except ImageError:
+            for path in part:
+                try:
+                    yield path, clf.predict([path], **kw)[0]
+                except ImageError as e:
+                    yield path, e
