@@ -296,6 +296,7 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
     passed its gate and met the budgets (metrics.json's `deploy` section still lists every figure)."""
     from exporters.bundle import check_export_options
     from exporters.deploy import choose, gate_candidates, measure, no_candidate_error, set_default, ship
+    from pipeline.report import write_run_report
 
     check_export_options(cfg.export)
     t0 = time.perf_counter()
@@ -326,6 +327,7 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
         record["plot"] = PARETO_PNG
     run.update_metrics("deploy", record)
     if choice.chosen is None:
+        write_run_report(run, run.read_metrics())  # the report shows every candidate and what it missed
         raise no_candidate_error(choice)
     win = choice.chosen
     for r in roles:  # the other models stay as loadable candidate bundles, each with its own best as default
@@ -351,7 +353,10 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
 
         result.triton_model = str(write_triton_repo(shipped.root, Path(triton_repo)))
     run.update_metrics("onnx", result.to_metrics())
-    run.update_metrics(section, {**{r: f.to_metrics() for r, f in fits.items()}, "shipped": win.model})
+    # report.md follows every export, not only `edgekiln run`: after `edgekiln export` alone it showed the
+    # deploy table and trust figures of the export before.
+    write_run_report(run, run.update_metrics(section, {**{r: f.to_metrics() for r, f in fits.items()},
+                                                         "shipped": win.model}))
     return result
 
 
@@ -414,13 +419,6 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     distilled = run_distill(cfg) if cfg.distill.enabled else None
     # The export's own gate is the validation: the bundle it checked is the one renamed into place,
     # so running run_validate here would only recompute the same parity over again.
-    from exporters.deploy import DeployError
-
-    try:
-        exported = run_export(cfg)
-    except DeployError:
-        write_run_report(cfg.run, cfg.run.read_metrics())  # the report shows every candidate and what it missed
-        raise
-    cfg.run.update_metrics("validate", exported.gate.to_dict())
-    write_run_report(cfg.run, cfg.run.read_metrics())
+    exported = run_export(cfg)  # writes report.md, also when no candidate can ship (DeployError)
+    write_run_report(cfg.run, cfg.run.update_metrics("validate", exported.gate.to_dict()))
     return PipelineResult(adapted, distilled, exported)

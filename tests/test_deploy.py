@@ -95,6 +95,8 @@ def test_size_budget_only_int8_meets_ships_int8_as_default(run_copy):
     assert fp32["missed"] == [f"size {fp32['size_mb']:.2f} MB > 0.05"]
     assert "student onnx int8 on cpu was chosen as the fastest" in r.output
     assert "verdict: shipped student onnx int8 on cpu (onnx_int8)" in r.output
+    report = (run_dir / "report.md").read_text()  # `edgekiln export` alone brings report.md up to date
+    assert "verdict: shipped student onnx int8 on cpu (onnx_int8)" in report and "budgets: max_size_mb 0.05" in report
 
 
 def test_nothing_meets_the_size_budget_exits_1_listing_every_candidate(run_copy):
