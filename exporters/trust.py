@@ -182,7 +182,6 @@ def threshold_for_recall(scores: np.ndarray, recall: float) -> float:
     return float(s[0] - (s[1] - s[0]) / 2) if len(s) > 1 else float(s[0])
 
 
-
 def fit_threshold(scores: np.ndarray, recall: float) -> tuple[float, str]:
     """The OOD threshold for a target in-distribution `recall` on validation `scores`, and the rule used.
 
@@ -204,6 +203,7 @@ def fit_threshold(scores: np.ndarray, recall: float) -> tuple[float, str]:
     if int((s < threshold).sum()) > cap:
         threshold = float((s[cap - 1] + s[cap]) / 2)
     return threshold, "normal fit"
+
 
 @dataclass
 class TrustFit:

@@ -126,7 +126,8 @@ def test_predict_cli(tiny_run, tiny_data):
     lines = r.output.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(str(imgs[0]) + "\t")
     r = CliRunner().invoke(cli, ["predict", str(run_dir / "bundle"), str(tiny_data / "missing.png")])
-    assert r.exit_code == 1 and "missing.png: no such file" in r.output
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1].endswith("missing.png: no such file")
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
 def test_predict_answers_every_readable_image_and_names_each_bad_one(tiny_run, tiny_data, tmp_path):

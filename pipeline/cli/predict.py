@@ -31,6 +31,8 @@ def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int, ood: bool, p
     clf = runtime.load(bundle_dir, public_key=public_key, ood=ood)
     failed = 0
     for path, p in _each(clf, list(images), top_k):
+        if isinstance(p, ImageError) and len(images) == 1:
+            raise p
         if isinstance(p, ImageError):  # said on its own line; the other images still get their answer
             failed += 1
             click.echo(f"error: {p}", err=True)
@@ -42,8 +44,7 @@ def predict(bundle_dir: Path, images: tuple[Path, ...], top_k: int, ood: bool, p
             score = f"\tscore {p.score:.3f}" if p.score is not None else ""
             click.echo(f"{path}\t{p.label}\t{p.probability:.4f}{score}" + (f"\t{alts}" if top_k > 1 else ""))
     if failed:
-        raise ImageError(f"{failed} of {len(images)} image(s) could not be read (each is named above)"
-                         if len(images) > 1 else "the image could not be read (above)")
+        raise ImageError(f"{failed} of {len(images)} image(s) could not be read (each is named above)")
 
 
 def _each(clf, paths: list[Path], top_k: int, chunk: int = 32):
