@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
 
 from exporters.config import TrustConfig
 from runtime.bundle import OODSpec, Trust
@@ -182,29 +181,6 @@ def threshold_for_recall(scores: np.ndarray, recall: float) -> float:
     return float(s[0] - (s[1] - s[0]) / 2) if len(s) > 1 else float(s[0])
 
 
-def fit_threshold(scores: np.ndarray, recall: float) -> tuple[float, str]:
-    """The OOD threshold for a target in-distribution `recall` on validation `scores`, and the rule used.
-
-    With at least 1 / (1 - recall) scores (20 at 95 %) it is `threshold_for_recall`, the empirical
-    quantile. With fewer, the quantile lies below the lowest score and that rule sets the threshold under
-    every validation image: 97 % of generated images of no class then passed as known on a 108-image
-    photo set with 17 validation images. There the threshold is the normal fit's quantile, mean - z * sd
-    of the scores, which 17 scores estimate far better than their minimum: over 300 random 15-image
-    validation sets drawn from three photo sets, outliers answered with a class fell from 27-51 % to
-    1-38 %, in-distribution unknowns went from 4.7-4.9 % to 4.8-7.8 % (bench/RESULTS.md, tenth session).
-    It never leaves more than twice the target share of validation scores below it (when the scores are
-    far from normal, their spread would otherwise say little)."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    n = len(s)
-    if n < 3 or recall >= 1 or np.floor((1.0 - recall) * n + 1e-9) > 0:
-        return threshold_for_recall(s, recall), "quantile"
-    threshold = float(s.mean() - norm.ppf(recall) * s.std(ddof=1))
-    cap = max(1, int(round(2 * (1.0 - recall) * n)))
-    if int((s < threshold).sum()) > cap:
-        threshold = float((s[cap - 1] + s[cap]) / 2)
-    return threshold, "normal fit"
-
-
 @dataclass
 class TrustFit:
     """What `fit_trust` chose (`trust`, for bundle.json) and measured (`to_metrics()`)."""
@@ -262,7 +238,7 @@ def fit_trust(cfg: TrustConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[
     elif cfg.ood.enabled:
         kind = cfg.ood.score
         v_scores, t_scores = ood_score(vz, kind), ood_score(tz, kind)
-        threshold, rule = fit_threshold(v_scores, cfg.ood.target_recall)
+        threshold = threshold_for_recall(v_scores, cfg.ood.target_recall)
         g_scores = ood_score(target, kind) if target is not None and len(target) else None
         if g_scores is not None:
             threshold = min(threshold, threshold_for_recall(g_scores, cfg.ood.target_recall))
@@ -270,7 +246,6 @@ def fit_trust(cfg: TrustConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[
                        unknown_label=cfg.ood.unknown_label)
         o: dict[str, Any] = {
             "score": kind, "threshold": spec.threshold, "target_recall": cfg.ood.target_recall,
-            "threshold_rule": rule,
             "val_known_rate": float((v_scores >= spec.threshold).mean()),
             "test_unknown_rate": float((t_scores < spec.threshold).mean()) if len(t_scores) else 0.0,
             "validated": ood is not None and len(ood) > 0,

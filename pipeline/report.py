@@ -363,12 +363,7 @@ def _trust_section(run: RunDir, trust: dict[str, Any]) -> list[str]:
             x = trust[r].get("ood")
             return fmt(x) if x else "off"
 
-        def rule(x: dict[str, Any], r: str) -> str:  # the normal fit stands in for a quantile too few images place
-            return (f" (normal fit: {trust[r]['n_val']} validation images are too few for the quantile)"
-                    if x.get("threshold_rule") == "normal fit" else "")
-
-        rows += [["OOD score, threshold", *[o(r, lambda x, r=r: f"{x['score']} ≥ {x['threshold']:.4f}{rule(x, r)}")
-                                            for r in roles]],
+        rows += [["OOD score, threshold", *[o(r, lambda x: f"{x['score']} ≥ {x['threshold']:.4f}") for r in roles]],
                  ["val known (target)", *[o(r, lambda x: f"{x['val_known_rate']:.1%} ({x['target_recall']:.0%})")
                                           for r in roles]],
                  ["test unknown rate", *[o(r, lambda x: f"{x['test_unknown_rate']:.1%}") for r in roles]],

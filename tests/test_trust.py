@@ -12,7 +12,7 @@ from exporters.config import OODConfig, TrustConfig
 from exporters.parity import compare_logits
 from exporters.thresholds import Thresholds
 from exporters.trust import (
-    auroc, expected_calibration_error, fit_temperature, fit_threshold, fit_trust, fpr_at_tpr, nll, threshold_for_recall,
+    auroc, expected_calibration_error, fit_temperature, fit_trust, fpr_at_tpr, nll, threshold_for_recall,
 )
 from pipeline.cli import cli
 from runtime.bundle import OODSpec, Trust, read_bundle
@@ -90,27 +90,6 @@ def test_ece_auroc_fpr_and_threshold_by_hand():
     assert threshold_for_recall(scores, 0.99) == 0.5  # keeps all 20: half a gap below the lowest
     assert fpr_at_tpr(scores, np.array([0.0, 1.0, 1.4, 3.0]), 0.95) == 0.25  # only 3.0 passes as known
 
-
-
-def test_too_few_validation_scores_for_the_quantile_get_the_normal_fit():
-    scores = np.arange(1, 21, dtype=float)
-    assert fit_threshold(scores, 0.95) == (threshold_for_recall(scores, 0.95), "quantile")  # 20 place the 5 %
-    rng = np.random.default_rng(0)
-    small = rng.normal(10.0, 2.0, 17)
-    threshold, rule = fit_threshold(small, 0.95)
-    assert rule == "normal fit"
-    assert threshold == pytest.approx(small.mean() - 1.6449 * small.std(ddof=1), abs=1e-3)
-    assert threshold > threshold_for_recall(small, 0.95)  # the quantile rule sits under all 17
-    # far from normal: 14 scores at 10 and 3 at 9.x; the fit would put all 3 below, the cap keeps 2 (twice 5 % of 17)
-    odd = np.array([10.0] * 14 + [9.3, 9.2, 9.1])
-    threshold, _ = fit_threshold(odd, 0.95)
-    assert (odd < threshold).sum() == 2 and threshold == pytest.approx(9.25)
-    assert fit_threshold(small[:2], 0.95)[1] == "quantile" and fit_threshold(small, 1.0)[1] == "quantile"
-    z, y = _overconfident(117, 2.0, seed=3)
-    fit = fit_trust(TrustConfig(), (z[:17], y[:17]), (z[17:], y[17:]))
-    o = fit.metrics["ood"]
-    assert o["threshold_rule"] == "normal fit" and fit.trust.ood.threshold == fit_threshold(ood_score(z[:17]), 0.95)[0]
-    assert fit.trust.ood.threshold > threshold_for_recall(ood_score(z[:17]), 0.95)
 
 def test_fit_trust_measures_ood_quality_or_says_it_is_unvalidated():
     z, y = _overconfident(600, 2.0, seed=1)
