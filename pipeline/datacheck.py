@@ -166,7 +166,8 @@ def _near_groups(hashes: dict[str, int], exact: dict[str, str]) -> list[list[str
 def _listed(files: list[str], shown: int = 5) -> str:
     """The first few of a group's files for a one-line message; the JSON report keeps every one."""
     rest = len(files) - shown
-    return ", ".join(files[:shown]) + (f" and {rest} more (every file in the JSON report)" if rest > 0 else "")
+    return ", ".join(files[:shown]) + (f" and {rest} more (all listed in the JSON report: a run's data_check.json, "
+                                        "or check-data --json)" if rest > 0 else "")
 
 
 def check_data(data: DataConfig, seed: int = 0, progress: bool = True) -> DataReport:

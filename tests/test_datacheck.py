@@ -131,7 +131,8 @@ def test_a_big_group_is_listed_in_a_line_and_kept_whole_in_the_json(tmp_path):
     report = check_data(DataConfig(root=root, val_fraction=0.15, test_fraction=0.2), progress=False)
     (group,) = [p for p in report.problems if p.kind == "conflicting_labels"]
     assert len(group.files) == 12
-    assert group.message.endswith("a/img04.jpg and 7 more (every file in the JSON report)")
+    assert group.message.endswith("a/img04.jpg and 7 more (all listed in the JSON report: a run's data_check.json, "
+                                  "or check-data --json)")
 
 
 def test_16_bit_scans_are_hashed_as_the_model_sees_them(tmp_path):
