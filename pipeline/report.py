@@ -363,7 +363,12 @@ def _trust_section(run: RunDir, trust: dict[str, Any]) -> list[str]:
             x = trust[r].get("ood")
             return fmt(x) if x else "off"
 
-        rows += [["OOD score, threshold", *[o(r, lambda x: f"{x['score']} ≥ {x['threshold']:.4f}") for r in roles]],
+        def rule(x: dict[str, Any]) -> str:  # how the threshold holds its recall
+            if x.get("threshold_rule") in (None, "quantile"):
+                return ""
+            return f" ({x['target_recall']:.0%} known with confidence {x['confidence']:g}: {x['threshold_rule']})"
+
+        rows += [["OOD score, threshold", *[o(r, lambda x: f"{x['score']} ≥ {x['threshold']:.4f}{rule(x)}") for r in roles]],
                  ["val known (target)", *[o(r, lambda x: f"{x['val_known_rate']:.1%} ({x['target_recall']:.0%})")
                                           for r in roles]],
                  ["test unknown rate", *[o(r, lambda x: f"{x['test_unknown_rate']:.1%}") for r in roles]],

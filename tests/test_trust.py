@@ -12,7 +12,7 @@ from exporters.config import OODConfig, TrustConfig
 from exporters.parity import compare_logits
 from exporters.thresholds import Thresholds
 from exporters.trust import (
-    auroc, expected_calibration_error, fit_temperature, fit_trust, fpr_at_tpr, nll, threshold_for_recall,
+    auroc, expected_calibration_error, fit_temperature, fit_threshold, fit_trust, fpr_at_tpr, nll, threshold_for_recall,
 )
 from pipeline.cli import cli
 from runtime.bundle import OODSpec, Trust, read_bundle
@@ -91,13 +91,39 @@ def test_ece_auroc_fpr_and_threshold_by_hand():
     assert fpr_at_tpr(scores, np.array([0.0, 1.0, 1.4, 3.0]), 0.95) == 0.25  # only 3.0 passes as known
 
 
+
+def test_the_threshold_keeps_its_recall_with_the_confidence_asked_for():
+    from scipy.stats import binom, norm
+
+    rng = np.random.default_rng(0)
+    big = rng.normal(10.0, 2.0, 270)  # the demo's validation size: the 10th lowest score, distribution-free
+    threshold, rule = fit_threshold(big, 0.95, 0.8)
+    s = np.sort(big)
+    assert rule == "order statistic" and threshold == pytest.approx((s[8] + s[9]) / 2)
+    assert binom.sf(9, 270, 0.05) >= 0.8 > binom.sf(10, 270, 0.05)  # r = 10 is the largest such r
+    small = rng.normal(10.0, 2.0, 14)  # too few for r >= 5: the normal tolerance bound
+    threshold, rule = fit_threshold(small, 0.95, 0.8)
+    assert rule == "normal tolerance bound"
+    assert threshold == pytest.approx(small.mean() - 2.0982 * small.std(ddof=1), abs=1e-3)
+    # what the bound promises: over many validation sets of 14, about 80 % of the thresholds keep >= 95 % of
+    # the population known; the quantile rule (half a gap under the lowest of 14) does so in about 62 %
+    draws = rng.normal(10.0, 2.0, (2000, 14))
+    held = {c: np.mean([norm.sf(fit_threshold(d, 0.95, c)[0], 10.0, 2.0) >= 0.95 for d in draws]) for c in (0.8, None)}
+    assert held[0.8] == pytest.approx(0.8, abs=0.03) and held[None] < 0.7
+    assert fit_threshold(small, 0.95, None) == (threshold_for_recall(small, 0.95), "quantile")
+    z, y = _overconfident(114, 2.0, seed=3)
+    fit = fit_trust(TrustConfig(), (z[:14], y[:14]), (z[14:], y[14:]))
+    o = fit.metrics["ood"]
+    assert o["threshold_rule"] == "normal tolerance bound" and o["confidence"] == 0.8
+    assert fit.trust.ood.threshold == fit_threshold(ood_score(z[:14]), 0.95, 0.8)[0]
+
 def test_fit_trust_measures_ood_quality_or_says_it_is_unvalidated():
     z, y = _overconfident(600, 2.0, seed=1)
     outliers = np.random.default_rng(2).normal(loc=-2.0, scale=0.3, size=(200, 4))  # flat, low logits: low energy
     fit = fit_trust(TrustConfig(), (z[:300], y[:300]), (z[300:], y[300:]), outliers, ood_source="noise")
     o = fit.metrics["ood"]
     assert o["validated"] and o["n_ood"] == 200 and o["auroc"] > 0.9 and o["val_known_rate"] >= 0.95
-    assert fit.trust.ood.threshold == threshold_for_recall(ood_score(z[:300]), 0.95)
+    assert fit.trust.ood.threshold == fit_threshold(ood_score(z[:300]), 0.95)[0]
     assert fit.metrics["test"]["ece_after"] < fit.metrics["test"]["ece_before"]
     plain = fit_trust(TrustConfig(), (z[:300], y[:300]), (z[300:], y[300:]))
     assert not plain.metrics["ood"]["validated"] and "unvalidated against real outliers" in plain.metrics["ood"]["note"]
@@ -133,7 +159,7 @@ def test_the_threshold_keeps_the_deployment_cameras_images_known_too():
     o = both.metrics["ood"]
     assert o["fitted_on"] == "val+target" and o["n_target"] == 300
     assert o["target_known_rate"] >= 0.95 and o["val_known_rate"] >= 0.95
-    assert both.trust.ood.threshold == threshold_for_recall(ood_score(dusk), 0.95) < source_only.trust.ood.threshold
+    assert both.trust.ood.threshold == fit_threshold(ood_score(dusk), 0.95)[0] < source_only.trust.ood.threshold
     assert source_only.metrics["ood"]["fitted_on"] == "val" and "target_known_rate" not in source_only.metrics["ood"]
 
 
