@@ -291,8 +291,8 @@ def fit_trust(cfg: TrustConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[
                      fpr_at_95_tpr=fpr_at_tpr(t_scores, o_scores, 0.95),
                      ood_unknown_rate=float((o_scores < spec.threshold).mean()))
         else:
-            o["note"] = ("no out-of-distribution images (data.ood): the threshold keeps "
-                         f"{cfg.ood.target_recall:.0%} of validation images known but is unvalidated against "
+            o["note"] = ("no out-of-distribution images (data.ood): the threshold is set to keep "
+                         f"{cfg.ood.target_recall:.0%} of in-distribution images known but is unvalidated against "
                          "real outliers")
             if proxy is not None and len(proxy) and len(t_scores):
                 p_scores = ood_score(proxy, kind)
