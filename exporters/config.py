@@ -126,7 +126,7 @@ class OODConfig(_Strict):
 
     enabled: bool = Field(True, description="Off: the bundle gets no OOD section and never answers unknown.")
     score: Literal["energy", "max_logit"] = Field("energy", description="energy = logsumexp(logits); max_logit.")
-    target_recall: float = Field(0.95, gt=0, lt=1, description="Share of validation images that stay known.")
+    target_recall: float = Field(0.95, gt=0, lt=1, description="Share of in-distribution images that stay known.")
     confidence: float | None = Field(
         0.8, gt=0, lt=1, description="Keep target_recall of in-distribution images known with this confidence: a "
         "lower tolerance bound from every validation score (exporters.trust.fit_threshold). null: the empirical "
