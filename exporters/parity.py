@@ -24,8 +24,8 @@ import numpy as np
 
 from exporters.agreement import AgreementSet
 from exporters.decisions import SCORE_TIE, compare_decisions  # noqa: F401  (SCORE_TIE: importable from here as before)
-from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.quiet import logger_at
+from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.thresholds import Thresholds
 from runtime.backends import EngineUnavailable, session_for_artifact
 from runtime.bundle import Bundle, MultiLabel, Trust
@@ -385,26 +385,21 @@ def open_runners(bundle: Bundle, keys: list[str] | None = None,
     as float32 NCHW batch -> logits functions, and {label: why} for what cannot run on this machine."""
     runners, skipped = {}, {}
     with logger_at("edgekiln.runtime"):  # the gate's table says what ran where
-        _open_each(bundle, keys, all_backends, runners, skipped)
+        for key in keys if keys is not None else list(bundle.manifest.artifacts):
+            runtimes = bundle.artifact(key).runtimes
+            for i, backend in enumerate(runtimes if all_backends else runtimes[:1]):
+                label = runner_label(key, backend, runtimes[0])
+                try:
+                    runners[label] = session_for_artifact(bundle, key, backend=backend).run
+                except EngineUnavailable as e:  # e.g. a TensorRT engine on a machine without tensorrt or this GPU
+                    log.warning("parity: %s not checked on this machine: %s", label, e)
+                    skipped[label] = str(e)
+                except BackendError as e:  # another backend of its runtimes (cuda, ...) that this machine lacks
+                    if i == 0:
+                        raise
+                    log.debug("parity: %s: backend %s not available here: %s", key, backend, e)
+                    skipped[label] = str(e)
     return runners, skipped
-
-
-def _open_each(bundle: Bundle, keys: list[str] | None, all_backends: bool, runners: dict[str, Runner],
-               skipped: dict[str, str]) -> None:
-    for key in keys if keys is not None else list(bundle.manifest.artifacts):
-        runtimes = bundle.artifact(key).runtimes
-        for i, backend in enumerate(runtimes if all_backends else runtimes[:1]):
-            label = runner_label(key, backend, runtimes[0])
-            try:
-                runners[label] = session_for_artifact(bundle, key, backend=backend).run
-            except EngineUnavailable as e:  # e.g. a TensorRT engine on a machine without tensorrt or this GPU
-                log.warning("parity: %s not checked on this machine: %s", label, e)
-                skipped[label] = str(e)
-            except BackendError as e:  # another backend of its runtimes (cuda, ...) that this machine lacks
-                if i == 0:
-                    raise
-                log.debug("parity: %s: backend %s not available here: %s", key, backend, e)
-                skipped[label] = str(e)
 
 
 def _run_all(runners: dict[str, Runner], batches, reference: Runner | None = None) -> dict[str, np.ndarray]:
