@@ -311,6 +311,7 @@ def run_export(cfg: PipelineConfig, role: str | None = None, out: Path | None = 
     built, fits = {}, {}
     for r in roles:
         built[r], fits[r] = _build(cfg, r, loaded.pop(r), split, staging / r, ood)
+    _proxy_images.cache_clear()  # every candidate has been checked: 200 images at 224 px are ~120 MB to keep
     section = "multilabel" if split.multilabel else "trust"  # per-label thresholds, or calibration and OOD
     run.update_metrics(section, {r: f.to_metrics() for r, f in fits.items()})
     bundles = {r: read_bundle(b.out, verify=False) for r, b in built.items()}
