@@ -68,6 +68,9 @@ class ExportConfig(_Strict):
     int8_reduce_range: bool = Field(
         True, description="INT8 weights in 7 bits: no integer saturation on x86 CPUs without VNNI (onnxruntime's "
                           "advice); false: 8-bit weights, for VNNI or ARM targets only.")
+    int8_bias_correction: bool = Field(
+        True, description="INT8: subtract the output shift each node's rounded weights cause, measured on the "
+                          "calibration images (kept only when the guard split does not get worse).")
     golden_images: int = Field(4, ge=0, le=64, description="Test images stored in the bundle with PyTorch logits.")
     tensorrt: TensorRTConfig = TensorRTConfig()
     openvino: OpenVINOConfig = OpenVINOConfig()

@@ -11,16 +11,21 @@ UINT8 activations), guarded by an accuracy budget.
    are removed by the QDQ quantizer (the UINT8 range of the Conv output already
    clamps), so EfficientNet-Lite's Conv+ReLU6 runs as one integer conv. Weights in 7 bits by
    default (`reduce_range`; see quantize_qdq): 8-bit ones saturate the x86 kernels without VNNI.
-3. The accuracy guard: accuracy of the INT8 model vs the FP32 model on a guard
+3. Bias correction (exporters.bias_correction; `bias_correction=True`): each Conv/Gemm's bias loses the
+   mean output shift its rounded weights cause on the calibration images, and the model is quantized
+   again with the cached ranges; kept when the guard split is not worse with it.
+4. The accuracy guard: accuracy of the INT8 model vs the FP32 model on a guard
    split (validation images, never the test split the parity gate reports on), judged like
    the parity gate judges it (exporters.stats): over budget only when the lower bound of the
    drop's paired 95% interval is above the budget, so a flip or two on a small split is not
    chased. With `min_decision_agreement` (the gate's decision floor) it also holds the decisions,
    label or unknown through bundle.json's `trust` (exporters.decisions), to that floor by the Wilson
-   upper bound, as the gate does. Over budget, nodes are ranked by how much quantization noise they add (the
-   drop in signal-to-quantization-noise ratio from their input to their output,
-   float model vs QDQ model on a few images; exporters.sensitivity) and the worst are kept in float
-   (`nodes_to_exclude`), 1, 2, 4, ... nodes, until the budget holds or
+   upper bound, as the gate does. Over budget, nodes are ranked two ways, taken in turn: by how far their
+   INT8 weights alone move the logits (exporters.bias_correction.rank_by_weight_error) and by how much
+   quantization noise they add (the drop in signal-to-quantization-noise ratio from their input to their
+   output, float model vs QDQ model on a few images; exporters.sensitivity); the worst are kept in float
+   (`nodes_to_exclude`), each with the node feeding it through a Relu/Clip
+   (sensitivity.with_activation_producers), 1, 2, 4, ... nodes, until the budget holds or
    `max_excluded_nodes` is reached. Then the result says the budget cannot be met and
    the fully quantized model is kept (a half-float model over budget would be neither
    small nor accurate); the parity gate judges it on the test split.
@@ -50,7 +55,8 @@ import onnx
 
 from exporters.calibration import ImageSource, SourceCalibrationReader, as_source
 from exporters.decisions import same_decisions
-from exporters.sensitivity import onnx_input_name, rank_sensitive_nodes
+from exporters.bias_correction import apply_shifts, bias_shifts, rank_by_weight_error
+from exporters.sensitivity import onnx_input_name, rank_sensitive_nodes, with_activation_producers
 from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.errors import QuantizationError  # noqa: F401  (raised here; importable from here as before)
 from exporters.quiet import quiet
@@ -75,6 +81,7 @@ class Int8Result:
     min_decision_agreement: float | None = None  # the floor the guard held the decisions to (None: not judged)
     decision_agreement: float | None = None  # the kept model's decisions vs the FP32 model's, guard split
     decision_interval: list[float] | None = None  # its Wilson 95% interval
+    bias_correction: dict = field(default_factory=dict)  # nodes corrected, used or not, the attempt without it
 
     @property
     def accuracy_drop(self) -> float:
@@ -254,6 +261,10 @@ class _Attempt:
         return {**d, "nodes": self.excluded} if self.excluded else d
 
 
+def _score(a: _Attempt) -> tuple[float, float]:
+    return (a.decision_agreement if a.decision_agreement is not None else 0.0, a.accuracy)
+
+
 class _Guard:
     """Judges a quantized model on the guard split the way the parity gate judges the test split: the
     accuracy drop over budget only when its paired interval's lower bound is (exporters.stats), and with a
@@ -287,6 +298,30 @@ def _exclusion_steps(cap: int) -> list[int]:
     return sorted({min(2**i, cap) for i in range(cap.bit_length() + 1)} - {0})
 
 
+def _interleave(*rankings: list[tuple[str, float]]) -> list[str]:
+    """Node names taken in turn from each ranking, each name once."""
+    out: dict[str, None] = {}
+    for tier in zip(*[[name for name, _ in r] for r in rankings]):
+        out.update(dict.fromkeys(tier))
+    for r in rankings:  # the longer rankings' tails
+        out.update(dict.fromkeys(name for name, _ in r))
+    return list(out)
+
+
+def _float_sets(pre: Path, ranked: list[str], cap: int) -> list[list[str]]:
+    """The node sets the guard tries in float: the top 1, 2, 4, ... of `ranked`, each with the nodes that
+    feed it through a Relu/Clip (sensitivity.with_activation_producers), at most `cap` nodes, each set once."""
+    sets: list[list[str]] = []
+    for k in _exclusion_steps(min(cap, len(ranked))):
+        names = with_activation_producers(pre, ranked[:k])
+        while len(names) > cap and k > 1:
+            k -= 1
+            names = with_activation_producers(pre, ranked[:k])
+        if len(names) <= cap and (not sets or set(names) != set(sets[-1])):
+            sets.append(names)
+    return sets
+
+
 def quantize_int8(
     fp32_path: Path,
     out_path: Path,
@@ -303,6 +338,7 @@ def quantize_int8(
     reduce_range: bool = True,
     min_decision_agreement: float | None = None,
     trust: "Trust | None" = None,
+    bias_correction: bool = True,
 ) -> Int8Result:
     """Quantize `fp32_path` to `out_path`; keep the fewest sensitive nodes in float that bring the accuracy
     drop on (guard_x, guard_y) within `max_accuracy_drop` and, with `min_decision_agreement`, the decisions
@@ -324,20 +360,44 @@ def quantize_int8(
         guard = _Guard(guard_x, guard_y, run_onnx(fp32_path, guard_x, batch=plan.batch), plan.batch,
                        max_accuracy_drop, min_decision_agreement, trust)
 
+        shifts: dict[str, np.ndarray] = {}
+
         def quantize(exclude: list[str]) -> _Attempt:
-            dst = work / f"int8-{len(exclude)}.onnx"
-            quantize_qdq(pre, dst, calibration, input_name, method, per_channel, exclude, op_types_to_keep_float,
+            # The nodes kept in float keep their own bias: their weights are exact. The corrected models
+            # reuse the uncorrected model's calibrated ranges (the cache): the shifts are a fraction of them.
+            src = apply_shifts(pre, work / "pre-corrected.onnx", shifts, exclude) if shifts else pre
+            dst = work / f"int8-{len(exclude)}{'-corrected' if shifts else ''}.onnx"
+            quantize_qdq(src, dst, calibration, input_name, method, per_channel, exclude, op_types_to_keep_float,
                          op_types_to_quantize, calibration_cache=work / "calibration.json", batch_size=plan.batch,
                          reduce_range=reduce_range)
             return guard.judge(dst, exclude)
 
         attempts = [quantize([])]
+        correction: dict = {}
+        if bias_correction:
+            shifts.update(bias_shifts(pre, attempts[0].path, calibration, plan.batch))
+            correction = {"nodes": len(shifts), "used": False}
+            if shifts:
+                corrected = quantize([])
+                log.info("int8: bias correction of %d node(s) (Nagel et al. 2019)", len(shifts))
+                # Kept only when it does not make the guard split worse: decisions first, then accuracy.
+                if _score(corrected) >= _score(attempts[0]):
+                    correction.update(used=True, without=attempts[0].record(guard.fp32_accuracy))
+                    attempts = [corrected]
+                else:
+                    correction["without"] = corrected.record(guard.fp32_accuracy)  # here: the corrected one
+                    correction["rejected"] = "worse on the guard split"
+                    shifts.clear()
         if attempts[0].over and max_excluded_nodes > 0:
             n = min(sensitivity_images, len(guard_x))
-            ranked = rank_sensitive_nodes(pre, attempts[0].path, ImageSource(array=guard_x.slice(0, n)),
-                                          batch_size=max(1, min(4, plan.batch)))
-            for k in _exclusion_steps(min(max_excluded_nodes, len(ranked))):
-                attempts.append(quantize([name for name, _ in ranked[:k]]))
+            probe = guard_x.slice(0, n)
+            # Two rankings taken in turn: by how far a node's INT8 weights alone move the logits, and by the
+            # quantization noise it adds (activations included).
+            ranked = _interleave(rank_by_weight_error(pre, attempts[0].path, probe, work),
+                                 rank_sensitive_nodes(pre, attempts[0].path, ImageSource(array=probe),
+                                                      batch_size=max(1, min(4, plan.batch))))
+            for names in _float_sets(pre, ranked, max_excluded_nodes):
+                attempts.append(quantize(names))
                 if not attempts[-1].over:
                     break
         # Over budget whatever we keep in float: keep the fully quantized model (the smallest and fastest)
@@ -351,6 +411,7 @@ def quantize_int8(
             preprocess=pre_info, drop_stats=kept.stats.to_dict(), min_decision_agreement=min_decision_agreement,
             decision_agreement=kept.decision_agreement,
             decision_interval=list(kept.decision_interval) if kept.decision_interval else None,
+            bias_correction=correction,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -139,3 +139,66 @@ def test_same_decisions_counts_unknown_changes_and_ties():
     assert same_decisions(ref, cand, None).tolist() == [False, True, True]  # labels alone
     cand[1] = [-20.0, -20.0]  # same label, now far below the threshold: unknown
     assert same_decisions(ref, cand, trust).tolist() == [False, False, True]
+
+
+@pytest.fixture()
+def rounding_bias(tmp_path):
+    """Depthwise 3x3 convolutions whose eight small weights a channel all round the same way in 7 bits
+    (0.0123 of a channel maximum of 1 -> 1/64): the INT8 model's outputs are all shifted one way, by about
+    8 * 0.0033 * mean input, a bias no per-channel scale can remove."""
+    rng = np.random.default_rng(3)
+    w = np.full((4, 1, 3, 3), 0.0123)
+    w[:, 0, 1, 1] = 1.0
+    path = _save([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="dw", group=4, pads=[1, 1, 1, 1]),
+                  helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+                  helper.make_node("Flatten", ["p"], ["logits"], name="flat")],
+                 {"w": w, "b": np.zeros(4)}, tmp_path / "dw.onnx", ["N", 4, 8, 8], ["N", 4])
+    x = rng.uniform(0, 10, size=(64, 4, 8, 8)).astype(np.float32)
+    return path, x
+
+
+def test_bias_correction_removes_the_mean_shift_of_rounded_weights(rounding_bias, tmp_path):
+    from exporters.bias_correction import bias_shifts, quantized_weights
+
+    fp32, x = rounding_bias
+    ref = run_onnx(fp32, x)
+    y = ref.argmax(1)
+    plain = quantize_int8(fp32, tmp_path / "plain.onnx", x[:32], x, y, bias_correction=False)
+    fixed = quantize_int8(fp32, tmp_path / "fixed.onnx", x[:32], x, y)
+    assert plain.bias_correction == {} and fixed.bias_correction["nodes"] == 1 and fixed.bias_correction["used"]
+    err_plain = (run_onnx(tmp_path / "plain.onnx", x) - ref).mean(0)
+    err_fixed = (run_onnx(tmp_path / "fixed.onnx", x) - ref).mean(0)
+    # 8 weights x (1/64 - 0.0123) x mean input ~5 x (interior share of the padded border) ~ +0.13 per channel
+    assert np.all(err_plain > 0.08), err_plain
+    assert np.abs(err_fixed).max() < np.abs(err_plain).min() / 5, (err_plain, err_fixed)
+    # the shift is (W_q - W) applied to the mean input, with W_q as the QDQ model stores it
+    wq = quantized_weights(tmp_path / "plain.onnx")["dw"]
+    assert np.allclose(wq[0, 0, 0, 0], 1 / 64, atol=1e-6) and np.allclose(wq[0, 0, 1, 1], 1.0, atol=1e-6)
+    pre = tmp_path / "pre.onnx"
+    preprocess_for_quantization(fp32, pre)
+    shifts = bias_shifts(pre, tmp_path / "plain.onnx", x[:32])
+    assert np.allclose(shifts["dw"], err_plain, atol=0.02)
+
+
+def test_nodes_kept_in_float_take_the_node_before_their_activation():
+    """The QDQ quantizer folds a Clip into the previous node's output quantization only when the next
+    node is quantized: keeping that next node in float keeps the one before it in float too."""
+    import tempfile
+    from pathlib import Path
+
+    from exporters.sensitivity import with_activation_producers
+
+    rng = np.random.default_rng(4)
+    with tempfile.TemporaryDirectory() as d:
+        path = _save([helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1"),
+                      helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="relu6"),
+                      helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2"),
+                      helper.make_node("Conv", ["c2", "w3"], ["c3"], name="conv3"),
+                      helper.make_node("GlobalAveragePool", ["c3"], ["p"], name="pool"),
+                      helper.make_node("Flatten", ["p"], ["logits"], name="flat")],
+                     {"w1": rng.normal(size=(4, 3, 1, 1)), "w2": rng.normal(size=(4, 4, 1, 1)),
+                      "w3": rng.normal(size=(4, 4, 1, 1)), "lo": np.array(0.0), "hi": np.array(6.0)},
+                     Path(d) / "m.onnx", ["N", 3, 4, 4], ["N", 4])
+        assert with_activation_producers(path, ["conv2"]) == ["conv2", "conv1"]
+        assert with_activation_producers(path, ["conv3"]) == ["conv3"]  # no activation between them
+        assert with_activation_producers(path, ["conv2", "conv1"]) == ["conv2", "conv1"]
