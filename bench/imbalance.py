@@ -132,7 +132,18 @@ class Pool:
         self.features = cached_features(self.model.backbone.eval(), self.arch, paths, labels, self.spec,
                                         weights=self.digest, desc="pool features")
 
+    def images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image preprocessed (evaluation transform) and as a uint8 crop (for augmentation)."""
+        if not hasattr(self, "_images"):
+            from pipeline.data import load_tensors
+            from pipeline.strategies.data import load_uint8
+
+            self._images = (load_tensors(self.paths, self.labels, self.spec, desc="pool images")[0],
+                            load_uint8(self.paths, self.spec))
+        return self._images
+
     head = "linear"  # adapt.feature_extraction.head (--head)
+    augment = "none"  # adapt.augment (--augment): other than none, the backbone runs on augmented views every epoch
 
     def adapt(self, parts: dict[str, list[int]], seed: int, balance: str, metric: str) -> torch.Tensor:
         """Test logits of the feature_extraction strategy trained on `parts` (indices into the pool)."""
@@ -144,10 +155,12 @@ class Pool:
                          {p: [self.labels[i] for i in ix] for p, ix in parts.items()}, self.spec, self.class_names)
         for p, ix in parts.items():  # what AdaptData.features would read from the feature cache
             data._memo["f", p, self.digest] = self.features[torch.tensor(ix)]
+            if self.augment != "none":  # the images themselves, loaded once for the pool
+                data._memo["x", p], data._memo["u8", p] = self.images()[0][ix], self.images()[1][ix]
         set_seed(seed)
         ctx = AdaptContext(arch=self.arch, seed=seed, batch_size=64, balance=balance, select_metric=metric,
                            desc=f"{balance}/{metric}/seed {seed}")
-        cfg = AdaptConfig(feature_extraction={"head": self.head})
+        cfg = AdaptConfig(feature_extraction={"head": self.head}, augment=self.augment)
         return adapt_model(copy.deepcopy(self.model), data, cfg, ctx).test_logits
 
 
@@ -281,8 +294,9 @@ def main() -> None:
                     help="instead of the balance table: macro-F1 of none and weights after post-hoc logit shifts")
     ap.add_argument("--head", default="linear", choices=["linear", "logistic_regression"],
                     help="adapt.feature_extraction.head")
+    ap.add_argument("--augment", default="none", choices=["none", "light", "strong"], help="adapt.augment")
     args = ap.parse_args()
-    Pool.head = args.head
+    Pool.head, Pool.augment = args.head, args.augment
     seeds = [int(s) for s in args.seeds.split(",")]
     metrics = args.select_metric.split(",")
     digits = None
