@@ -138,29 +138,35 @@ def apply_shifts(src: Path, dst: Path, shifts: dict[str, np.ndarray], skip: "lis
     return dst
 
 
-def rank_by_weight_error(float_path: Path, qdq_path: Path, x: np.ndarray, work: Path) -> list[tuple[str, float]]:
+def rank_by_weight_error(float_path: Path, qdq_path: Path, x: np.ndarray, work: Path,
+                         max_weight_bytes: int = 256 * 2**20) -> list[tuple[str, float]]:
     """Weighted nodes ranked by how far their INT8 weights alone move the logits (mean |delta|, the float
     model with that one node's weights replaced by the QDQ model's), worst first.
 
     This sees what a per-node noise ratio cannot: on the digits demo's EfficientNet-Lite0 the first two
     convolutions' weights moved the logits most, while by noise added the head-end nodes ranked first and
-    keeping them in float changed nothing (bench/RESULTS.md, eleventh session). One float model per node,
-    each run on the few images in `x`."""
+    keeping them in float changed nothing (bench/RESULTS.md, eleventh session). It writes and opens one
+    model per node (3 s for Lite0's 50 nodes here), so models with more than `max_weight_bytes` of float
+    weights (ViT-B/16: 344 MB) are not ranked this way: an empty list."""
     base = onnx.load(str(float_path), load_external_data=True)
+    if sum(t.ByteSize() for t in base.graph.initializer) > max_weight_bytes:
+        return []
     input_name = onnx_input_name(Path(float_path))
     ref = open_onnx(float_path).run(None, {input_name: x})[0]
     wq = quantized_weights(qdq_path)
+    init = {t.name: t for t in base.graph.initializer}
     ranked = []
     path = Path(work) / ".weight_probe.onnx"
     try:
         for node in base.graph.node:
-            if node.name not in wq:
+            if node.name not in wq or node.input[1] not in init:
                 continue
-            model = onnx.ModelProto()
-            model.CopyFrom(base)
-            t = next(t for t in model.graph.initializer if t.name == node.input[1])
-            t.CopyFrom(numpy_helper.from_array(wq[node.name].astype(numpy_helper.to_array(t).dtype), t.name))
-            onnx.save(model, str(path))
+            t = init[node.input[1]]
+            original = onnx.TensorProto()
+            original.CopyFrom(t)
+            t.CopyFrom(numpy_helper.from_array(wq[node.name].astype(numpy_helper.to_array(original).dtype), t.name))
+            onnx.save(base, str(path))
+            t.CopyFrom(original)  # one node's weights changed at a time
             out = open_onnx(path).run(None, {input_name: x})[0]
             ranked.append((node.name, float(np.abs(out - ref).mean())))
     finally:

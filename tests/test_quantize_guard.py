@@ -202,3 +202,32 @@ def test_nodes_kept_in_float_take_the_node_before_their_activation():
         assert with_activation_producers(path, ["conv2"]) == ["conv2", "conv1"]
         assert with_activation_producers(path, ["conv3"]) == ["conv3"]  # no activation between them
         assert with_activation_producers(path, ["conv2", "conv1"]) == ["conv2", "conv1"]
+
+
+def test_nodes_rank_by_how_far_their_int8_weights_move_the_logits(tmp_path):
+    """Of two convolutions, the one whose weights sit on the 7-bit grid moves nothing; the other ranks first.
+    Without weight ranking (a model over the size cap) the list is empty and the guard ranks by noise alone."""
+    from exporters.bias_correction import rank_by_weight_error
+    from exporters.quantize import _interleave
+
+    rng = np.random.default_rng(5)
+    off = np.full((4, 1, 3, 3), 0.0123)
+    off[:, 0, 1, 1] = 1.0
+    on = rng.integers(-64, 65, size=(4, 4, 1, 1)) / 64.0
+    on[:, 0, 0, 0] = 1.0  # each output channel's maximum is 1: scale 1/64, every weight on the grid
+    path = _save([helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="grid", group=1),
+                  helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"], name="offgrid", group=4, pads=[1, 1, 1, 1]),
+                  helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
+                  helper.make_node("Flatten", ["p"], ["logits"], name="flat")],
+                 {"w1": on, "b1": np.zeros(4), "w2": off, "b2": np.zeros(4)}, tmp_path / "two.onnx",
+                 ["N", 4, 8, 8], ["N", 4])
+    pre = tmp_path / "pre.onnx"
+    preprocess_for_quantization(path, pre)
+    x = rng.uniform(0, 10, size=(32, 4, 8, 8)).astype(np.float32)
+    quantize_qdq(pre, tmp_path / "q.onnx", x, "input")
+    ranked = rank_by_weight_error(pre, tmp_path / "q.onnx", x[:8], tmp_path)
+    assert [name for name, _ in ranked] == ["offgrid", "grid"]
+    assert ranked[0][1] > 0.05 and ranked[1][1] < 1e-4, ranked
+    assert rank_by_weight_error(pre, tmp_path / "q.onnx", x[:8], tmp_path, max_weight_bytes=10) == []
+    assert _interleave([("a", 1), ("b", 0)], [("c", 1), ("a", 0), ("d", 0)]) == ["a", "c", "b", "d"]
+    assert _interleave([], [("c", 1), ("d", 0)]) == ["c", "d"]
