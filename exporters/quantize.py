@@ -53,9 +53,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from exporters.bias_correction import apply_shifts, bias_shifts, rank_by_weight_error
 from exporters.calibration import ImageSource, SourceCalibrationReader, as_source
 from exporters.decisions import same_decisions
-from exporters.bias_correction import apply_shifts, bias_shifts, rank_by_weight_error
 from exporters.sensitivity import onnx_input_name, rank_sensitive_nodes, with_activation_producers
 from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.errors import QuantizationError  # noqa: F401  (raised here; importable from here as before)
@@ -81,7 +81,7 @@ class Int8Result:
     min_decision_agreement: float | None = None  # the floor the guard held the decisions to (None: not judged)
     decision_agreement: float | None = None  # the kept model's decisions vs the FP32 model's, guard split
     decision_interval: list[float] | None = None  # its Wilson 95% interval
-    bias_correction: dict = field(default_factory=dict)  # nodes corrected, used or not, the attempt without it
+    bias_correction: dict = field(default_factory=dict)  # nodes corrected, used or not, the first attempt without / with it
 
     @property
     def accuracy_drop(self) -> float:
@@ -378,15 +378,15 @@ def quantize_int8(
             shifts.update(bias_shifts(pre, attempts[0].path, calibration, plan.batch))
             correction = {"nodes": len(shifts), "used": False}
             if shifts:
+                log.info("int8: bias correction of %d node(s) (Nagel et al. 2019), quantized again", len(shifts))
                 corrected = quantize([])
-                log.info("int8: bias correction of %d node(s) (Nagel et al. 2019)", len(shifts))
                 # Kept only when it does not make the guard split worse: decisions first, then accuracy.
-                if _score(corrected) >= _score(attempts[0]):
-                    correction.update(used=True, without=attempts[0].record(guard.fp32_accuracy))
+                correction.update({"used": _score(corrected) >= _score(attempts[0]),
+                                   "without": attempts[0].record(guard.fp32_accuracy),
+                                   "with": corrected.record(guard.fp32_accuracy)})
+                if correction["used"]:
                     attempts = [corrected]
                 else:
-                    correction["without"] = corrected.record(guard.fp32_accuracy)  # here: the corrected one
-                    correction["rejected"] = "worse on the guard split"
                     shifts.clear()
         if attempts[0].over and max_excluded_nodes > 0:
             n = min(sensitivity_images, len(guard_x))

@@ -166,6 +166,7 @@ def test_bias_correction_removes_the_mean_shift_of_rounded_weights(rounding_bias
     plain = quantize_int8(fp32, tmp_path / "plain.onnx", x[:32], x, y, bias_correction=False)
     fixed = quantize_int8(fp32, tmp_path / "fixed.onnx", x[:32], x, y)
     assert plain.bias_correction == {} and fixed.bias_correction["nodes"] == 1 and fixed.bias_correction["used"]
+    assert fixed.bias_correction["with"]["excluded"] == fixed.bias_correction["without"]["excluded"] == 0
     err_plain = (run_onnx(tmp_path / "plain.onnx", x) - ref).mean(0)
     err_fixed = (run_onnx(tmp_path / "fixed.onnx", x) - ref).mean(0)
     # 8 weights x (1/64 - 0.0123) x mean input ~5 x (interior share of the padded border) ~ +0.13 per channel
