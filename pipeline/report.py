@@ -308,6 +308,9 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
         lines += ["## Export cost (shipped model, this machine)", "",
                   f"{cost['seconds']:.0f} s wall time; peak resident memory {cost['peak_rss_mb']:.0f} MB "
                   f"(in {cost['peak_step']}). Per step: {steps}.", ""]
+    guard = ((metrics.get("onnx") or {}).get("int8") or {}).get("guard")
+    if guard:
+        lines += ["## INT8 quantization (shipped model's INT8 artifact)", "", int8_guard_text(guard), ""]
     if metrics.get("deploy"):
         lines += _deploy_section(run, metrics)
     if metrics.get("trust"):
@@ -315,6 +318,30 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
     if metrics.get("multilabel"):
         lines += _multilabel_section(metrics["multilabel"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def int8_guard_text(g: dict[str, Any]) -> str:
+    """What the INT8 guard (exporters.quantize) did: bias correction, nodes kept in float, its verdict."""
+    def judged(a: dict[str, Any]) -> str:
+        dec = a.get("decision_agreement")
+        return f"accuracy {a['accuracy']:.4f}" + (f", decisions agree {dec:.2%}" if dec is not None else "")
+
+    n = g.get("guard_images")
+    text = [f"Guard on {n} validation images (FP32 accuracy {g['fp32_accuracy']:.4f})."]
+    bc = g.get("bias_correction") or {}
+    if not bc:
+        text.append("Bias correction: off.")
+    elif bc.get("nodes") and "with" in bc:
+        verdict = "kept" if bc["used"] else "not kept (worse on the validation images)"
+        text.append(f"Bias correction of {bc['nodes']} node(s), {verdict}. The fully quantized model without it: "
+                    f"{judged(bc['without'])}; with it: {judged(bc['with'])}.")
+    kept = g.get("excluded_nodes") or []
+    text.append(f"{len(kept)} node(s) kept in float" + (f" ({', '.join(kept)})" if kept else "")
+                + f": {judged({'accuracy': g['int8_accuracy'], 'decision_agreement': g.get('decision_agreement')})}"
+                + (f", floor {g['min_decision_agreement']:.0%}" if g.get("min_decision_agreement") else "")
+                + (" (budget met)." if g.get("budget_met") else
+                   " (budget not met whatever it kept in float: the fully quantized model is kept)."))
+    return " ".join(text)
 
 
 def _multilabel_section(ml: dict[str, Any]) -> list[str]:

@@ -97,6 +97,10 @@ def test_size_budget_only_int8_meets_ships_int8_as_default(run_copy):
     assert "verdict: shipped student onnx int8 on cpu (onnx_int8)" in r.output
     report = (run_dir / "report.md").read_text()  # `edgekiln export` alone brings report.md up to date
     assert "verdict: shipped student onnx int8 on cpu (onnx_int8)" in report and "budgets: max_size_mb 0.05" in report
+    guard = json.loads((run_dir / "metrics.json").read_text())["onnx"]["int8"]["guard"]
+    assert "## INT8 quantization (shipped model's INT8 artifact)" in report
+    assert f"Bias correction of {guard['bias_correction']['nodes']} node(s)" in report and guard["bias_correction"]["nodes"] > 0
+    assert f"Guard on {guard['guard_images']} validation images" in report
 
 
 def test_nothing_meets_the_size_budget_exits_1_listing_every_candidate(run_copy):
