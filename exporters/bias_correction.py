@@ -57,10 +57,15 @@ def quantized_weights(qdq_path: Path) -> dict[str, np.ndarray]:
 def _correctable(node: onnx.NodeProto, weights: dict[str, np.ndarray]) -> bool:
     if node.op_type not in _BIASED_OPS or node.input[1] not in weights:
         return False
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in weights:
+        return False  # a bias computed in the graph, not stored
     if node.op_type == "Conv":
         return weights[node.input[1]].ndim == 4 and _attrs(node).get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
     a = _attrs(node)
-    return weights[node.input[1]].ndim == 2 and not a.get("transA", 0)
+    # alpha / beta other than 1 are left alone: onnxruntime's quantizer rewrites beta to 1 when it quantizes
+    # the bias (a Gemm with beta 0.5 moved by the whole of its corrected bias), and PyTorch exports 1 and 1.
+    return (weights[node.input[1]].ndim == 2 and not a.get("transA", 0)
+            and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0)
 
 
 def bias_shifts(float_path: Path, qdq_path: Path, images: "np.ndarray | ImageSource",
@@ -104,7 +109,7 @@ def bias_shifts(float_path: Path, qdq_path: Path, images: "np.ndarray | ImageSou
             y = torch.nn.functional.conv2d(x, torch.tensor(dw, dtype=torch.float32), stride=a.get("strides", 1),
                                            dilation=a.get("dilations", 1), groups=a.get("group", 1))
             shifts[node.name] = y.mean((0, 2, 3)).numpy()
-        else:
+        else:  # Gemm, alpha = beta = 1 (_correctable)
             dw = dw.T if _attrs(node).get("transB", 0) else dw
             shifts[node.name] = (mean.reshape(1, -1) @ dw).ravel().astype(np.float32)
     return shifts

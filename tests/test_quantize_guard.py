@@ -232,3 +232,23 @@ def test_nodes_rank_by_how_far_their_int8_weights_move_the_logits(tmp_path):
     assert rank_by_weight_error(pre, tmp_path / "q.onnx", x[:8], tmp_path, max_weight_bytes=10) == []
     assert _interleave([("a", 1), ("b", 0)], [("c", 1), ("a", 0), ("d", 0)]) == ["a", "c", "b", "d"]
     assert _interleave([], [("c", 1), ("d", 0)]) == ["c", "d"]
+
+
+def test_bias_correction_of_a_gemm_with_transposed_weights(tmp_path):
+    """A Gemm as PyTorch's Linear exports it (transB=1) is corrected; one with beta 0.5 is left alone, because
+    onnxruntime's quantizer rewrites its beta to 1."""
+    rng = np.random.default_rng(6)
+    w = np.full((4, 16), 0.0123)
+    w[:, 0] = 1.0
+    x = rng.uniform(0, 10, size=(64, 16)).astype(np.float32)
+    for beta, corrected in ((1.0, True), (0.5, False)):
+        path = _save([helper.make_node("Gemm", ["input", "w", "b"], ["logits"], name="fc", transB=1, beta=beta)],
+                     {"w": w, "b": np.zeros(4)}, tmp_path / f"fc{beta}.onnx", ["N", 16], ["N", 4])
+        ref = run_onnx(path, x)
+        res = quantize_int8(path, tmp_path / "q.onnx", x[:32], x, ref.argmax(1))
+        assert res.bias_correction["nodes"] == int(corrected)
+        err = (run_onnx(tmp_path / "q.onnx", x) - ref).mean(0)
+        if corrected:
+            assert np.abs(err).max() < 0.05, err  # 15 x (1/64 - 0.0123) x 5 = 0.25 without the correction
+        else:
+            assert np.all(err > 0.2), err
