@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from exporters.calibration import ImageSource, as_source
-from exporters.sensitivity import with_outputs, onnx_input_name
+from exporters.sensitivity import onnx_input_name, with_outputs
 from runtime.backends.ort import open_onnx
 
 _BIASED_OPS = ("Conv", "Gemm")
@@ -35,7 +35,11 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 def quantized_weights(qdq_path: Path) -> dict[str, np.ndarray]:
     """Node name -> its weight as the QDQ model computes with it (DequantizeLinear of the stored integers),
-    for every Conv / Gemm / MatMul whose weight is quantized."""
+    for every Conv / Gemm / MatMul whose weight is quantized.
+
+    onnxruntime's qdq_loss_debug.create_weight_matching computes the same values, but keyed by weight name
+    with the float model beside it, after shape inference of both models and a Python loop per channel;
+    the guard needs them per node, from the QDQ model alone, once per attempt."""
     graph = onnx.load(str(qdq_path), load_external_data=True).graph
     init = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -76,8 +80,10 @@ def bias_shifts(float_path: Path, qdq_path: Path, images: "np.ndarray | ImageSou
     import torch  # the conv arithmetic (pads, strides, groups) as the model means it
 
     model = onnx.load(str(float_path), load_external_data=True)
-    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     wq = quantized_weights(qdq_path)
+    # Only the quantized nodes' weights and biases as arrays, not the whole model a second time.
+    wanted = {i for n in model.graph.node if n.name in wq for i in n.input[1:3]}
+    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
     input_name = onnx_input_name(Path(float_path))
     produced = {o for n in model.graph.node for o in n.output} | {input_name}
     nodes = [n for n in model.graph.node if n.name in wq and _correctable(n, floats) and n.input[0] in produced]

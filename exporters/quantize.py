@@ -311,12 +311,13 @@ def _interleave(*rankings: list[tuple[str, float]]) -> list[str]:
 def _float_sets(pre: Path, ranked: list[str], cap: int) -> list[list[str]]:
     """The node sets the guard tries in float: the top 1, 2, 4, ... of `ranked`, each with the nodes that
     feed it through a Relu/Clip (sensitivity.with_activation_producers), at most `cap` nodes, each set once."""
+    graph = onnx.load(str(pre), load_external_data=False).graph  # read once, not per set
     sets: list[list[str]] = []
     for k in _exclusion_steps(min(cap, len(ranked))):
-        names = with_activation_producers(pre, ranked[:k])
+        names = with_activation_producers(graph, ranked[:k])
         while len(names) > cap and k > 1:
             k -= 1
-            names = with_activation_producers(pre, ranked[:k])
+            names = with_activation_producers(graph, ranked[:k])
         if len(names) <= cap and (not sets or set(names) != set(sets[-1])):
             sets.append(names)
     return sets

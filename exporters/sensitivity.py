@@ -104,15 +104,16 @@ def rank_sensitive_nodes(float_path: Path, qdq_path: Path, x: np.ndarray | Image
     return ranked
 
 
-def with_activation_producers(float_path: Path, names: list[str]) -> list[str]:
-    """`names` plus, for each, the weighted node that feeds it through a Relu/Clip.
+def with_activation_producers(model: "Path | onnx.GraphProto", names: list[str]) -> list[str]:
+    """`names` plus, for each, the weighted node that feeds it through a Relu/Clip (`model`: the float
+    model's path, or its graph already loaded).
 
     The QDQ quantizer folds a Relu/Clip into the quantization of the node before it only when the node
     after it is quantized too: keep that node in float alone and the activation is quantized before its
     clamp, over the pre-activation's whole range, so the values that survive the clamp get a fraction of
     the 256 levels. On the digits demo's EfficientNet-Lite0, its second convolution alone in float left
     76 % of the decisions, with the first as well 97 % (bench/RESULTS.md, eleventh session)."""
-    graph = onnx.load(str(float_path), load_external_data=False).graph
+    graph = model if isinstance(model, onnx.GraphProto) else onnx.load(str(model), load_external_data=False).graph
     producer = {o: n for n in graph.node for o in n.output}
     by_name = {n.name: n for n in graph.node}
     out = list(dict.fromkeys(names))
