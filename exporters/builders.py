@@ -161,6 +161,8 @@ def build_onnx_int8(ctx: BuildContext) -> Artifact:
         "op_types": list(ctx.spec.int8_op_types) if ctx.spec.int8_op_types else "all",
         "weights": ("int8" + (" (7-bit range)" if s.int8_reduce_range else "")
                     + (", per-channel" if ctx.spec.int8_per_channel else ", per-tensor")), "activations": "uint8",
+        # read by the runtime's cpu backend, which refuses 8-bit weights where its kernels saturate them
+        "weight_bits": 7 if s.int8_reduce_range else 8,
         "calibration": {**calib.summary(), "method": s.calibration_method},
         "guard": {"split": "val", **res.to_dict()},
     }

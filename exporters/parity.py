@@ -27,7 +27,7 @@ from exporters.decisions import SCORE_TIE, compare_decisions  # noqa: F401  (SCO
 from exporters.quiet import logger_at
 from exporters.stats import DropStats, agreement_interval, paired_drop
 from exporters.thresholds import Thresholds
-from runtime.backends import EngineUnavailable, session_for_artifact
+from runtime.backends import EngineUnavailable, Int8KernelsSaturate, session_for_artifact
 from runtime.bundle import Bundle, MultiLabel, Trust
 from runtime.multilabel import decide
 from runtime.trust import postprocess, softmax
@@ -391,7 +391,8 @@ def open_runners(bundle: Bundle, keys: list[str] | None = None,
                 label = runner_label(key, backend, runtimes[0])
                 try:
                     runners[label] = session_for_artifact(bundle, key, backend=backend).run
-                except EngineUnavailable as e:  # e.g. a TensorRT engine on a machine without tensorrt or this GPU
+                except (EngineUnavailable, Int8KernelsSaturate) as e:  # e.g. a TensorRT engine without this GPU;
+                    # 8-bit INT8 weights on an x86 CPU whose integer kernels saturate them
                     log.warning("parity: %s not checked on this machine: %s", label, e)
                     skipped[label] = str(e)
                 except BackendError as e:  # another backend of its runtimes (cuda, ...) that this machine lacks

@@ -151,6 +151,50 @@ def test_int8_self_test_fails_when_its_own_golden_logits_disagree(exported, tmp_
         runtime.load(bundle, artifact="onnx_int8").self_test()
 
 
+def test_cpu_backend_refuses_8bit_int8_weights_where_its_kernels_saturate(exported, tmp_path, monkeypatch):
+    """onnxruntime's U8 x S8 kernels on an x86 CPU without VNNI saturate 8-bit weights, so such an INT8
+    artifact would not answer as its parity gate certified: the cpu backend refuses it there (one line),
+    the parity gate reports it as not checked on this machine, and 7-bit weights (the default) load."""
+    import runtime
+    from runtime.backends import Int8KernelsSaturate, int8_weight_bits
+    from runtime.backends import ort as ort_backend
+
+    _, run_dir, _, _ = exported
+    assert read_bundle(run_dir / "bundle").manifest.artifacts["onnx_int8"].details["quantization"]["weight_bits"] == 7
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run_dir / "bundle", bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["artifacts"]["onnx_int8"]["details"]["quantization"]["weight_bits"] = 8
+    write_manifest(bundle, parse_manifest(meta))
+    assert int8_weight_bits(read_bundle(bundle).manifest.artifacts["onnx_int8"]) == 8
+    monkeypatch.setattr(ort_backend.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(ort_backend, "_cpu_flags", lambda: frozenset({"sse4_1", "avx2", "avx512bw"}))
+    with pytest.raises(Int8KernelsSaturate) as e:
+        runtime.load(bundle, artifact="onnx_int8")
+    assert "\n" not in str(e.value)
+    assert "model.int8.onnx has 8-bit INT8 weights" in str(e.value) and "export.int8_reduce_range: true" in str(e.value)
+    assert runtime.load(run_dir / "bundle", artifact="onnx_int8").self_test().passed  # 7-bit weights: load and run
+    assert runtime.load(bundle, artifact="onnx").self_test().passed  # the same bundle's FP32 artifact
+    r = CliRunner().invoke(cli, ["validate", "--bundle", str(bundle)])
+    # the self-test says why it skipped the artifact, as for a TensorRT engine built for another GPU
+    assert r.exit_code == 0 and "onnx_int8: skipped (backend 'cpu': model.int8.onnx has 8-bit INT8 weights" in r.output
+    monkeypatch.setattr(ort_backend, "_cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))  # VNNI: no saturation
+    runtime.load(bundle, artifact="onnx_int8")
+    monkeypatch.setattr(ort_backend.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(ort_backend, "_cpu_flags", lambda: None)
+    runtime.load(bundle, artifact="onnx_int8")
+
+
+def test_u8s8_saturation_by_cpu():
+    from runtime.backends import u8s8_saturates
+
+    assert u8s8_saturates("x86_64", frozenset({"sse4_1", "avx2"})) is True
+    assert u8s8_saturates("AMD64", frozenset({"avx2", "avx512bw", "avx512_4vnniw"})) is True  # Knights Mill's is not VNNI
+    assert u8s8_saturates("x86_64", frozenset({"avx2", "avx512_vnni"})) is False
+    assert u8s8_saturates("x86_64", frozenset({"avx2", "avx_vnni"})) is False
+    assert u8s8_saturates("aarch64", frozenset()) is False and u8s8_saturates("arm64") is False
+
+
 def test_self_test_fails_when_golden_logits_disagree(exported, tmp_path):
     _, run_dir, _, _ = exported
     bundle = tmp_path / "bundle"

@@ -16,7 +16,7 @@ from exporters.quantize import (
     quantize_qdq,
     run_onnx,
 )
-from runtime.backends.ort import open_onnx
+from runtime.backends.ort import open_onnx, u8s8_saturates
 from runtime.bundle import OODSpec, Trust
 from runtime.trust import ood_score
 
@@ -51,15 +51,6 @@ def saturating_conv(tmp_path):
     return pre, x
 
 
-def _x86_without_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return False
-    return "avx2" in flags and not any("vnni" in f for f in flags)
-
-
 def _int8_weights(path) -> np.ndarray:
     g = onnx.load(str(path)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -84,10 +75,17 @@ def test_7bit_weights_run_as_their_own_qdq_arithmetic(saturating_conv, tmp_path)
     np.testing.assert_allclose(kernels, meaning, rtol=1e-3, atol=1e-3 * float(np.abs(meaning).max()))
     fp32 = run_onnx(pre, x)
     assert np.abs(kernels - fp32).max() < 0.05 * np.abs(fp32).max()  # 7 bits still close to float
-    if _x86_without_vnni():
-        k8 = open_onnx(eight).run(None, {"input": x})[0]
-        m8 = open_onnx(eight, optimization="disable").run(None, {"input": x})[0]
+    # The runtime's verdict on this CPU (runtime.backends.u8s8_saturates, which makes the cpu backend refuse
+    # 8-bit INT8 weights) against what its kernels measurably do with them.
+    k8 = open_onnx(eight).run(None, {"input": x})[0]
+    m8 = open_onnx(eight, optimization="disable").run(None, {"input": x})[0]
+    verdict = u8s8_saturates()
+    if verdict is None:
+        pytest.skip("this CPU's flags cannot be read (x86 outside Linux)")
+    if verdict:
         assert np.abs(k8 - m8).max() > 0.1 * np.abs(m8).max(), "8-bit weights should saturate without VNNI"
+    else:
+        np.testing.assert_allclose(k8, m8, rtol=1e-3, atol=1e-3 * float(np.abs(m8).max()))
 
 
 def _two_layer_mlp(path):

@@ -15,7 +15,8 @@ from runtime.backends.base import (
     BackendSpec, Session, backend_names, backend_spec, create_session, register_backend, session_for_artifact,
 )
 from runtime.backends.ort import (  # registers cpu, cuda, tensorrt (in this order)
-    OPTIMIZATION_LEVELS, IOBindingSession, OrtSession, available_providers, onnx_runner, open_onnx,
+    OPTIMIZATION_LEVELS, Int8KernelsSaturate, IOBindingSession, OrtSession, available_providers, int8_weight_bits,
+    onnx_runner, open_onnx, u8s8_saturates,
 )
 from runtime.backends.tensorrt_engine import (  # registers tensorrt-engine
     EngineUnavailable, TensorRTEngineSession, check_engine_fingerprint, run_in_profile_batches,
@@ -25,7 +26,8 @@ from runtime.backends.policy import AUTO_ORDER, ENGINE_FALLBACK_ENV, engine_fall
 
 __all__ = [
     "AUTO_ORDER", "ENGINE_FALLBACK_ENV", "OPTIMIZATION_LEVELS", "BackendSpec", "EngineUnavailable",
-    "IOBindingSession", "OpenVINOOptions", "OpenVINOSession", "OrtSession", "Session", "TensorRTEngineSession", "available_providers", "backend_names",
+    "Int8KernelsSaturate", "IOBindingSession", "OpenVINOOptions", "OpenVINOSession", "OrtSession", "Session", "TensorRTEngineSession", "available_providers", "backend_names",
     "backend_spec", "check_engine_fingerprint", "create_session", "engine_fallback_from_env", "onnx_runner",
-    "open_onnx", "register_backend", "run_in_profile_batches", "session_for_artifact",
+    "int8_weight_bits", "open_onnx", "register_backend", "run_in_profile_batches", "session_for_artifact",
+    "u8s8_saturates",
 ]

@@ -6,6 +6,9 @@ BackendError listing what is available; onnxruntime itself would quietly run on
 the CPU when a GPU provider fails to initialise, so every session is checked
 after creation to be running on the provider that was asked for.
 
+The `cpu` backend refuses an INT8 artifact with 8-bit weights on an x86 CPU without VNNI, whose
+integer kernels saturate them (Int8KernelsSaturate): it would not answer as its parity gate certified.
+
 ONNX files that are not (yet) in a bundle — an export being checked, a
 quantization candidate, a distillation student being timed — open through
 `open_onnx` (the raw session) or `onnx_runner` (a Session, like a backend's).
@@ -18,6 +21,7 @@ import functools
 import io
 import logging
 import os
+import platform
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -199,8 +203,73 @@ def _bundle_session(name: str, providers: list, bundle: Bundle, artifact: str, i
     return OrtSession(sess, bundle.input_name, bundle.output_name, name, model_file=path.name)
 
 
+# x86 instruction sets whose U8 x S8 dot products accumulate in int32 (VPDPBUSD); without one of them
+# onnxruntime's kernels use VPMADDUBSW/PMADDUBSW, which add pairs of products in int16 and saturate.
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+_X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+
+
+class Int8KernelsSaturate(BackendError):
+    """An INT8 artifact with 8-bit weights on an x86 CPU without VNNI: onnxruntime's integer kernels
+    would not compute what the parity gate certified."""
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    # onnxruntime has no query for the CPU features its kernels pick, and numpy's (private) list lacks
+    # AVX-VNNI; Linux states them in /proc/cpuinfo, which is all this needs.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return None
+
+
+def u8s8_saturates(machine: str | None = None, flags: frozenset[str] | None = None) -> bool | None:
+    """Whether onnxruntime's U8 x S8 integer kernels saturate on this CPU (or on `machine` with `flags`):
+    True on x86 without VNNI, False on VNNI x86 and on other architectures (ARM accumulates in int32),
+    None on x86 where the flags cannot be read (outside Linux)."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in _X86:
+        return False
+    flags = _cpu_flags() if flags is None else flags
+    if flags is None:
+        return None
+    return not (flags & _VNNI_FLAGS)
+
+
+def int8_weight_bits(art: Any) -> int | None:
+    """7 or 8: the integer range of an onnxruntime-quantized artifact's weights (bundle.json's
+    quantization record, which before it held `weight_bits` said "(7-bit range)" in `weights`); None
+    for any other artifact."""
+    q = art.details.get("quantization") if art.precision == "int8" else None
+    if not isinstance(q, dict) or not str(q.get("tool", "")).startswith("onnxruntime"):
+        return None
+    if q.get("weight_bits") in (7, 8):
+        return int(q["weight_bits"])
+    return 7 if "7-bit" in str(q.get("weights", "")) else 8
+
+
+def check_int8_kernels(bundle: Bundle, artifact: str) -> None:
+    """Int8KernelsSaturate when `artifact` has 8-bit weights and this CPU's integer kernels saturate them
+    (an 8-bit U8 activation x S8 weight pair sum passes int16): its answers would differ from those the
+    parity gate measured on the export machine (the digits demo's teacher lost 8-12 points so)."""
+    art = bundle.artifact(artifact)
+    if int8_weight_bits(art) != 8 or not u8s8_saturates():
+        return
+    raise Int8KernelsSaturate(
+        f"backend 'cpu': {art.file} has 8-bit INT8 weights (export.int8_reduce_range: false), which onnxruntime's "
+        f"integer kernels saturate on this x86 CPU without VNNI, so it would not answer as its parity gate "
+        f"certified; use its FP32 artifact ('onnx'), the openvino backend, or re-export with "
+        f"export.int8_reduce_range: true")
+
+
 @register_backend("cpu", CPU, "onnxruntime on the CPU")
 def _cpu(bundle: Bundle, artifact: str = "onnx", intra_op_threads: int | None = None, device_id: int = 0) -> OrtSession:
+    check_int8_kernels(bundle, artifact)
     return _bundle_session("cpu", [CPU], bundle, artifact, intra_op_threads, False, device_id)
 
 
