@@ -29,6 +29,7 @@ from exporters.errors import BuilderError
 from exporters.resources import release_freed_memory
 from exporters.specs import ExportSpec
 from exporters.thresholds import resolve_thresholds
+from runtime.backends import u8s8_saturates
 from runtime.bundle import Artifact, Trust
 from runtime.preprocess import PreprocessSpec, preprocess
 from runtime.registry import Registry
@@ -134,6 +135,10 @@ def build_onnx_int8(ctx: BuildContext) -> Artifact:
     s, calib, file = ctx.settings, ctx.calibration, get_builder("onnx_int8").file
     thresholds = resolve_thresholds(ctx.validate, "int8", ctx.spec)
     budget = thresholds.max_accuracy_drop
+    if not s.int8_reduce_range and u8s8_saturates():
+        log.warning("int8: 8-bit weights (export.int8_reduce_range: false) on this x86 CPU without VNNI, whose "
+                    "integer kernels saturate them: the guard measures them saturated, and the parity gate cannot "
+                    "check the artifact on the cpu backend here")
     log.info("int8: calibrating on %d train images (%s per class: %s)", len(calib.files), s.calibration_method,
              ", ".join(f"{k}={v}" for k, v in calib.per_class.items()))
     # Both image sets stream: decoded and preprocessed a batch at a time (exporters.calibration.ImageSource).

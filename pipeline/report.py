@@ -308,9 +308,10 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
         lines += ["## Export cost (shipped model, this machine)", "",
                   f"{cost['seconds']:.0f} s wall time; peak resident memory {cost['peak_rss_mb']:.0f} MB "
                   f"(in {cost['peak_step']}). Per step: {steps}.", ""]
-    guard = ((metrics.get("onnx") or {}).get("int8") or {}).get("guard")
-    if guard:
-        lines += ["## INT8 quantization (shipped model's INT8 artifact)", "", int8_guard_text(guard), ""]
+    quant = (metrics.get("onnx") or {}).get("int8") or {}
+    if quant.get("guard"):
+        lines += ["## INT8 quantization (shipped model's INT8 artifact)", "", int8_weights_text(quant),
+                  int8_guard_text(quant["guard"]), ""]
     if metrics.get("deploy"):
         lines += _deploy_section(run, metrics)
     if metrics.get("trust"):
@@ -318,6 +319,16 @@ def render_run_report(run: RunDir, metrics: dict[str, Any]) -> str:
     if metrics.get("multilabel"):
         lines += _multilabel_section(metrics["multilabel"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def int8_weights_text(q: dict[str, Any]) -> str:
+    """The INT8 artifact's number format, and where 8-bit weights run as certified."""
+    text = f"Weights {q.get('weights', 'int8')}, activations {q.get('activations', 'uint8')}."
+    if q.get("weight_bits") == 8:
+        text += (" 8-bit weights run as certified only on x86 CPUs with VNNI, on ARM and on OpenVINO: onnxruntime's "
+                 "integer kernels on other x86 CPUs saturate them, and the runtime's cpu backend refuses the "
+                 "artifact there.")
+    return text
 
 
 def int8_guard_text(g: dict[str, Any]) -> str:

@@ -101,6 +101,7 @@ def test_size_budget_only_int8_meets_ships_int8_as_default(run_copy):
     assert "## INT8 quantization (shipped model's INT8 artifact)" in report
     assert f"Bias correction of {guard['bias_correction']['nodes']} node(s)" in report and guard["bias_correction"]["nodes"] > 0
     assert f"Guard on {guard['guard_images']} validation images" in report
+    assert "Weights int8 (7-bit range), per-channel, activations uint8." in report and "saturate" not in report
 
 
 def test_nothing_meets_the_size_budget_exits_1_listing_every_candidate(run_copy):
@@ -185,3 +186,38 @@ def test_the_gate_and_the_timing_open_sessions_without_a_line_each_and_predict_s
     assert not [r for r in caplog.records if r.name == "edgekiln.runtime"]
     runtime.load(run_dir / "bundle")  # what `edgekiln predict` and `serve` open: the user sees where it runs
     assert any("on backend 'cpu'" in r.getMessage() for r in caplog.records if r.name == "edgekiln.runtime")
+
+
+def test_report_says_where_8bit_int8_weights_run():
+    from pipeline.report import int8_weights_text
+
+    seven = {"weights": "int8 (7-bit range), per-channel", "activations": "uint8", "weight_bits": 7}
+    assert int8_weights_text(seven) == "Weights int8 (7-bit range), per-channel, activations uint8."
+    eight = int8_weights_text({"weights": "int8, per-channel", "activations": "uint8", "weight_bits": 8})
+    assert eight.startswith("Weights int8, per-channel, activations uint8. 8-bit weights run as certified only on")
+    assert "runtime's cpu backend refuses the artifact there" in eight
+
+
+def test_8bit_int8_weights_on_a_cpu_that_saturates_them_are_neither_checked_nor_shipped_on_cpu(run_copy, monkeypatch,
+                                                                                                caplog):
+    """export.int8_reduce_range: false on an x86 CPU without VNNI (its flags substituted): the export says
+    so before calibrating, the parity gate skips the INT8 artifact on the cpu backend, no INT8-on-cpu
+    candidate enters the deploy choice, and the shipped bundle leaves the unchecked artifact out."""
+    from runtime.backends import ort as ort_backend
+
+    cfg, run_dir = run_copy
+    d = yaml.safe_load(cfg.read_text())
+    d["export"] = {"precisions": ["fp32", "int8"], "calibration_size": 20, "int8_reduce_range": False}
+    d["deploy"] = {"latency_rounds": 5}
+    cfg.write_text(yaml.safe_dump(d))
+    monkeypatch.setattr(ort_backend.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(ort_backend, "_cpu_flags", lambda: frozenset({"sse4_1", "avx2"}))
+    r = CliRunner().invoke(cli, ["export", str(cfg), "--model", "student"])
+    assert r.exit_code == 0, r.output
+    assert "int8: 8-bit weights (export.int8_reduce_range: false) on this x86 CPU without VNNI" in caplog.text
+    assert "parity: onnx_int8 not checked on this machine: backend 'cpu': model.int8.onnx has 8-bit" in caplog.text
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "onnx_int8" not in metrics["onnx"]["artifacts"]  # skipped on cpu, and the log said why
+    assert not [c for c in metrics["deploy"]["candidates"] if c["artifact"] == "onnx_int8" and c["backend"] == "cpu"]
+    assert any(c["artifact"] == "onnx" and c["backend"] == "cpu" for c in metrics["deploy"]["candidates"])
+    assert set(read_bundle(run_dir / "bundle").manifest.artifacts) == {"onnx"}  # what it could not check does not ship
