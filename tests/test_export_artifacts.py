@@ -175,6 +175,9 @@ def test_cpu_backend_refuses_8bit_int8_weights_where_its_kernels_saturate(export
     assert "model.int8.onnx has 8-bit INT8 weights" in str(e.value) and "export.int8_reduce_range: true" in str(e.value)
     assert runtime.load(run_dir / "bundle", artifact="onnx_int8").self_test().passed  # 7-bit weights: load and run
     assert runtime.load(bundle, artifact="onnx").self_test().passed  # the same bundle's FP32 artifact
+    with pytest.raises(runtime.BackendError, match=r"backend 'auto': no backend could start .*cpu: backend 'cpu': "
+                                                   r"model.int8.onnx has 8-bit INT8 weights"):
+        runtime.load(bundle, backend="auto", artifact="onnx_int8")  # no OpenVINO twin here: auto says why
     r = CliRunner().invoke(cli, ["validate", "--bundle", str(bundle)])
     # the self-test says why it skipped the artifact, as for a TensorRT engine built for another GPU
     assert r.exit_code == 0 and "onnx_int8: skipped (backend 'cpu': model.int8.onnx has 8-bit INT8 weights" in r.output

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import runtime
 from runtime.backends import OpenVINOOptions, create_session
 from runtime.backends.openvino import supported_precisions
-from runtime.bundle import read_bundle
+from runtime.bundle import parse_manifest, read_bundle, write_manifest
 from runtime.serve import create_app
 from tests.test_server import (  # noqa: F401  the server's tritonclient and 4xx tests, rerun on backend openvino
     _settings, images, running_server, test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving,
@@ -202,3 +202,25 @@ def test_auto_picks_the_faster_of_the_backends_that_passed_parity_and_says_why(o
     with caplog.at_level("INFO", logger="edgekiln.runtime"):
         assert runtime.load(bundle_dir, backend="auto", artifact="onnx").backend == "cpu"  # no OpenVINO artifact: nothing to time
     assert "for model.onnx (the bundle has no OpenVINO twin of 'onnx')" in caplog.text
+
+
+def test_auto_runs_the_openvino_int8_twin_where_onnxruntime_would_saturate_8bit_weights(ov_bundle, tmp_path, monkeypatch,
+                                                                                       caplog):
+    """An INT8 ONNX artifact with 8-bit weights on an x86 CPU without VNNI (flags substituted): `auto` runs the
+    OpenVINO INT8 artifact, which passed parity too, and says why."""
+    from runtime.backends import ort as ort_backend
+
+    out, _, _ = ov_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(out, bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["artifacts"]["onnx_int8"]["details"]["quantization"]["weight_bits"] = 8
+    write_manifest(bundle, parse_manifest(meta))
+    monkeypatch.setattr(ort_backend.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(ort_backend, "_cpu_flags", lambda: frozenset({"avx2"}))
+    with caplog.at_level("INFO", logger="edgekiln.runtime"):
+        clf = runtime.load(bundle, backend="auto", artifact="onnx_int8")
+    assert clf.backend == "openvino" and clf.session.model_file == "model.int8.xml"
+    assert "auto chose backend 'openvino'" in caplog.text and "model.int8.onnx has 8-bit INT8 weights" in caplog.text
+    with pytest.raises(runtime.BackendError, match="8-bit INT8 weights"):
+        runtime.load(bundle, artifact="onnx_int8")  # the cpu backend, named: refused, no fallback

@@ -18,7 +18,7 @@ import logging
 import os
 
 from runtime.backends.base import Session, backend_spec, has_artifact
-from runtime.backends.ort import available_providers
+from runtime.backends.ort import Int8KernelsSaturate, available_providers
 from runtime.backends.tensorrt_engine import EngineUnavailable, engine_key, is_onnx_key, onnx_key
 from runtime.bundle import Bundle
 from runtime.errors import BackendError, ConfigError
@@ -114,7 +114,7 @@ def auto_session(bundle: Bundle, artifact: str, intra_op_threads: int | None, de
             sess = spec.make(bundle, artifact=artifact, intra_op_threads=intra_op_threads, device_id=device_id)
         except BackendError as e:
             log.warning("edgekiln runtime: auto: skipping backend '%s': %s", name, e)
-            skipped.append(f"{name}: failed to start")
+            skipped.append(f"{name}: {e}" if isinstance(e, Int8KernelsSaturate) else f"{name}: failed to start")
             continue
         log.info("edgekiln runtime: auto chose backend '%s' (%s) for %s%s", name, sess.provider,
                  sess.model_file, f"; skipped {'; '.join(skipped)}" if skipped else "")
@@ -151,8 +151,16 @@ def cpu_by_speed(bundle: Bundle, artifact: str, intra_op_threads: int | None, sk
     `artifact` did) and is faster here, timed at batch 1 on this machine; logs the times and the reason."""
     import numpy as np
 
-    cpu = backend_spec("cpu").make(bundle, artifact=artifact, intra_op_threads=intra_op_threads)
     twin = OPENVINO_TWIN.get(artifact)
+    try:
+        cpu = backend_spec("cpu").make(bundle, artifact=artifact, intra_op_threads=intra_op_threads)
+    except Int8KernelsSaturate as e:  # the INT8 twin OpenVINO quantized itself, when it passed parity
+        if twin is None or not has_artifact(bundle, twin) or not _passed(bundle, twin):
+            raise
+        ov = backend_spec("openvino").make(bundle, artifact=twin, intra_op_threads=intra_op_threads)
+        log.warning("edgekiln runtime: auto chose backend 'openvino' (%s, %s), which passed parity: %s%s", ov.provider,
+                    ov.model_file, e, f"; skipped {'; '.join(skipped)}" if skipped else "")
+        return ov
     why = ""
     if twin is None or not has_artifact(bundle, twin):
         why = f"the bundle has no OpenVINO twin of '{artifact}'"
