@@ -391,8 +391,8 @@ def open_runners(bundle: Bundle, keys: list[str] | None = None,
                 label = runner_label(key, backend, runtimes[0])
                 try:
                     runners[label] = session_for_artifact(bundle, key, backend=backend).run
-                except (EngineUnavailable, Int8KernelsSaturate) as e:  # e.g. a TensorRT engine without this GPU;
-                    # 8-bit INT8 weights on an x86 CPU whose integer kernels saturate them
+                # a TensorRT engine built for another GPU; 8-bit INT8 weights this CPU's kernels would saturate
+                except (EngineUnavailable, Int8KernelsSaturate) as e:
                     log.warning("parity: %s not checked on this machine: %s", label, e)
                     skipped[label] = str(e)
                 except BackendError as e:  # another backend of its runtimes (cuda, ...) that this machine lacks

@@ -157,7 +157,10 @@ def cpu_by_speed(bundle: Bundle, artifact: str, intra_op_threads: int | None, sk
     except Int8KernelsSaturate as e:  # the INT8 twin OpenVINO quantized itself, when it passed parity
         if twin is None or not has_artifact(bundle, twin) or not _passed(bundle, twin):
             raise
-        ov = backend_spec("openvino").make(bundle, artifact=twin, intra_op_threads=intra_op_threads)
+        try:
+            ov = backend_spec("openvino").make(bundle, artifact=twin, intra_op_threads=intra_op_threads)
+        except BackendError:
+            raise e from None  # the reason auto needs to name is the saturation, not the twin's
         log.warning("edgekiln runtime: auto chose backend 'openvino' (%s, %s), which passed parity: %s%s", ov.provider,
                     ov.model_file, e, f"; skipped {'; '.join(skipped)}" if skipped else "")
         return ov
