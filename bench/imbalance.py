@@ -22,8 +22,9 @@ The sets (real images, no download):
 - digits-reference (not in the default --sets): the same head on balanced digits training sets (every
   class at 10 + 2 images, and at 100 + 20), the same balanced test split: the ceiling a rebalanced
   10:1 model can approach.
-- --shift-curve: for the digits sets, macro-F1 of `none` and `weights` after a post-hoc logit shift of
-  tau * log(training prior), tau from 0 to 1.5: which rule is best depends on the test split's class mix.
+- --shift-curve: for the digits sets, macro-F1 of `none` and `weights` (without the shift adapt adds,
+  pipeline.training.balance.PRIOR_SHIFT_TAU) after a post-hoc logit shift of tau * log(training prior), tau
+  from 0 to 1.5: which rule is best depends on the test split's class mix.
 - photos-balanced-test: random crops (bench/photo_sets.py's) of ten scikit-image photographs (at
   128 px); train and val 10:1 (100 + 20, 10 + 2), the test split 40 fresh crops of every class.
 Not a test.
@@ -145,10 +146,12 @@ class Pool:
     head = "linear"  # adapt.feature_extraction.head (--head)
     augment = "none"  # adapt.augment (--augment): other than none, the backbone runs on augmented views every epoch
 
-    def adapt(self, parts: dict[str, list[int]], seed: int, balance: str, metric: str) -> torch.Tensor:
-        """Test logits of the feature_extraction strategy trained on `parts` (indices into the pool)."""
+    def adapt(self, parts: dict[str, list[int]], seed: int, balance: str, metric: str, shift: bool = True) -> torch.Tensor:
+        """Test logits of the feature_extraction strategy trained on `parts` (indices into the pool), with
+        the shift towards the rare classes that `edgekiln adapt` gives the head (shift_to_rare) unless
+        `shift` is False."""
         from pipeline.config import AdaptConfig
-        from pipeline.strategies import AdaptContext, AdaptData, adapt_model
+        from pipeline.strategies import AdaptContext, AdaptData, adapt_model, shift_to_rare
         from pipeline.training import set_seed
 
         data = AdaptData({p: [self.paths[i] for i in ix] for p, ix in parts.items()},
@@ -161,7 +164,8 @@ class Pool:
         ctx = AdaptContext(arch=self.arch, seed=seed, batch_size=64, balance=balance, select_metric=metric,
                            desc=f"{balance}/{metric}/seed {seed}")
         cfg = AdaptConfig(feature_extraction={"head": self.head}, augment=self.augment)
-        return adapt_model(copy.deepcopy(self.model), data, cfg, ctx).test_logits
+        out = adapt_model(copy.deepcopy(self.model), data, cfg, ctx)
+        return (shift_to_rare(out, data, balance) if shift else out).test_logits
 
 
 def scores(logits: torch.Tensor, y: np.ndarray) -> tuple[float, float, float]:
@@ -258,7 +262,7 @@ def run_shift_curve(name: str, pool: Pool, seeds: list[int], taus=(0.0, 0.25, 0.
         counts = np.bincount([pool.labels[i] for i in parts["train"]], minlength=10)
         log_prior = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
         for balance in ("none", "weights"):
-            logits = pool.adapt(parts, seed, balance, "accuracy")
+            logits = pool.adapt(parts, seed, balance, "accuracy", shift=False)
             for tau in taus:
                 res.setdefault((balance, tau), []).append(scores(logits - tau * log_prior, y)[0])
     print(f"\n{name}: macro-F1 (mean over seeds {','.join(map(str, seeds))}) after a post-hoc shift of tau * log prior\n")

@@ -215,7 +215,7 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
     from pipeline import evaluation
     from pipeline.checkpoint import CheckpointMeta, save_checkpoint
     from pipeline.models import check_runs, count_params, create_model, model_defaults
-    from pipeline.strategies import AdaptContext, AdaptData, adapt_model
+    from pipeline.strategies import AdaptContext, AdaptData, adapt_model, shift_to_rare
     from pipeline.training import init_distributed, set_seed
 
     a, run = cfg.adapt, cfg.run
@@ -250,6 +250,7 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
         out.extra = {**out.extra, "domain": domain}
     else:
         out = adapt_model(model, data, a, ctx)
+    out = shift_to_rare(out, data, cfg.data.balance)
     train_seconds = time.perf_counter() - t0
     ev = evaluation.classification_metrics(out.test_logits, data.y("test"), split.class_names)
     if split.multilabel:  # accuracy figures are mAP; these are the multilabel ones at probability 0.5
@@ -297,13 +298,13 @@ def _baselines(cfg: PipelineConfig, data, ctx) -> tuple[dict[str, Baseline], lis
     features; returns them and the scratch run's training history."""
     from pipeline import evaluation
     from pipeline.models import create_model
-    from pipeline.strategies import linear_probe_baseline, train_from_scratch
+    from pipeline.strategies import linear_probe_baseline, shift_to_rare, train_from_scratch
     from pipeline.training import set_seed
 
     y_test, names = data.y("test"), data.class_names
     set_seed(cfg.seed)
     t0 = time.perf_counter()
-    scratch = train_from_scratch(cfg.model.name, data, cfg.adapt, ctx)
+    scratch = shift_to_rare(train_from_scratch(cfg.model.name, data, cfg.adapt, ctx), data, cfg.data.balance)
     sev = evaluation.classification_metrics(scratch.test_logits, y_test, names)
     scratch_s = time.perf_counter() - t0
     t0 = time.perf_counter()

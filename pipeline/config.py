@@ -50,7 +50,8 @@ class DataConfig(_Strict):
     balance: Literal["none", "weights", "sampler"] = Field(
         "none", description="Imbalanced classes, in adapt and distill: 'weights' weighs the cross-entropy (and "
         "the KD term) by inverse class frequency; 'sampler' draws training batches with every class equally "
-        "likely (the logistic-regression head gets the class weights either way).")
+        "likely (the logistic-regression head gets the class weights either way). Both then shift the adapted "
+        "head's bias by -0.25 * log(class share of the training images) towards the rare classes.")
     select_metric: Literal["accuracy", "macro_f1"] = Field(
         "accuracy", description="The validation metric that picks the best epoch and drives early stopping in "
         "adapt and distill (macro_f1 weighs a rare class like a common one).")

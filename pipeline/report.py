@@ -246,6 +246,11 @@ def _adapt_section(run: RunDir, t: AdaptResult) -> list[str]:
         ["trainable parameters", f"{t.trainable_params:,} of {t.params:,} ({_fmt(t.trainable_fraction, True)})"],
         ["train seconds", f"{t.train_seconds:.1f}"],
     ]
+    shift = t.extra.get("prior_shift")
+    if shift:  # data.balance weights/sampler (strategies.registry.shift_to_rare)
+        rows.append(["head shifted towards rare classes (data.balance)",
+                     f"-{shift['tau']:g} · log(class share); val accuracy {_fmt(shift['val_accuracy_before'])} "
+                     f"before the shift"])
     lo = t.lora
     if lo:
         rows += [

@@ -72,3 +72,25 @@ def test_recommendation_rules():
 def test_advise_missing_folder_exits_cleanly(tmp_path):
     r = CliRunner().invoke(cli, ["advise", str(tmp_path / "nope")])
     assert r.exit_code == 1 and r.output == f"error: data.root: directory not found: {tmp_path / 'nope'}\n"
+
+
+def test_adapt_with_balance_weights_saves_and_reports_the_shifted_head(tiny_data, tmp_path):
+    """data.balance weights on a 15:8 folder: the teacher's metrics and report say the head was shifted
+    towards the rare class, and the val accuracy before the shift is kept beside the one after."""
+    import shutil
+
+    data = tmp_path / "imb"
+    shutil.copytree(tiny_data, data)
+    for f in sorted((data / "digit2").iterdir())[8:]:  # 15 / 15 / 8
+        f.unlink()
+    d = tiny_config_dict(data, tmp_path / "runs")
+    d["adapt"] = {"epochs": 3, "lr": 0.01}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(cli, ["adapt", str(cfg), "--set", "data.balance=weights"])
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "runs" / "tiny"
+    t = json.loads((run / "metrics.json").read_text())["teacher"]
+    assert t["prior_shift"]["tau"] == 0.25 and 0 <= t["prior_shift"]["val_accuracy_before"] <= 1
+    assert "| head shifted towards rare classes (data.balance) | -0.25 · log(class share); val accuracy" in \
+        (run / "report.md").read_text()

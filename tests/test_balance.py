@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,3 +119,48 @@ def test_macro_f1_selection_keeps_the_epoch_best_for_the_rare_class():
     best = max(f1s.values())
     assert f1s[res.best_epoch] == best
     assert res.best_val_accuracy == next(h["val_accuracy"] for h in res.history if h["epoch"] == res.best_epoch)
+
+
+def test_prior_shift_favours_rare_classes_by_a_quarter_of_their_log_ratio():
+    from pipeline.training.balance import PRIOR_SHIFT_TAU, prior_shift
+
+    y = torch.tensor([0] * 100 + [1] * 10 + [2] * 10 + [-1] * 7)  # class 3: no training image
+    s = prior_shift(y, 4)
+    assert PRIOR_SHIFT_TAU == 0.25
+    assert abs(float(s.mean())) < 1e-6  # centred: the logits keep their scale
+    assert abs(float(s[1] - s[0]) - 0.25 * math.log(10)) < 1e-6
+    assert s[1] == s[2] == s[3]  # an absent class gets the rarest class's shift
+    assert torch.equal(prior_shift(torch.tensor([0, 1, 2, 3] * 5), 4), torch.zeros(4))  # balanced: no shift
+
+
+def test_shift_to_rare_moves_the_saved_head_and_its_figures_together():
+    """data.balance weights/sampler: the head's bias, the test logits and the val accuracy all carry the
+    shift; balance none leaves the outcome as it was."""
+    from pipeline.models import EdgeClassifier, ModelDefaults
+    from pipeline.strategies import AdaptData, AdaptOutcome, shift_to_rare
+    from pipeline.training.balance import prior_shift
+
+    x, y = _imbalanced()
+    vx, vy = _imbalanced(200, 200, seed=1)
+    torch.manual_seed(0)
+    head = nn.Linear(2, 2)
+    fit(head, tensor_loader(x, y, batch_size=32, shuffle=True), vx, vy, settings=TrainSettings(epochs=5, lr=0.05), desc="t")
+    model = EdgeClassifier(nn.Identity(), head, "toy", ModelDefaults()).eval()
+    data = AdaptData({p: [] for p in AdaptData.PARTS}, {"train": y.tolist(), "val": vy.tolist(), "test": vy.tolist()},
+                     None, ["a", "b"])
+    data._memo["x", "val"] = vx  # what AdaptData.x would load from the val images
+    with torch.no_grad():
+        before_logits, before_bias = model(vx), head.bias.clone()
+    before_acc = float((before_logits.argmax(1) == vy).float().mean())
+    out = AdaptOutcome(model, before_logits.clone(), before_acc, None, 6)
+    assert shift_to_rare(out, data, "none") is out
+    shifted = shift_to_rare(out, data, "weights")
+    shift = prior_shift(y, 2)
+    assert torch.allclose(head.bias, before_bias + shift)
+    assert torch.allclose(shifted.test_logits, before_logits + shift)
+    with torch.no_grad():
+        after = model(vx).argmax(1)
+    assert shifted.val_accuracy == float((after == vy).float().mean()) != before_acc
+    assert shifted.extra["prior_shift"] == {"tau": 0.25, "val_accuracy_before": before_acc}
+    # on this balanced evaluation the shift raises the rare class's recall
+    assert (after[vy == 1] == 1).float().mean() > (before_logits.argmax(1)[vy == 1] == 1).float().mean()

@@ -7,7 +7,8 @@
     lora                peft low-rank adapters on the pointwise convolutions and linear
                         layers, merged into the weights before saving
 
-    registry.py   register_strategy / get_strategy / list_strategies / adapt_model, AdaptContext, AdaptOutcome
+    registry.py   register_strategy / get_strategy / list_strategies / adapt_model, AdaptContext, AdaptOutcome,
+                  shift_to_rare (data.balance's shift of the head towards the rare classes)
     data.py       AdaptData (images, labels, cached features of a split), augmentation presets
     baselines.py  train_from_scratch and linear_probe_baseline, what every run can be compared with
 
@@ -22,6 +23,7 @@ from pipeline.strategies.registry import (
     get_strategy,
     list_strategies,
     register_strategy,
+    shift_to_rare,
 )
 from pipeline.strategies.data import AUGMENTATIONS, AdaptData, train_transform
 from pipeline.strategies.feature_extraction import feature_extraction
@@ -32,6 +34,6 @@ from pipeline.strategies.baselines import linear_probe_baseline, train_from_scra
 __all__ = [
     "AUGMENTATIONS", "AdaptContext", "AdaptData", "AdaptOutcome", "Strategy", "adapt_model", "block_groups",
     "default_lora_targets", "feature_extraction", "finetune", "finetune_param_groups", "get_strategy",
-    "linear_probe_baseline", "list_strategies", "lora", "register_strategy", "train_from_scratch",
+    "linear_probe_baseline", "list_strategies", "lora", "register_strategy", "shift_to_rare", "train_from_scratch",
     "trainable_groups_at", "train_transform",
 ]

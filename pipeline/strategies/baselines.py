@@ -12,6 +12,7 @@ from pipeline.strategies.data import AdaptData
 from pipeline.strategies.finetune import finetune_groups
 from pipeline.strategies.registry import AdaptContext, AdaptOutcome
 from pipeline.training import accuracy
+from pipeline.training.balance import prior_shift
 
 
 def train_from_scratch(arch: str, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext) -> AdaptOutcome:
@@ -32,6 +33,8 @@ def linear_probe_baseline(model: EdgeClassifier, data: AdaptData, arch: str, see
     f = {p: data.features(p, model.backbone, arch, digest) for p in data.PARTS}
     w, b = fit_logistic_regression(f["train"], data.y("train"), data.num_classes, seed=seed,  # one fit, two splits
                                   balance=balance)
+    if balance != "none":  # the shift adapt gives the head (shift_to_rare), so it compares like with like
+        b = b + prior_shift(data.y("train"), data.num_classes)
     logits = f["test"].float() @ w.T + b
     val_acc = accuracy(f["val"].float() @ w.T + b, data.y("val"))
     return {"val_accuracy": val_acc, "test_accuracy": accuracy(logits, data.y("test")), "test_logits": logits}

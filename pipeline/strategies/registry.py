@@ -18,7 +18,8 @@ from pipeline.config import AdaptConfig
 from pipeline.errors import ConfigError
 from pipeline.models import EdgeClassifier
 from pipeline.strategies.data import AdaptData, train_loader
-from pipeline.training import FitResult, TrainSettings, class_weights, fit
+from pipeline.training import FitResult, TrainSettings, class_weights, fit, predict_logits
+from pipeline.training.balance import PRIOR_SHIFT_TAU, prior_shift
 from pipeline.training.budget import Budget, plan_budget
 from runtime.registry import Registry
 
@@ -100,3 +101,19 @@ def get_strategy(name: str) -> Strategy:
 def adapt_model(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ctx: AdaptContext) -> AdaptOutcome:
     """Run the strategy `cfg.strategy` names, with a training budget sized to the data."""
     return get_strategy(cfg.strategy)(model, data, cfg, with_budget(cfg, data, ctx))
+
+
+def shift_to_rare(out: AdaptOutcome, data: AdaptData, balance: str) -> AdaptOutcome:
+    """With data.balance 'weights' or 'sampler': add the prior shift (pipeline.training.balance.prior_shift)
+    to the adapted head's bias, so the saved model, its test logits and its val accuracy carry it. Applied
+    once, after the strategy (and any domain method's rounds) picked its best epoch, as it was measured."""
+    if balance == "none" or out.model.head.bias is None:
+        return out
+    shift = prior_shift(data.y("train"), data.num_classes)
+    with torch.no_grad():
+        out.model.head.bias += shift.to(out.model.head.bias)
+    val_acc = float((predict_logits(out.model, data.x("val")).argmax(1) == data.y("val")).float().mean())
+    log.info("adapt: data.balance %s: the head's bias shifted by -%g * log(class share) towards the rare classes "
+             "(val accuracy %.4f -> %.4f)", balance, PRIOR_SHIFT_TAU, out.val_accuracy, val_acc)
+    extra = {**out.extra, "prior_shift": {"tau": PRIOR_SHIFT_TAU, "val_accuracy_before": out.val_accuracy}}
+    return replace(out, test_logits=out.test_logits + shift, val_accuracy=val_acc, extra=extra)
