@@ -249,8 +249,7 @@ def run_adapt(cfg: PipelineConfig, resume: bool = False) -> AdaptResult:
         out, domain = adapt_to_domain(model, data, a, ctx, target)
         out.extra = {**out.extra, "domain": domain}
     else:
-        out = adapt_model(model, data, a, ctx)
-    out = shift_to_rare(out, data, cfg.data.balance)
+        out = shift_to_rare(adapt_model(model, data, a, ctx), data, cfg.data.balance)  # adapt_to_domain shifts its own
     train_seconds = time.perf_counter() - t0
     ev = evaluation.classification_metrics(out.test_logits, data.y("test"), split.class_names)
     if split.multilabel:  # accuracy figures are mAP; these are the multilabel ones at probability 0.5

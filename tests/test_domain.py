@@ -218,6 +218,36 @@ def test_auto_without_target_labels_restyles_unless_the_gap_is_small(tiny_data, 
     assert choose_unlabeled(DomainGap(SMALL_GAP, 0.3, 40, 40), 0.1)[0] == "style"
 
 
+def test_domain_candidates_are_judged_with_the_balance_shift_applied_once(tiny_data, target_dirs, tmp_path, caplog):
+    """data.balance weights with a target folder: each domain candidate gets the shift towards the rare
+    classes before the target is judged, and the saved model is that candidate (not shifted again)."""
+    import shutil
+
+    from pipeline.adapt_stage import run_adapt
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.data import load_tensors
+    from pipeline.rundir import RunDir, load_split
+    from pipeline.training import predict_logits
+
+    data = tmp_path / "imb"
+    shutil.copytree(tiny_data, data)
+    for f in sorted((data / "digit2").iterdir())[8:]:  # 15 / 15 / 8
+        f.unlink()
+    cfg = _adapt_cfg(data, tmp_path, target=target_dirs[0])
+    cfg.data.balance = "weights"
+    with caplog.at_level("INFO", logger="pipeline.strategies.registry"):
+        result = run_adapt(cfg)
+    d = result.extra["domain"]
+    assert sum("the head's bias shifted" in r.getMessage() for r in caplog.records) == len(d["candidates"]) == 1
+    assert result.extra["prior_shift"]["tau"] == 0.25
+    assert d["candidates"][d["method"]]["val_accuracy"] == result.val_accuracy
+    run = RunDir(tmp_path / "runs" / "dom")
+    model, meta = load_checkpoint(run.checkpoint("teacher"))
+    split = load_split(run)
+    vx, vy = load_tensors(split.paths("val"), split.labels("val"), meta.preprocess)
+    assert float((predict_logits(model, vx).argmax(1) == vy).float().mean()) == result.val_accuracy
+
+
 def test_ssl_through_adapt_warms_up_then_trains_and_checkpoints_a_plain_model(tiny_data, target_dirs, tmp_path):
     from pipeline.adapt_stage import run_adapt
     from pipeline.checkpoint import load_checkpoint

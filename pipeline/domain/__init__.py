@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.domain.gap import SMALL_GAP, DomainGap, closer_fraction, domain_gap
 from pipeline.domain.methods import METHODS, run_method, styled_data, target_accuracy
 from pipeline.domain.target import TargetSet, load_target
+from pipeline.strategies import shift_to_rare
 
 __all__ = ["METHODS", "TargetSet", "adapt_to_domain", "choose_unlabeled", "load_target", "measure_gap"]
 
@@ -83,7 +84,8 @@ def adapt_to_domain(model, data, cfg, ctx, target: TargetSet) -> tuple[Any, dict
         why = ""
     outs = {}
     for name in names:
-        outs[name] = run_method(name, model, data, cfg, ctx, target)
+        # data.balance's shift towards the rare classes before the target is judged, so a method is chosen as saved
+        outs[name] = shift_to_rare(run_method(name, model, data, cfg, ctx, target), data, ctx.balance)
         acc = target_accuracy(outs[name].model, target)
         info["candidates"][name] = {"val_accuracy": outs[name].val_accuracy, "target_accuracy": acc}
         log.info("domain %s: source val %.3f%s", name, outs[name].val_accuracy,
