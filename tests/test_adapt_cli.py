@@ -57,6 +57,20 @@ def test_advise_reports_data_probe_and_a_reasoned_recommendation(tiny_data):
     assert a["recommendation"] == "feature_extraction" and a["stats"]["classes"] == 3
 
 
+def test_advise_on_imbalanced_classes_points_to_data_balance(tmp_path):
+    from tests.conftest import write_tiny_folder
+
+    data = write_tiny_folder(tmp_path / "imb", per_class=30)
+    for f in sorted((data / "digit2").iterdir())[8:]:  # 30 / 30 / 8
+        f.unlink()
+    r = CliRunner().invoke(cli, ["advise", str(data), "--input-size", "32", "--json"])
+    assert r.exit_code == 0, r.output
+    a = json.loads(r.output)
+    assert a["stats"]["imbalance"] == 3.75
+    assert any(n.startswith("classes are imbalanced (3.8x between the largest and smallest): watch macro-F1")
+               and "--set data.balance=weights" in n for n in a["notes"]), a["notes"]
+
+
 def test_recommendation_rules():
     from pipeline.advise import recommend
 
