@@ -106,7 +106,8 @@ def adapt_model(model: EdgeClassifier, data: AdaptData, cfg: AdaptConfig, ctx: A
 def shift_to_rare(out: AdaptOutcome, data: AdaptData, balance: str) -> AdaptOutcome:
     """With data.balance 'weights' or 'sampler': add the prior shift (pipeline.training.balance.prior_shift)
     to the adapted head's bias, so the saved model, its test logits and its val accuracy carry it. Applied
-    once, after the strategy (and any domain method's rounds) picked its best epoch, as it was measured."""
+    once per trained model, after its strategy picked the best epoch, as it was measured (run_adapt; each
+    candidate of adapt_to_domain before the target judges it)."""
     if balance == "none" or out.model.head.bias is None:
         return out
     shift = prior_shift(data.y("train"), data.num_classes)

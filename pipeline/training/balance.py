@@ -18,12 +18,17 @@ def balanced_sampler(labels: torch.Tensor, generator: torch.Generator):
                                 generator=generator)
 
 
+def _class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Training images per class (float); unlabeled rows (-1) are not counted."""
+    y = torch.as_tensor(labels).long()
+    return torch.bincount(y[y >= 0], minlength=num_classes).float()
+
+
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse class frequency, w_c = n / (num_classes * n_c) (scikit-learn's 'balanced'): every class
     weighs as much in total, and the weights average 1 over the training images when every class has
     some. A class with no training image gets 0. Unlabeled rows (-1) are not counted."""
-    y = torch.as_tensor(labels).long()
-    counts = torch.bincount(y[y >= 0], minlength=num_classes).float()
+    counts = _class_counts(labels, num_classes)
     return torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
 
 
@@ -47,8 +52,7 @@ def prior_shift(labels: torch.Tensor, num_classes: int, tau: float = PRIOR_SHIFT
     """The per-class logit shift -tau * log(training share of the class), centred so the mean shift is 0
     (softmax ignores a common offset; centring keeps the logits' scale for the energy score). A class
     with no training image gets the rarest class's shift. Unlabeled rows (-1) are not counted."""
-    y = torch.as_tensor(labels).long()
-    counts = torch.bincount(y[y >= 0], minlength=num_classes).float()
+    counts = _class_counts(labels, num_classes)
     if counts.sum() == 0:
         return torch.zeros(num_classes)
     share = counts.clamp(min=counts[counts > 0].min()) / counts.sum()
