@@ -151,7 +151,7 @@ def build_onnx_int8(ctx: BuildContext) -> Artifact:
                         # The parity gate's decision floor, held on the validation split (the gate judges
                         # decisions only with a trust section, so the guard does too).
                         min_decision_agreement=thresholds.min_decision_agreement if ctx.trust else None,
-                        trust=ctx.trust, bias_correction=s.int8_bias_correction)
+                        trust=ctx.trust, bias_correction=s.int8_bias_correction, rounding=s.int8_rounding)
     if not res.budget_met:
         missed = []
         if res.drop_stats.get("low", 0.0) > res.budget + 1e-12:

@@ -70,7 +70,14 @@ class ExportConfig(_Strict):
                           "advice); false: 8-bit weights, for VNNI or ARM targets only.")
     int8_bias_correction: bool = Field(
         True, description="INT8: subtract the output shift each node's rounded weights cause, measured on the "
-                          "calibration images (kept only when the guard split does not get worse).")
+                          "calibration images (kept when the INT8 logits on the validation images get closer to "
+                          "the FP32 model's).")
+    int8_rounding: Literal["auto", "adaptive", "nearest"] = Field(
+        "auto", description="INT8 convolution weights: adaptive rounds each weight up or down so that every "
+                            "node's output on the calibration images stays closest to the float model's "
+                            "(AdaRound; minutes on a CPU), kept when the INT8 logits on the validation images "
+                            "get closer to the FP32 model's; auto does so unless every validation image already "
+                            "gets the FP32 model's answer; nearest: onnxruntime's rounding only.")
     golden_images: int = Field(4, ge=0, le=64, description="Test images stored in the bundle with PyTorch logits.")
     tensorrt: TensorRTConfig = TensorRTConfig()
     openvino: OpenVINOConfig = OpenVINOConfig()

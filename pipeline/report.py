@@ -339,8 +339,9 @@ def int8_weights_text(q: dict[str, Any]) -> str:
 def int8_guard_text(g: dict[str, Any]) -> str:
     """What the INT8 guard (exporters.quantize) did: bias correction, nodes kept in float, its verdict."""
     def judged(a: dict[str, Any]) -> str:
-        dec = a.get("decision_agreement")
-        return f"accuracy {a['accuracy']:.4f}" + (f", decisions agree {dec:.2%}" if dec is not None else "")
+        dec, err = a.get("decision_agreement"), a.get("logit_error")
+        return (f"accuracy {a['accuracy']:.4f}" + (f", decisions agree {dec:.2%}" if dec is not None else "")
+                + (f", mean |Δlogit| {err:.3f}" if err is not None else ""))
 
     n = g.get("guard_images")
     text = [f"Guard on {n} validation images (FP32 accuracy {g['fp32_accuracy']:.4f})."]
@@ -348,9 +349,18 @@ def int8_guard_text(g: dict[str, Any]) -> str:
     if not bc:
         text.append("Bias correction: off.")
     elif bc.get("nodes") and "with" in bc:
-        verdict = "kept" if bc["used"] else "not kept (worse on the validation images)"
+        verdict = "kept" if bc["used"] else "not kept (logits further from FP32 on the validation images)"
         text.append(f"Bias correction of {bc['nodes']} node(s), {verdict}. The fully quantized model without it: "
                     f"{judged(bc['without'])}; with it: {judged(bc['with'])}.")
+    rounding = g.get("rounding") or {}
+    if not rounding:
+        text.append("Adaptive rounding: off.")
+    elif rounding.get("skipped"):
+        text.append(f"Adaptive rounding: skipped ({rounding['skipped']}).")
+    elif rounding.get("nodes") and "with" in rounding:
+        verdict = "kept" if rounding["used"] else "not kept (logits further from FP32 on the validation images)"
+        text.append(f"Adaptive rounding (AdaRound) of {rounding['nodes']} convolution(s) in {rounding['seconds']:.0f} s, "
+                    f"{verdict}. Before it: {judged(rounding['before'])}; with it: {judged(rounding['with'])}.")
     kept = g.get("excluded_nodes") or []
     text.append(f"{len(kept)} node(s) kept in float" + (f" ({', '.join(kept)})" if kept else "")
                 + f": {judged({'accuracy': g['int8_accuracy'], 'decision_agreement': g.get('decision_agreement')})}"

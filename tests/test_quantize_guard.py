@@ -161,8 +161,8 @@ def test_bias_correction_removes_the_mean_shift_of_rounded_weights(rounding_bias
     fp32, x = rounding_bias
     ref = run_onnx(fp32, x)
     y = ref.argmax(1)
-    plain = quantize_int8(fp32, tmp_path / "plain.onnx", x[:32], x, y, bias_correction=False)
-    fixed = quantize_int8(fp32, tmp_path / "fixed.onnx", x[:32], x, y)
+    plain = quantize_int8(fp32, tmp_path / "plain.onnx", x[:32], x, y, bias_correction=False, rounding="nearest")
+    fixed = quantize_int8(fp32, tmp_path / "fixed.onnx", x[:32], x, y, rounding="nearest")
     assert plain.bias_correction == {} and fixed.bias_correction["nodes"] == 1 and fixed.bias_correction["used"]
     assert fixed.bias_correction["with"]["excluded"] == fixed.bias_correction["without"]["excluded"] == 0
     err_plain = (run_onnx(tmp_path / "plain.onnx", x) - ref).mean(0)
@@ -243,7 +243,7 @@ def test_bias_correction_of_a_gemm_with_transposed_weights(tmp_path):
         path = _save([helper.make_node("Gemm", ["input", "w", "b"], ["logits"], name="fc", transB=1, beta=beta)],
                      {"w": w, "b": np.zeros(4)}, tmp_path / f"fc{beta}.onnx", ["N", 16], ["N", 4])
         ref = run_onnx(path, x)
-        res = quantize_int8(path, tmp_path / "q.onnx", x[:32], x, ref.argmax(1))
+        res = quantize_int8(path, tmp_path / "q.onnx", x[:32], x, ref.argmax(1), rounding="nearest")
         assert res.bias_correction["nodes"] == int(corrected)
         err = (run_onnx(tmp_path / "q.onnx", x) - ref).mean(0)
         if corrected:
