@@ -185,6 +185,17 @@ def _capture(path: Path, tensors: list[str], images: ImageSource, n: int, batch:
     return {t: np.concatenate(v) for t, v in parts.items()}
 
 
+def _spread(images: ImageSource, k: int) -> ImageSource:
+    """At most `k` of the images, evenly spaced: the calibration set is in file order, often class by class,
+    so its first `k` could be a few classes only."""
+    if len(images) <= k:
+        return images
+    pick = np.linspace(0, len(images) - 1, k).round().astype(int)
+    if images.array is not None:
+        return ImageSource(array=images.array[pick])
+    return ImageSource(paths=[images.paths[i] for i in pick], spec=images.spec)
+
+
 def _bytes_per_image(path: Path) -> dict[str, int]:
     """Tensor name -> float32 bytes of one image's value, where the shape-inferred graph says."""
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -289,7 +300,7 @@ def adaptive_rounding(float_path: Path, qdq_path: Path, images: "np.ndarray | Im
 
     started = time.perf_counter()
     levels = 64 if reduce_range else 127  # onnxruntime's symmetric INT8 weight grid (quant_utils)
-    images = as_source(images)
+    images = _spread(as_source(images), max_images)
     targets, skipped = _targets(Path(float_path), Path(qdq_path), levels)
     report = RoundingReport(skipped=skipped, iterations=iterations)
     if not targets or len(images) == 0:

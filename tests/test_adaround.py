@@ -7,21 +7,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from exporters.adaround import adaptive_rounding, apply_rounding
 from exporters.bias_correction import quantized_weights
 from exporters.quantize import preprocess_for_quantization, quantize_int8, quantize_qdq, run_onnx
-
-
-def _save(nodes, inits, path, in_shape, out_shape):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)],
-                              [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+from tests.onnx_graphs import save_graph
 
 
 @pytest.fixture()
@@ -34,7 +25,7 @@ def two_convs(tmp_path):
     dw = (np.floor(dw * 64) + 0.55) / 64  # 0.55 of a level past the grid, scale 1/64 (maximum 1 below)
     dw[:, 0, 1, 1] = 1.0
     pw = rng.normal(size=(8, 8, 1, 1)) * 0.3
-    path = _save([helper.make_node("Conv", ["input", "dw", "b1"], ["c1"], name="dw", group=8, pads=[1, 1, 1, 1]),
+    path = save_graph([helper.make_node("Conv", ["input", "dw", "b1"], ["c1"], name="dw", group=8, pads=[1, 1, 1, 1]),
                   helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="relu6"),
                   helper.make_node("Conv", ["a1", "pw", "b2"], ["c2"], name="pw"),
                   helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
@@ -105,7 +96,7 @@ def test_the_guard_keeps_the_rounding_only_when_the_logits_get_closer(two_convs,
 def test_weights_the_quantizer_does_not_round_per_channel_are_left_alone(tmp_path):
     """A Gemm (the classifier) keeps nearest rounding: only Conv weights are rounded adaptively."""
     rng = np.random.default_rng(1)
-    path = _save([helper.make_node("Gemm", ["input", "w", "b"], ["logits"], name="fc", transB=1)],
+    path = save_graph([helper.make_node("Gemm", ["input", "w", "b"], ["logits"], name="fc", transB=1)],
                  {"w": rng.normal(size=(4, 16)), "b": np.zeros(4)}, tmp_path / "fc.onnx", ["N", 16], ["N", 4])
     x = rng.uniform(0, 1, size=(32, 16)).astype(np.float32)
     pre = tmp_path / "pre.onnx"
@@ -122,7 +113,7 @@ def test_auto_skips_the_rounding_when_every_guard_image_already_gets_the_fp32_an
     w = rng.integers(-64, 65, size=(4, 4, 1, 1)) / 64.0
     w[:, :, 0, 0] = np.eye(4) * 2 - 1 + w[:, :, 0, 0] * 0.1  # class c reads channel c
     w = np.round(w * 64 / np.abs(w).reshape(4, -1).max(1).reshape(4, 1, 1, 1)) / 64  # on each channel's grid
-    path = _save([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv"),
+    path = save_graph([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv"),
                   helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
                   helper.make_node("Flatten", ["p"], ["logits"], name="flat")],
                  {"w": w, "b": np.zeros(4)}, tmp_path / "easy.onnx", ["N", 4, 4, 4], ["N", 4])
@@ -134,3 +125,13 @@ def test_auto_skips_the_rounding_when_every_guard_image_already_gets_the_fp32_an
     assert auto.rounding == {"skipped": "every validation image already gets the FP32 model's answer"}
     forced = quantize_int8(path, tmp_path / "forced.onnx", x, x, y, rounding="adaptive")
     assert forced.rounding["nodes"] == 1
+
+
+def test_more_calibration_images_than_it_uses_are_taken_evenly_spread():
+    """The calibration set comes class by class: the first 256 of 600 images would be a few classes."""
+    from exporters.adaround import _spread
+    from exporters.calibration import ImageSource
+
+    src = ImageSource(array=np.arange(10, dtype=np.float32).reshape(10, 1))
+    assert _spread(src, 4).array.ravel().tolist() == [0, 3, 6, 9]
+    assert _spread(src, 10) is src

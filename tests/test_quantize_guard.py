@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from exporters.decisions import SCORE_TIE, same_decisions
 from exporters.quantize import (
@@ -19,16 +19,7 @@ from exporters.quantize import (
 from runtime.backends.ort import open_onnx, u8s8_saturates
 from runtime.bundle import OODSpec, Trust
 from runtime.trust import ood_score
-
-
-def _save(nodes, inits, path, in_shape, out_shape):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)],
-                              [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+from tests.onnx_graphs import save_graph
 
 
 @pytest.fixture()
@@ -40,7 +31,7 @@ def saturating_conv(tmp_path):
     w = (rng.choice([-1.0, 1.0], size=(8, 64, 1, 1)) * rng.uniform(0.9, 1.0, size=(8, 64, 1, 1)))
     # same sign in pairs of input channels: their products add up instead of cancelling
     w[:, 1::2] = np.abs(w[:, 1::2]) * np.sign(w[:, 0::2])
-    path = _save([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv"),
+    path = save_graph([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv"),
                   helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
                   helper.make_node("Flatten", ["p"], ["logits"], name="flat")],
                  {"w": w, "b": np.zeros(8)}, tmp_path / "conv.onnx", ["N", 64, 4, 4], ["N", 8])
@@ -90,7 +81,7 @@ def test_7bit_weights_run_as_their_own_qdq_arithmetic(saturating_conv, tmp_path)
 
 def _two_layer_mlp(path):
     rng = np.random.default_rng(1)
-    return _save([helper.make_node("MatMul", ["input", "w1"], ["h"], name="fc1"),
+    return save_graph([helper.make_node("MatMul", ["input", "w1"], ["h"], name="fc1"),
                   helper.make_node("Relu", ["h"], ["r"], name="relu"),
                   helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2")],
                  {"w1": rng.normal(size=(16, 32)), "w2": rng.normal(size=(32, 4))}, path, ["N", 16], ["N", 4])
@@ -147,7 +138,7 @@ def rounding_bias(tmp_path):
     rng = np.random.default_rng(3)
     w = np.full((4, 1, 3, 3), 0.0123)
     w[:, 0, 1, 1] = 1.0
-    path = _save([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="dw", group=4, pads=[1, 1, 1, 1]),
+    path = save_graph([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="dw", group=4, pads=[1, 1, 1, 1]),
                   helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
                   helper.make_node("Flatten", ["p"], ["logits"], name="flat")],
                  {"w": w, "b": np.zeros(4)}, tmp_path / "dw.onnx", ["N", 4, 8, 8], ["N", 4])
@@ -189,7 +180,7 @@ def test_nodes_kept_in_float_take_the_node_before_their_activation():
 
     rng = np.random.default_rng(4)
     with tempfile.TemporaryDirectory() as d:
-        path = _save([helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1"),
+        path = save_graph([helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1"),
                       helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="relu6"),
                       helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2"),
                       helper.make_node("Conv", ["c2", "w3"], ["c3"], name="conv3"),
@@ -214,7 +205,7 @@ def test_nodes_rank_by_how_far_their_int8_weights_move_the_logits(tmp_path):
     off[:, 0, 1, 1] = 1.0
     on = rng.integers(-64, 65, size=(4, 4, 1, 1)) / 64.0
     on[:, 0, 0, 0] = 1.0  # each output channel's maximum is 1: scale 1/64, every weight on the grid
-    path = _save([helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="grid", group=1),
+    path = save_graph([helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="grid", group=1),
                   helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"], name="offgrid", group=4, pads=[1, 1, 1, 1]),
                   helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
                   helper.make_node("Flatten", ["p"], ["logits"], name="flat")],
@@ -240,7 +231,7 @@ def test_bias_correction_of_a_gemm_with_transposed_weights(tmp_path):
     w[:, 0] = 1.0
     x = rng.uniform(0, 10, size=(64, 16)).astype(np.float32)
     for beta, corrected in ((1.0, True), (0.5, False)):
-        path = _save([helper.make_node("Gemm", ["input", "w", "b"], ["logits"], name="fc", transB=1, beta=beta)],
+        path = save_graph([helper.make_node("Gemm", ["input", "w", "b"], ["logits"], name="fc", transB=1, beta=beta)],
                      {"w": w, "b": np.zeros(4)}, tmp_path / f"fc{beta}.onnx", ["N", 16], ["N", 4])
         ref = run_onnx(path, x)
         res = quantize_int8(path, tmp_path / "q.onnx", x[:32], x, ref.argmax(1), rounding="nearest")
