@@ -63,6 +63,7 @@ _BETA = (20.0, 2.0)  # its exponent, annealed over the iterations after the warm
 _WARMUP = 0.2  # the share of the iterations without that term
 _STEP_MACS = 128_000_000  # most multiply-adds of one step's forward pass (see _round_node)
 _MIN_STEP_IMAGES = 4
+ADAROUND_IMAGES = 256  # most calibration images the rounding fits on (evenly spread over a larger set)
 
 
 @dataclass
@@ -290,7 +291,7 @@ def _round_node(t: _Target, x_float: np.ndarray, x_quant: np.ndarray, levels: in
 
 
 def adaptive_rounding(float_path: Path, qdq_path: Path, images: "np.ndarray | ImageSource", work: Path,
-                      reduce_range: bool = True, iterations: int = 250, max_images: int = 256, batch: int = 32,
+                      reduce_range: bool = True, iterations: int = 250, max_images: int = ADAROUND_IMAGES, batch: int = 32,
                       window: int = 16, memory_budget: int = 1_000_000_000, io_batch: int = 16,
                       seed: int = 0) -> tuple[dict[str, np.ndarray], RoundingReport]:
     """Float-model weight initializer name -> its weights rounded by AdaRound, on the grid of the QDQ model

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from exporters.adaround import adaptive_rounding, apply_rounding
+from exporters.adaround import ADAROUND_IMAGES, adaptive_rounding, apply_rounding
 from exporters.bias_correction import apply_shifts, bias_shifts, rank_by_weight_error
 from exporters.calibration import ImageSource, SourceCalibrationReader, as_source
 from exporters.decisions import same_decisions
@@ -393,19 +393,20 @@ def quantize_int8(
                 src, tag = apply_shifts(pre, work / "pre-corrected.onnx", shifts, exclude), "-corrected"
             else:
                 src, tag = pre, ""
-            dst = work / f"int8-{len(exclude)}{tag}.onnx"
+            return guard.judge(write(src, work / f"int8-{len(exclude)}{tag}.onnx", exclude), exclude)
+
+        def write(src: Path, dst: Path, exclude: list[str]) -> Path:
             quantize_qdq(src, dst, calibration, input_name, method, per_channel, exclude, op_types_to_keep_float,
                          op_types_to_quantize, calibration_cache=work / "calibration.json", batch_size=plan.batch,
                          reduce_range=reduce_range)
-            return guard.judge(dst, exclude)
+            return dst
 
         def quantize_plain(exclude: list[str]) -> Path:
-            """Nearest rounding, no bias correction: the grid adaptive rounding starts from."""
-            dst = work / f"int8-{len(exclude)}-nearest.onnx"
-            quantize_qdq(pre, dst, calibration, input_name, method, per_channel, exclude, op_types_to_keep_float,
-                         op_types_to_quantize, calibration_cache=work / "calibration.json", batch_size=plan.batch,
-                         reduce_range=reduce_range)
-            return dst
+            """Nearest rounding, no bias correction: the grid adaptive rounding starts from (the first attempt's
+            file when no node is kept in float)."""
+            if not exclude:
+                return work / "int8-0.onnx"
+            return write(pre, work / f"int8-{len(exclude)}-nearest.onnx", exclude)
 
         attempts = [quantize([])]
         correction: dict = {}
@@ -451,7 +452,7 @@ def quantize_int8(
             shifts.clear()  # the rounding holds each channel's mean already: no bias correction on top
             base = quantize_plain(kept.excluded)
             log.info("int8: adaptive rounding of the convolution weights (AdaRound) on %d calibration images",
-                     min(len(calibration), 256))
+                     min(len(calibration), ADAROUND_IMAGES))
             chosen, rep = adaptive_rounding(pre, base, calibration, work, reduce_range=reduce_range,
                                             io_batch=plan.batch, memory_budget=ACTIVATION_BUDGET)
             adaptive = {**rep.to_dict(), "used": False}
